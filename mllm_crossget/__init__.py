@@ -1,0 +1,31 @@
+"""CrossGET visual-token merging for multimodal LLMs on Hugging Face transformers.
+
+``model, processor = crossget.apply(model, CrossGETConfig(visual_tokens=144), processor)``
+"""
+
+from .api import (
+    SUPPORTED_MODELS,
+    alignment_loss,
+    apply,
+    budget,
+    from_pretrained,
+    is_applied,
+    num_visual_tokens,
+    remove,
+    save_pretrained,
+)
+from .config import CrossGETConfig
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "CrossGETConfig",
+    "alignment_loss",
+    "apply",
+    "budget",
+    "from_pretrained",
+    "is_applied",
+    "num_visual_tokens",
+    "remove",
+    "save_pretrained",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,351 @@
+"""CrossGET inside Hugging Face LLaVA-1.5 (``LlavaForConditionalGeneration``, CLIP tower).
+
+The ``LlavaModel`` instance gets a subclass that computes image features itself: only the
+vision layers up to ``vision_feature_layer`` run, merging as planned; CLS is dropped per
+``vision_feature_select_strategy``; features go to the LLM through LLaVA's own
+``mm_encoder_outputs`` route, which accepts a different token count per image.  Text cross
+tokens are forward pre-hooks on the LLM's decoder layers (removable handles).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..config import CrossGETConfig
+from ..cross_tokens import CrossTokens
+from ..loss import symmetric_js_divergence
+from .hf_clip import ClipRuntime, patch_clip_encoder, unpatch_clip_encoder
+
+__all__ = ["LlavaRuntime", "patch_llava", "unpatch_llava", "BUDGET_OVERRIDE"]
+
+# Per-call budgets (one per image, or one for all), set by ``crossget.budget(...)``.
+BUDGET_OVERRIDE: contextvars.ContextVar[Sequence[int] | int | None] = contextvars.ContextVar(
+    "crossget_budget_override", default=None
+)
+# Collects the text cross states of the forward in progress (None outside one).
+_TEXT_STATES: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
+    "crossget_text_states", default=None
+)
+
+
+@dataclass
+class LastForward:
+    """What the last forward produced that the alignment loss needs (overwritten per call)."""
+
+    vision_cross: list[Tensor] = field(default_factory=list)  # per merging layer [I, C_vis]
+    text_cross: list[Tensor] = field(default_factory=list)  # per LLM layer [B, C_llm]
+    image_rows: Tensor | None = None  # row of each image in the batch
+    visual_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LlavaRuntime:
+    config: CrossGETConfig
+    planner: Any  # mllm_crossget.api.TowerPlanner
+    owner: Any  # weakref to the top-level model
+    original_model_class: type
+    hook_handles: list[Any] = field(default_factory=list)
+    last: LastForward = field(default_factory=LastForward)
+
+    def tokens(self) -> CrossTokens:
+        return active_cross_tokens(self.owner())
+
+
+def active_cross_tokens(model: nn.Module) -> CrossTokens:
+    """The CrossTokens module, unwrapping peft's ``modules_to_save`` copy when present."""
+    module = model.get_submodule("crossget_tokens") if model is not None else None
+    if module is None:
+        raise RuntimeError("CrossGET is not applied to this model")
+    copies = getattr(module, "modules_to_save", None)
+    if copies is not None:
+        return copies[module.active_adapter]
+    return module
+
+
+def _image_runs(input_ids: Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
+    """(row, length) of each contiguous run of image placeholders, in reading order."""
+    rows: list[int] = []
+    lengths: list[int] = []
+    is_image = (input_ids == image_token_id).to(torch.int8)
+    padded = torch.nn.functional.pad(is_image, (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]
+    for row in range(input_ids.shape[0]):
+        starts = (edges[row] == 1).nonzero().flatten().tolist()
+        ends = (edges[row] == -1).nonzero().flatten().tolist()
+        for start, end in zip(starts, ends, strict=True):
+            rows.append(row)
+            lengths.append(end - start)
+    return rows, lengths
+
+
+def _pooled_prompt(
+    embeddings: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int
+) -> Tensor:
+    """Mean input embedding of each row's text tokens (no image placeholders, no padding)."""
+    text = input_ids != image_token_id
+    if attention_mask is not None:
+        text = text & attention_mask.bool()
+    safe_ids = input_ids.masked_fill(~text, 0)
+    embeds = embeddings(safe_ids).float() * text[..., None]
+    return embeds.sum(dim=1) / text.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def _llava_get_image_features(
+    self: nn.Module,
+    pixel_values: Tensor,
+    vision_feature_layer: int | list[int] | None = None,
+    vision_feature_select_strategy: str | None = None,
+    *,
+    crossget_visual_tokens: Sequence[int] | None = None,
+    crossget_query_offset: Tensor | None = None,
+    **kwargs: Any,
+) -> BaseModelOutputWithPooling:
+    """Merged image features, one tensor per image (lengths may differ per image)."""
+    runtime: LlavaRuntime = self._crossget_llava
+    config = self.config
+    layer = (
+        vision_feature_layer if vision_feature_layer is not None else config.vision_feature_layer
+    )
+    strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"CrossGET supports a single vision_feature_layer, got {layer!r}: merged layers "
+            "have different token counts and cannot be concatenated"
+        )
+    kwargs.pop("image_sizes", None)
+    tower = self.vision_tower
+    num_images = pixel_values.shape[0]
+    budgets = _resolve_budgets(crossget_visual_tokens, num_images)
+    groups: dict[int | None, list[int]] = {}
+    for index, budget in enumerate(budgets):
+        groups.setdefault(budget, []).append(index)
+    features: list[Tensor | None] = [None] * num_images
+    cross_states: list[list[Tensor]] = []
+    order: list[int] = []
+    for budget, indices in groups.items():
+        pixels = pixel_values[indices]
+        plan = runtime.planner.plan(pixels.shape[-2], pixels.shape[-1], budget)
+        hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+        query = crossget_query_offset[indices] if crossget_query_offset is not None else None
+        encoded = tower.encoder(
+            inputs_embeds=hidden, crossget_plan=plan, crossget_query_offset=query
+        )
+        selected = encoded.last_hidden_state
+        if strategy == "default":
+            selected = selected[:, 1:]
+        projected = self.multi_modal_projector(selected)
+        for position, index in enumerate(indices):
+            features[index] = projected[position]
+        if encoded.cross_states:
+            cross_states.append(torch.stack(encoded.cross_states, dim=0))  # [L, I_g, C]
+            order.extend(indices)
+    runtime.last.vision_cross = []
+    if cross_states:
+        stacked = torch.cat(cross_states, dim=1)  # [L, I, C] in group order
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        runtime.last.vision_cross = list(stacked[:, inverse.to(stacked.device)])
+    runtime.last.visual_tokens = [f.shape[0] for f in features]  # type: ignore[union-attr]
+    # `pooler_output` as a list is what LLaVA's forward concatenates into placeholders.
+    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=features)
+
+
+def _resolve_budgets(explicit: Sequence[int] | None, num_images: int) -> list[int | None]:
+    override = explicit if explicit is not None else BUDGET_OVERRIDE.get()
+    if override is None:
+        return [None] * num_images
+    if isinstance(override, int):
+        return [override] * num_images
+    values = [int(v) for v in override]
+    if len(values) != num_images:
+        raise ValueError(
+            f"got {len(values)} per-image budgets for {num_images} images; give one per image "
+            "(in the order the images were passed to the processor) or a single int"
+        )
+    return values
+
+
+def _llava_forward(
+    self: nn.Module,
+    input_ids: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    runtime: LlavaRuntime = self._crossget_llava
+    parent_forward = super(type(self), self).forward
+    if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
+        return _with_text_states(
+            runtime, parent_forward, input_ids, pixel_values, attention_mask, args, kwargs
+        )
+    if input_ids is None:
+        raise ValueError(
+            "CrossGET needs input_ids with pixel_values (to find each image's placeholders); "
+            "pass input_ids rather than inputs_embeds"
+        )
+    image_token_id = self.config.image_token_id
+    rows, lengths = _image_runs(input_ids, image_token_id)
+    if len(lengths) != pixel_values.shape[0]:
+        raise ValueError(
+            f"found {len(lengths)} runs of image placeholders for {pixel_values.shape[0]} images"
+        )
+    query_offset = None
+    tokens = runtime.tokens()
+    if runtime.config.guidance == "query":
+        pooled = _pooled_prompt(
+            self.get_input_embeddings(), input_ids, attention_mask, image_token_id
+        )
+        query_offset = tokens.query_offset(pooled[rows])
+    outputs = self.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=kwargs.pop("vision_feature_layer", None),
+        vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
+        crossget_query_offset=query_offset,
+    )
+    produced = [f.shape[0] for f in outputs.pooler_output]
+    if produced != lengths:
+        raise ValueError(
+            f"the prompt has {lengths} image placeholders per image but CrossGET produces "
+            f"{produced} visual tokens; the processor was not adjusted: pass it through "
+            "`model, processor = crossget.apply(model, config, processor)` (and use the same "
+            "`crossget.budget(...)` context for the processor and the model)"
+        )
+    runtime.last.image_rows = torch.tensor(rows)
+    kwargs["mm_encoder_outputs"] = {"image": outputs}
+    return _with_text_states(runtime, parent_forward, input_ids, None, attention_mask, args, kwargs)
+
+
+def _with_text_states(
+    runtime: LlavaRuntime,
+    parent_forward: Any,
+    input_ids: Tensor | None,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    collected: list[Tensor] = []
+    token = _TEXT_STATES.set(collected)
+    try:
+        result = parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+    finally:
+        _TEXT_STATES.reset(token)
+    if collected:
+        runtime.last.text_cross = collected
+    return result
+
+
+def _text_cross_hook(owner_ref: Any, layer_index: int) -> Any:
+    """Before LLM layer l: the first real token's state becomes ``stopgrad(h_0) + T_l``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or not args:
+            return None
+        hidden = args[0]
+        if hidden.shape[1] < 2:  # decoding step: only prefill carries the cross token
+            return None
+        first = (position_ids == 0).expand(hidden.shape[0], -1)
+        if not bool(first.any()):
+            return None
+        prompt = active_cross_tokens(owner_ref()).text_prompts[layer_index].to(hidden.dtype)
+        crossed = torch.where(first[..., None], hidden.detach() + prompt, hidden)
+        collected = _TEXT_STATES.get()
+        if collected is not None and bool((first.sum(dim=1) == 1).all()):
+            collected.append(crossed[first])
+        return (crossed, *args[1:]), kwargs
+
+    return hook
+
+
+def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> LlavaRuntime:
+    """Swap the LlavaModel's class, patch its CLIP tower, hook the LLM layers."""
+    inner = model.model
+    tower = inner.vision_tower
+    if type(tower).__name__ not in ("CLIPVisionModel",):
+        raise TypeError(
+            f"CrossGET's LLaVA adapter needs a CLIPVisionModel tower, got {type(tower).__name__}"
+        )
+    owner = weakref.ref(model)
+    clip_runtime = ClipRuntime(
+        config=config,
+        num_layers=len(tower.encoder.layers),
+        plan_for=planner.plan_for_length,
+        cross_offsets=lambda: active_cross_tokens(owner()).vision_prompts,
+    )
+    patch_clip_encoder(tower.encoder, clip_runtime)
+    original = type(inner)
+    patched = _llava_subclass(original)
+    inner.__class__ = patched
+    runtime = LlavaRuntime(
+        config=config, planner=planner, owner=owner, original_model_class=original
+    )
+    inner._crossget_llava = runtime
+    if config.text_cross_tokens:
+        for index, layer in enumerate(inner.language_model.layers):
+            handle = layer.register_forward_pre_hook(
+                _text_cross_hook(runtime.owner, index), with_kwargs=True
+            )
+            runtime.hook_handles.append(handle)
+    return runtime
+
+
+def unpatch_llava(model: nn.Module) -> None:
+    inner = model.model
+    runtime: LlavaRuntime | None = getattr(inner, "_crossget_llava", None)
+    if runtime is None:
+        return
+    for handle in runtime.hook_handles:
+        handle.remove()
+    unpatch_clip_encoder(inner.vision_tower.encoder)
+    inner.__class__ = runtime.original_model_class
+    del inner._crossget_llava
+
+
+_LLAVA_SUBCLASSES: dict[type, type] = {}
+
+
+def _llava_subclass(original: type) -> type:
+    if original not in _LLAVA_SUBCLASSES:
+        _LLAVA_SUBCLASSES[original] = type(
+            f"CrossGET{original.__name__}",
+            (original,),
+            {"forward": _llava_forward, "get_image_features": _llava_get_image_features},
+        )
+    return _LLAVA_SUBCLASSES[original]
+
+
+def alignment_loss(runtime: LlavaRuntime, projector: nn.Module) -> Tensor:
+    """Symmetric JS between vision cross tokens (through the frozen projector) and text ones.
+
+    Vision layers are spread over LLM layers: LLM layer j pairs with vision layer
+    ``j * L_vis // L_llm``.  Images pair with the row their placeholders sit in.
+    """
+    last = runtime.last
+    if not last.vision_cross or not last.text_cross or last.image_rows is None:
+        raise RuntimeError(
+            "no cross-token states from the last forward: run a forward with pixel_values in "
+            "training mode with guidance in ('cross', 'attention', 'query') and "
+            "text_cross_tokens=True first"
+        )
+    num_vision, num_text = len(last.vision_cross), len(last.text_cross)
+    rows = last.image_rows.to(last.text_cross[0].device)
+    total = last.text_cross[0].new_zeros((), dtype=torch.float32)
+    for text_layer, text_state in enumerate(last.text_cross):
+        vision_state = last.vision_cross[text_layer * num_vision // num_text]
+        projected = torch.func.functional_call(
+            projector,
+            {name: p.detach() for name, p in projector.named_parameters()},
+            (vision_state.to(next(projector.parameters()).dtype),),
+        )
+        total = total + symmetric_js_divergence(projected.float(), text_state[rows].float())
+    return total / num_text

@@ -1,0 +1,57 @@
+"""The ``crossget`` command: one entry point whose verbs route to the library and harnesses.
+
+Verbs that need the evaluation harness or recipes (``eval/``, ``recipes/``, shipped in the
+same distribution) import them lazily, so the core library never depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module with a `main(argv) -> int`, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "bench-merge": ("eval.bench_merge", "time CGSM vs ToMe matching vs one CLIP-L layer"),
+    "data": ("eval.testbed.data", "generate the offline VQA testbed (`crossget data make ...`)"),
+    "train": ("recipes.train", "train / fine-tune a LLaVA model (the recipes' entry point)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossget",
+        description="CrossGET visual-token merging for multimodal LLMs. "
+        "Each verb has its own --help.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, summary) in VERBS.items():
+        sub.add_parser(verb, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_help(sys.stderr)
+            print(f"\ncrossget: unknown verb {argv[0]!r}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    module_name, _ = VERBS[argv[0]]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        print(
+            f"crossget {argv[0]}: {module_name} is not available ({error}); install the "
+            "project with `pip install -e .` from its checkout",
+            file=sys.stderr,
+        )
+        return 2
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""One configuration object for every CrossGET option, with validation and a JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .schedule import SCHEDULE_MODES
+
+__all__ = ["CONFIG_NAME", "CrossGETConfig", "GUIDANCE_MODES", "MATCHING_MODES"]
+
+CONFIG_NAME = "crossget_config.json"
+GUIDANCE_MODES: tuple[str, ...] = ("cross", "attention", "query", "none")
+MATCHING_MODES: tuple[str, ...] = ("complete_graph", "bipartite")
+
+
+@dataclass
+class CrossGETConfig:
+    """Everything that decides how an encoder merges tokens.
+
+    Exactly one budget is given: ``visual_tokens`` (tokens reaching the LLM per image),
+    ``keep_ratio`` (fraction of patch tokens kept) or ``r`` (tokens removed per merging layer,
+    an int for the authors' constant schedule or one int per layer).
+    """
+
+    visual_tokens: int | None = field(
+        default=None, metadata={"help": "Exact number of visual tokens per image after merging."}
+    )
+    keep_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of patch tokens to keep, in (0, 1]."}
+    )
+    r: int | list[int] | None = field(
+        default=None,
+        metadata={"help": "Tokens merged per layer: an int (constant) or one int per layer."},
+    )
+    schedule: Literal["even", "front", "decreasing"] = field(
+        default="even",
+        metadata={"help": "How a visual_tokens/keep_ratio budget is spread over the layers."},
+    )
+    matching: Literal["complete_graph", "bipartite"] = field(
+        default="complete_graph",
+        metadata={"help": "complete_graph = CrossGET's CGSM; bipartite = ToMe (peer baseline)."},
+    )
+    guidance: Literal["cross", "attention", "query", "none"] = field(
+        default="cross",
+        metadata={
+            "help": "Importance source: cross = learnable cross token's attention row (SDPA "
+            "ok); attention = mean attention received + cross row (needs eager); query = the "
+            "prompt conditions the cross token; none = no importance (plain similarity)."
+        },
+    )
+    proportional_attention: bool = field(
+        default=True, metadata={"help": "Add log(token size) to attention logits."}
+    )
+    first_merge_layer: int = field(
+        default=0, metadata={"help": "Index of the first encoder layer allowed to merge."}
+    )
+    text_cross_tokens: bool = field(
+        default=True,
+        metadata={"help": "Learnable text cross token at the LLM's first position (training)."},
+    )
+    alignment_weight: float = field(
+        default=0.001,
+        metadata={"help": "lambda of the cross-token JS alignment loss (0.001 for 7B, 0.1 13B)."},
+    )
+    track_source: bool = field(
+        default=False, metadata={"help": "Keep a patch->token map for visualising merges."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        budgets = [
+            name for name in ("visual_tokens", "keep_ratio", "r") if getattr(self, name) is not None
+        ]
+        if len(budgets) > 1:
+            raise ValueError(
+                f"give exactly one budget, got {budgets}; e.g. CrossGETConfig(visual_tokens=144)"
+            )
+        if not budgets:
+            raise ValueError(
+                "no budget given: set visual_tokens=K, keep_ratio=0.25 or r=13 "
+                "(the authors' LLaVA-1.5 setting)"
+            )
+        if self.visual_tokens is not None and (
+            not isinstance(self.visual_tokens, int) or self.visual_tokens < 1
+        ):
+            raise ValueError(f"visual_tokens must be an int >= 1, got {self.visual_tokens!r}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.r is not None:
+            values = [self.r] if isinstance(self.r, int) else list(self.r)
+            if any(not isinstance(v, int) or v < 0 for v in values):
+                raise ValueError(f"r must be a non-negative int or a list of them, got {self.r!r}")
+        if self.schedule not in SCHEDULE_MODES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_MODES}, got {self.schedule!r}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+        if self.matching not in MATCHING_MODES:
+            raise ValueError(f"matching must be one of {MATCHING_MODES}, got {self.matching!r}")
+        if self.matching == "bipartite" and self.guidance not in ("none", "cross"):
+            raise ValueError("bipartite (ToMe) matching takes no importance; use guidance='none'")
+        if self.first_merge_layer < 0:
+            raise ValueError(f"first_merge_layer must be >= 0, got {self.first_merge_layer}")
+        if self.alignment_weight < 0:
+            raise ValueError(f"alignment_weight must be >= 0, got {self.alignment_weight}")
+
+    @property
+    def uses_cross_token(self) -> bool:
+        return self.guidance in ("cross", "attention", "query")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CrossGETConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CrossGET config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``crossget_config.json`` atomically (a crash never leaves half a file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / CONFIG_NAME
+        atomic_write_text(target, self.to_json_string())
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> CrossGETConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {directory}; save one with config.save_pretrained(dir) or "
+                "crossget.save_pretrained(model, dir)"
+            )
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace`` it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

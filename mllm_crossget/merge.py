@@ -1,0 +1,298 @@
+"""Token matching and merging: the pure tensor core of CrossGET (no transformers import).
+
+A matching decides, per batch row, which ``r`` tokens disappear (*sources*) and which
+surviving token each of them is folded into (*destination*).  It is computed once per layer
+from a similarity metric and then applied to every per-token tensor that must stay aligned
+(hidden states, token sizes, source maps), the way ToMe's ``merge`` closures are.
+
+Two matchers share one :class:`Matching` result type so that every consumer (adapters,
+visualisation, peers) treats them alike:
+
+* :func:`complete_graph_matching` — CrossGET's complete-graph soft matching (CGSM), guided by
+  per-token importance;
+* :func:`bipartite_matching` — ToMe's alternate A/B bipartite soft matching, the peer baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Matching",
+    "bipartite_matching",
+    "complete_graph_matching",
+    "max_merge_count",
+    "proportional_attention_bias",
+]
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Which tokens merge into which, for a batch; applies itself to per-token tensors.
+
+    ``src_idx[b, i]`` merges into ``dst_idx[b, i]`` (both indices into the *input* sequence);
+    ``kept_idx[b]`` lists the surviving tokens in their original order, so relative order —
+    CLS first, cross token last — is preserved through every layer.
+    """
+
+    src_idx: Tensor  # [B, r] sources, ascending score
+    dst_idx: Tensor  # [B, r] destination (input index) of each source
+    kept_idx: Tensor  # [B, N - r] survivors, ascending index
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+    @property
+    def num_input_tokens(self) -> int:
+        return self.kept_idx.shape[1] + self.r
+
+    def _scatter_into_destinations(self, values: Tensor) -> Tensor:
+        """Add each source's row of ``values`` [B, N, D] onto its destination row, then keep."""
+        d = values.shape[-1]
+        src_rows = values.gather(1, self.src_idx[..., None].expand(-1, -1, d))
+        summed = values.scatter_add(1, self.dst_idx[..., None].expand(-1, -1, d), src_rows)
+        return summed.gather(1, self.kept_idx[..., None].expand(-1, -1, d))
+
+    def merge(
+        self, x: Tensor, size: Tensor | None = None, importance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Fold sources into destinations as a weighted ensemble.
+
+        Each survivor becomes the convex combination of itself and its sources with weights
+        ``size * exp(importance)``: with equal importance this is ToMe's size-weighted mean,
+        and an important token dominates the ensemble it belongs to.  The sum runs in float32
+        (or float64) so that half-precision inputs do not overflow for large sizes; sizes add.
+        """
+        batch, n, _ = x.shape
+        if n != self.num_input_tokens:
+            raise ValueError(
+                f"merge() got {n} tokens but the matching was computed for "
+                f"{self.num_input_tokens}; apply a matching to the sequence it was built from."
+            )
+        if size is None:
+            size = torch.ones(batch, n, device=x.device, dtype=x.dtype)
+        if self.r == 0:
+            return x, size
+        work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        weight = size.to(work_dtype)
+        if importance is not None:
+            importance = importance.to(work_dtype)
+            # The convex weights are invariant to a per-row shift; subtracting the max keeps
+            # exp() finite.  Protected tokens with -inf importance would give 0 * inf, so only
+            # finite entries take part in the shift.
+            finite = torch.where(torch.isfinite(importance), importance, -torch.inf)
+            shift = finite.amax(dim=1, keepdim=True).clamp_min(-1e4)
+            exp_imp = torch.exp(torch.nan_to_num(importance - shift, nan=0.0, neginf=-1e4))
+            weight = weight * exp_imp
+        weighted = torch.cat([x.to(work_dtype) * weight[..., None], weight[..., None]], dim=-1)
+        merged = self._scatter_into_destinations(weighted)
+        ensembled = (merged[..., :-1] / merged[..., -1:]).to(x.dtype)
+        # Tokens that received no source keep their exact values (w * x / w can round).
+        merged_size = self._scatter_into_destinations(size[..., None])[..., 0]
+        return torch.where(self.received_mask()[..., None], ensembled, self.keep(x)), merged_size
+
+    def received_mask(self) -> Tensor:
+        """[B, N - r] bool: which survivors absorbed at least one source."""
+        batch = self.kept_idx.shape[0]
+        hit = torch.zeros(
+            batch, self.num_input_tokens, dtype=torch.bool, device=self.dst_idx.device
+        )
+        hit.scatter_(1, self.dst_idx, True)
+        return hit.gather(1, self.kept_idx)
+
+    def merge_source(self, source: Tensor) -> Tensor:
+        """Track which original patches each token holds: rows of a [B, N, N0] map add."""
+        if self.r == 0:
+            return source
+        return self._scatter_into_destinations(source)
+
+    def keep(self, x: Tensor) -> Tensor:
+        """Select the survivors' rows of any per-token tensor [B, N, ...] without merging."""
+        index = self.kept_idx.view(*self.kept_idx.shape, *([1] * (x.dim() - 2)))
+        return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
+
+    def unmerge(self, merged: Tensor) -> Tensor:
+        """Expand [B, N - r, D] back to [B, N, D]: every source takes its destination's value."""
+        batch, kept, d = merged.shape
+        if kept != self.kept_idx.shape[1]:
+            raise ValueError(f"unmerge() got {kept} tokens, expected {self.kept_idx.shape[1]}")
+        n = self.num_input_tokens
+        out = merged.new_empty(batch, n, d)
+        out.scatter_(1, self.kept_idx[..., None].expand(-1, -1, d), merged)
+        dst_rows = out.gather(1, self.dst_idx[..., None].expand(-1, -1, d))
+        out.scatter_(1, self.src_idx[..., None].expand(-1, -1, d), dst_rows)
+        return out
+
+
+def proportional_attention_bias(size: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``log(size)`` as an additive attention mask [B, 1, 1, N] (ToMe's proportional attention).
+
+    Adding ``log s_j`` to every logit of key ``j`` makes a token that stands for ``s_j`` patches
+    receive the attention mass those patches would have received together.
+    """
+    bias = size.log()[:, None, None, :]
+    return bias if dtype is None else bias.to(dtype)
+
+
+def max_merge_count(num_tokens: int, num_protected: int = 0) -> int:
+    """The largest ``r`` one layer may remove: half of the unprotected tokens, rounded down."""
+    return max(num_tokens - num_protected, 0) // 2
+
+
+def _check_inputs(
+    metric: Tensor, r: int, importance: Tensor | None, protected: Tensor | None
+) -> None:
+    if metric.dim() != 3:
+        raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be >= 0 (tokens removed by one layer), got {r}")
+    batch, n, _ = metric.shape
+    if importance is not None and tuple(importance.shape) != (batch, n):
+        raise ValueError(
+            f"importance must be [B, N] = {(batch, n)} to match metric, got "
+            f"{tuple(importance.shape)}"
+        )
+    if protected is not None:
+        if tuple(protected.shape) != (batch, n):
+            raise ValueError(
+                f"protected must be [B, N] = {(batch, n)} to match metric, got "
+                f"{tuple(protected.shape)}"
+            )
+        if protected.dtype != torch.bool:
+            raise TypeError(f"protected must be a bool tensor, got {protected.dtype}")
+    if torch.isnan(metric).any():
+        raise ValueError(
+            "metric contains NaN; the layer's keys are not finite (check the input pixels "
+            "and the model dtype — fp16 overflow is a common cause)."
+        )
+
+
+def _similarity(metric: Tensor) -> Tensor:
+    """Exactly symmetric cosine similarity in float32 (float64 stays float64)."""
+    work_dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    unit = metric.to(work_dtype)
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = unit @ unit.transpose(1, 2)
+    # (a + b) is commutative in floating point, so the average is bit-exactly symmetric.
+    return (sim + sim.transpose(1, 2)) * 0.5
+
+
+def _clamped_r(r: int, protected: Tensor | None, n: int) -> int:
+    if protected is None:
+        return min(r, max_merge_count(n))
+    unprotected = (~protected).sum(dim=1).min().item()
+    return min(r, int(unprotected) // 2)
+
+
+def _empty_matching(batch: int, n: int, device: torch.device) -> Matching:
+    empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+    kept = torch.arange(n, device=device).expand(batch, n)
+    return Matching(empty, empty.clone(), kept)
+
+
+def _kept_indices(src_idx: Tensor, n: int) -> Tensor:
+    batch = src_idx.shape[0]
+    is_source = torch.zeros(batch, n, dtype=torch.bool, device=src_idx.device)
+    is_source.scatter_(1, src_idx, True)
+    # A stable sort of the flag puts survivors first, each group in ascending index order.
+    order = torch.sort(is_source.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, : n - src_idx.shape[1]]
+
+
+def complete_graph_matching(
+    metric: Tensor,
+    r: int,
+    importance: Tensor | None = None,
+    protected: Tensor | None = None,
+) -> Matching:
+    """CrossGET's complete-graph soft matching (CGSM) over all token pairs.
+
+    Unlike ToMe's fixed A/B split, every token may be a source or a destination.  Ranking the
+    tokens by their best similarity and letting each one "see" only tokens ranked after it
+    breaks mutual pairs and chains in one parallel step, so a token is rarely both merged away
+    and merged into.  ``score = importance - best visible similarity``: the ``r`` lowest
+    scores (redundant and unimportant) become sources; every other unprotected token is a
+    destination.  Ties everywhere go to the lower token index so that results do not depend
+    on the sort kernel.  ``r`` is clamped to half of the unprotected tokens.
+    """
+    _check_inputs(metric, r, importance, protected)
+    batch, n, _ = metric.shape
+    device = metric.device
+    r = _clamped_r(r, protected, n)
+    if r == 0:
+        return _empty_matching(batch, n, device)
+
+    sim = _similarity(metric)
+    neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    blocked = eye.expand(batch, n, n)
+    if protected is not None:
+        blocked = blocked | protected[:, :, None] | protected[:, None, :]
+    sim = sim.masked_fill(blocked, neg_inf)
+
+    best_sim = sim.amax(dim=-1)
+    # rank 0 = highest best-similarity; stable sort on the negation keeps lower index first.
+    order = torch.sort(-best_sim, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
+    visible = rank[:, None, :] > rank[:, :, None]
+    best_visible = sim.masked_fill(~visible, neg_inf).amax(dim=-1)
+
+    score = -best_visible
+    if importance is not None:
+        score = score + importance.to(sim.dtype)
+    if protected is not None:
+        score = score.masked_fill(protected, torch.inf)
+    src_idx = torch.sort(score, dim=1, stable=True).indices[:, :r]
+
+    is_source = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    is_source.scatter_(1, src_idx, True)
+    src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
+    # Sources and protected columns are already excluded by the masks; argmax returns the
+    # first (lowest-index) maximum, which is the tie rule.
+    src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
+    dst_idx = src_sim.argmax(dim=-1)
+    return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
+
+
+def bipartite_matching(
+    metric: Tensor,
+    r: int,
+    protected: Tensor | None = None,
+) -> Matching:
+    """ToMe's bipartite soft matching: even tokens (A) may merge into odd tokens (B) only.
+
+    Kept as the peer baseline behind the same :class:`Matching` interface.  Each A token's
+    best B partner is found; the ``r`` A tokens with the highest such similarity merge.
+    Protected tokens are neither sources nor destinations.  ``r`` is clamped to the number of
+    unprotected A tokens and to half of all unprotected tokens.
+    """
+    _check_inputs(metric, r, None, protected)
+    batch, n, _ = metric.shape
+    device = metric.device
+    a_idx = torch.arange(0, n, 2, device=device)
+    b_idx = torch.arange(1, n, 2, device=device)
+    r = _clamped_r(r, protected, n)
+    if protected is not None:
+        r = min(r, int((~protected[:, a_idx]).sum(dim=1).min().item()))
+    r = min(r, b_idx.numel())
+    if r == 0:
+        return _empty_matching(batch, n, device)
+
+    sim = _similarity(metric)[:, a_idx][:, :, b_idx]  # [B, |A|, |B|]
+    if protected is not None:
+        neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
+        sim = sim.masked_fill(protected[:, a_idx][:, :, None], neg_inf)
+        sim = sim.masked_fill(protected[:, b_idx][:, None, :], neg_inf)
+    best_sim = sim.amax(dim=-1)
+    best_b = sim.argmax(dim=-1)  # first maximum: lower index wins ties
+    a_order = torch.sort(-best_sim, dim=1, stable=True).indices[:, :r]
+    src_idx = a_idx[a_order]
+    dst_idx = b_idx[best_b.gather(1, a_order)]
+    return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))

@@ -1,0 +1,59 @@
+"""Processor glue: emit exactly as many image placeholders as merged visual tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapters.llava import BUDGET_OVERRIDE
+
+__all__ = ["adjust_processor", "restore_processor"]
+
+
+def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+    """The placeholder string for one image: as many tokens as the merged tower yields."""
+    height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+    override = BUDGET_OVERRIDE.get()
+    if isinstance(override, int) or override is None:
+        budget = override
+    else:
+        if image_idx >= len(override):
+            raise ValueError(
+                f"crossget.budget got {len(override)} per-image budgets but the processor "
+                f"received more images; give one budget per image"
+            )
+        budget = override[image_idx]
+    count = self._crossget_planner.visual_tokens(int(height), int(width), budget)
+    return self.image_token * count
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def adjust_processor(processor: Any, planner: Any) -> Any:
+    """Swap the processor instance's class so it asks the planner for each image's count."""
+    if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
+        raise TypeError(
+            f"{type(processor).__name__} has no replace_image_token/image_token; CrossGET can "
+            "adjust LlavaProcessor-style processors only"
+        )
+    original = getattr(processor, "_crossget_original_class", type(processor))
+    if original not in _SUBCLASSES:
+        _SUBCLASSES[original] = type(
+            f"CrossGET{original.__name__}",
+            (original,),
+            {"replace_image_token": _replace_image_token},
+        )
+    processor.__class__ = _SUBCLASSES[original]
+    processor._crossget_original_class = original
+    processor._crossget_planner = planner
+    return processor
+
+
+def restore_processor(processor: Any) -> Any:
+    original = getattr(processor, "_crossget_original_class", None)
+    if original is None:
+        return processor
+    processor.__class__ = original
+    del processor._crossget_original_class
+    del processor._crossget_planner
+    return processor
