@@ -205,8 +205,12 @@ def _llava_forward(
             self.get_input_embeddings(), input_ids, attention_mask, image_token_id
         )
         query_offset = tokens.query_offset(pooled[rows])
+    # Under crossget.budget(...) the processor emitted each image's own budget; reading it
+    # back from the placeholder runs stays right when generate() repeats images for beams.
+    per_image = lengths if BUDGET_OVERRIDE.get() is not None else None
     outputs = self.get_image_features(
         pixel_values=pixel_values,
+        crossget_visual_tokens=per_image,
         vision_feature_layer=kwargs.pop("vision_feature_layer", None),
         vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
         crossget_query_offset=query_offset,
@@ -290,6 +294,10 @@ def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> Llava
         config=config, planner=planner, owner=owner, original_model_class=original
     )
     inner._crossget_llava = runtime
+    # generate() pre-encodes images through get_image_features without the prompt; an
+    # instance attribute (not a class patch) makes it pass pixel_values to forward instead,
+    # where placeholders are checked and the prompt can guide (guidance="query").
+    model._supports_mm_encoder_outputs = _no_pre_encoding
     if config.text_cross_tokens:
         for index, layer in enumerate(inner.language_model.layers):
             handle = layer.register_forward_pre_hook(
@@ -309,6 +317,11 @@ def unpatch_llava(model: nn.Module) -> None:
     unpatch_clip_encoder(inner.vision_tower.encoder)
     inner.__class__ = runtime.original_model_class
     del inner._crossget_llava
+    model.__dict__.pop("_supports_mm_encoder_outputs", None)
+
+
+def _no_pre_encoding() -> bool:
+    return False
 
 
 _LLAVA_SUBCLASSES: dict[type, type] = {}
