@@ -15,13 +15,16 @@ from .api import (
     save_pretrained,
 )
 from .config import CrossGETConfig
+from .flops import FlopsReport, flops_report
 
 __all__ = [
     "SUPPORTED_MODELS",
     "CrossGETConfig",
+    "FlopsReport",
     "alignment_loss",
     "apply",
     "budget",
+    "flops_report",
     "from_pretrained",
     "is_applied",
     "num_visual_tokens",

@@ -243,6 +243,10 @@ def _merging_encoder_forward(
         offset = None
         if cross_state is not None:
             offset = crossget_cross_offsets[index] if crossget_cross_offsets is not None else None
+            if offset is not None and not torch.is_grad_enabled():
+                # A view of a Parameter under no_grad claims requires_grad without a grad_fn,
+                # which trips module hooks (e.g. FlopCounterMode's tracker).
+                offset = offset.detach()
             if crossget_query_offset is not None:
                 offset = crossget_query_offset if offset is None else offset + crossget_query_offset
         hidden, token_size, cross_state, src, dst, kept = layer(

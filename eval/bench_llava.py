@@ -1,0 +1,191 @@
+"""Vision-tower and prefill time of a LLaVA-1.5-7B-shaped model at several CrossGET budgets.
+
+Random weights give real timings.  The CLIP ViT-L/14-336 tower is full size; the LLM keeps
+LLaMA-7B's width but may be cut to a few layers on CPU (``--llm-layers``).  All budgets are
+measured side by side in one run and reported as ratios to the full model.
+
+    python -m eval.bench_llava --llm-layers 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import mllm_crossget as crossget
+from mllm_crossget.flops import flops_report
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def llava_7b_config(llm_layers: int, attn: str) -> LlavaConfig:
+    """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 (24 layers, 1024 wide) + LLaMA-7B width."""
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
+    config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    return config
+
+
+def parse_budget(text: str) -> crossget.CrossGETConfig | None:
+    """``full`` -> None, ``r13`` -> r=13, ``144`` -> visual_tokens=144."""
+    if text == "full":
+        return None
+    if text.startswith("r"):
+        return crossget.CrossGETConfig(r=int(text[1:]))
+    return crossget.CrossGETConfig(visual_tokens=int(text))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--budgets",
+        default="full,r13,144,64",
+        help="comma list: full, rN (constant r per layer), or a token count K",
+    )
+    parser.add_argument(
+        "--llm-layers",
+        type=int,
+        default=2,
+        help="LLaMA-7B-wide decoder layers to keep (32 = the full 7B)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="images (and prompts) per batch")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="weights and activations dtype (bf16 on GPU for the real shape)",
+    )
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(0)
+    config = llava_7b_config(args.llm_layers, args.attn)
+    model = LlavaForConditionalGeneration(config).to(args.device, DTYPES[args.dtype]).eval()
+    pixels = torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=DTYPES[args.dtype])
+    text = torch.randint(2, 32000, (args.batch, args.prompt_tokens), device=args.device)
+    rows = []
+    for budget in tqdm(args.budgets.split(","), desc="budgets"):
+        cfg = parse_budget(budget)
+        if cfg is None:
+            crossget.remove(model)
+            visual = 576
+        else:
+            crossget.apply(model, cfg)
+            visual = crossget.num_visual_tokens(model)
+        image_ids = torch.full((args.batch, visual), 32000, device=args.device)
+        input_ids = torch.cat([text[:, :1], image_ids, text[:, 1:]], dim=1)
+        with torch.inference_mode():
+            vision_s = median_seconds(
+                lambda: model.model.get_image_features(pixel_values=pixels),
+                args.repeats,
+                args.warmup,
+                args.device,
+            )
+            prefill_s = median_seconds(
+                lambda ids=input_ids: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1),
+                args.repeats,
+                args.warmup,
+                args.device,
+            )
+        flops = flops_report(model, prompt_length=args.prompt_tokens)
+        rows.append(
+            {
+                "budget": budget,
+                "visual_tokens": visual,
+                "vision_s": vision_s,
+                "prefill_s": prefill_s,
+                "flops": flops.total,
+            }
+        )
+    crossget.remove(model)
+    full = rows[0]
+    print(
+        f"\nLLaVA-1.5-7B shape, LLM layers={args.llm_layers}, batch={args.batch}, "
+        f"{args.device} {args.dtype}, medians of {args.repeats}"
+    )
+    print(
+        "| budget | visual tokens | vision tower s | vision speedup | prefill s "
+        "| prefill speedup | FLOPs-bound speedup |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        row["vision_speedup"] = full["vision_s"] / row["vision_s"]
+        row["prefill_speedup"] = full["prefill_s"] / row["prefill_s"]
+        row["flops_speedup"] = full["flops"] / row["flops"]
+        print(
+            f"| {row['budget']} | {row['visual_tokens']} | {row['vision_s']:.3f} | "
+            f"{row['vision_speedup']:.2f}x | {row['prefill_s']:.3f} | "
+            f"{row['prefill_speedup']:.2f}x | {row['flops_speedup']:.2f}x |"
+        )
+    if args.json:
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2)
+        )
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
