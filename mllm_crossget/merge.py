@@ -64,8 +64,10 @@ class Matching:
 
         Each survivor becomes the convex combination of itself and its sources with weights
         ``size * exp(importance)``: with equal importance this is ToMe's size-weighted mean,
-        and an important token dominates the ensemble it belongs to.  The sum runs in float32
-        (or float64) so that half-precision inputs do not overflow for large sizes; sizes add.
+        and an important token dominates the ensemble it belongs to.  Only the ``r`` source
+        rows and their destinations are touched (one gather of the survivors, then row-sized
+        work), survivors that absorbed nothing keep their exact values, half-precision rows
+        are combined in float32, and sizes stay float32 so counts above 256 remain exact.
         """
         batch, n, _ = x.shape
         if n != self.num_input_tokens:
@@ -74,7 +76,9 @@ class Matching:
                 f"{self.num_input_tokens}; apply a matching to the sequence it was built from."
             )
         if size is None:
-            size = torch.ones(batch, n, device=x.device, dtype=x.dtype)
+            size = torch.ones(batch, n, device=x.device, dtype=torch.float32)
+        elif size.dtype not in (torch.float32, torch.float64):
+            size = size.float()
         if self.r == 0:
             return x, size
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -82,18 +86,34 @@ class Matching:
         if importance is not None:
             importance = importance.to(work_dtype)
             # The convex weights are invariant to a per-row shift; subtracting the max keeps
-            # exp() finite.  Protected tokens with -inf importance would give 0 * inf, so only
-            # finite entries take part in the shift.
+            # exp() finite.  Only finite entries take part in the shift.
             finite = torch.where(torch.isfinite(importance), importance, -torch.inf)
             shift = finite.amax(dim=1, keepdim=True).clamp_min(-1e4)
-            exp_imp = torch.exp(torch.nan_to_num(importance - shift, nan=0.0, neginf=-1e4))
-            weight = weight * exp_imp
-        weighted = torch.cat([x.to(work_dtype) * weight[..., None], weight[..., None]], dim=-1)
-        merged = self._scatter_into_destinations(weighted)
-        ensembled = (merged[..., :-1] / merged[..., -1:]).to(x.dtype)
-        # Tokens that received no source keep their exact values (w * x / w can round).
-        merged_size = self._scatter_into_destinations(size[..., None])[..., 0]
-        return torch.where(self.received_mask()[..., None], ensembled, self.keep(x)), merged_size
+            weight = weight * torch.exp(torch.nan_to_num(importance - shift, nan=0.0, neginf=-1e4))
+        dst_kept = self._kept_position().gather(1, self.dst_idx)  # [B, r] rows in the output
+        src_weight = weight.gather(1, self.src_idx)
+        total = self.keep(weight).scatter_add(1, dst_kept, src_weight).gather(1, dst_kept)
+        dst_share = (weight.gather(1, self.dst_idx) / total)[..., None]
+        src_share = (src_weight / total)[..., None]
+        rows = dst_kept[..., None].expand(-1, -1, x.shape[-1])
+        merged = self.keep(x).to(work_dtype)
+        merged.scatter_(1, rows, self._rows(x, self.dst_idx).to(work_dtype) * dst_share)
+        merged.scatter_add_(1, rows, self._rows(x, self.src_idx).to(work_dtype) * src_share)
+        merged_size = self.keep(size).scatter_add(1, dst_kept, size.gather(1, self.src_idx))
+        return merged.to(x.dtype), merged_size
+
+    @staticmethod
+    def _rows(x: Tensor, index: Tensor) -> Tensor:
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    def _kept_position(self) -> Tensor:
+        """[B, N]: each input token's row in the merged output (-1 for sources)."""
+        batch, kept = self.kept_idx.shape
+        position = torch.full(
+            (batch, self.num_input_tokens), -1, dtype=torch.long, device=self.kept_idx.device
+        )
+        arange = torch.arange(kept, device=self.kept_idx.device).expand(batch, kept)
+        return position.scatter_(1, self.kept_idx, arange)
 
     def received_mask(self) -> Tensor:
         """[B, N - r] bool: which survivors absorbed at least one source."""
@@ -166,9 +186,9 @@ def _check_inputs(
             )
         if protected.dtype != torch.bool:
             raise TypeError(f"protected must be a bool tensor, got {protected.dtype}")
-    if torch.isnan(metric).any():
+    if not torch.isfinite(metric).all():
         raise ValueError(
-            "metric contains NaN; the layer's keys are not finite (check the input pixels "
+            "metric contains NaN or inf; the layer's keys are not finite (check the input pixels "
             "and the model dtype — fp16 overflow is a common cause)."
         )
 
@@ -280,7 +300,10 @@ def bipartite_matching(
     b_idx = torch.arange(1, n, 2, device=device)
     r = _clamped_r(r, protected, n)
     if protected is not None:
+        # Neither side may be exhausted by protected tokens: a source needs an unprotected
+        # partner, or argmax over an all -inf row would pick a protected destination.
         r = min(r, int((~protected[:, a_idx]).sum(dim=1).min().item()))
+        r = min(r, int((~protected[:, b_idx]).sum(dim=1).min().item()))
     r = min(r, b_idx.numel())
     if r == 0:
         return _empty_matching(batch, n, device)

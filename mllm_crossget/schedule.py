@@ -148,5 +148,5 @@ def schedule_for_ratio(
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     _check_counts(num_tokens, num_protected)
     mergeable = num_tokens - num_protected
-    target = num_protected + max(1, round(keep_ratio * mergeable))
+    target = num_protected + (max(1, round(keep_ratio * mergeable)) if mergeable else 0)
     return schedule_for_tokens(num_tokens, target, num_layers, num_protected, mode)
