@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .adapters import hf_clip, llava
 from .config import CrossGETConfig
-from .cross_tokens import CrossTokens
+from .cross_tokens import CrossTokens, unwrap_cross_tokens
 from .planner import TowerPlanner
 from .processing import adjust_processor, restore_processor
 
@@ -22,6 +22,7 @@ __all__ = [
     "alignment_loss",
     "apply",
     "budget",
+    "cross_tokens",
     "from_pretrained",
     "is_applied",
     "num_visual_tokens",
@@ -118,21 +119,19 @@ def apply(
     vision_config = getattr(model.config, "vision_config", model.config)
     planner.visual_tokens(vision_config.image_size, vision_config.image_size)
 
-    previous = getattr(model, TOKENS_ATTR, None)
+    holder = _tokens_holder(model, family)
+    previous = getattr(holder, TOKENS_ATTR, None)
     if is_applied(model):
         remove(model)
     tokens = _build_tokens(model, family, planner, config)
-    if isinstance(previous, CrossTokens) and _same_shapes(previous, tokens):
-        tokens.load_state_dict(previous.state_dict())
-    model.add_module(TOKENS_ATTR, tokens)
+    if previous is not None and _same_shapes(unwrap_cross_tokens(previous), tokens):
+        tokens.load_state_dict(unwrap_cross_tokens(previous).state_dict())
+    holder.add_module(TOKENS_ATTR, tokens)
     if family == "LlavaForConditionalGeneration":
         llava.patch_llava(model, config, planner)
     else:
         runtime = hf_clip.ClipRuntime(
-            config=config,
-            num_layers=len(model.encoder.layers),
-            plan_for=planner.plan_for_length,
-            cross_offsets=lambda: llava.active_cross_tokens(model).vision_prompts,
+            config=config, num_layers=len(model.encoder.layers), plan_for=planner.plan_for_length
         )
         hf_clip.patch_clip_encoder(model.encoder, runtime)
     model.crossget_config = config
@@ -140,6 +139,18 @@ def apply(
     if processor is not None:
         return model, adjust_processor(processor, planner)
     return model
+
+
+def _tokens_holder(model: nn.Module, family: str) -> nn.Module:
+    """The submodule that owns ``crossget_tokens``: it reads them in its own forward, so a
+    copied model (``copy.deepcopy``) uses its own copy."""
+    return model.model if family == "LlavaForConditionalGeneration" else model.encoder
+
+
+def cross_tokens(model: nn.Module) -> CrossTokens:
+    """The model's learnable cross tokens (peft's trainable copy when it wraps them)."""
+    _require_applied(model)
+    return unwrap_cross_tokens(getattr(_tokens_holder(model, _family(model)), TOKENS_ATTR))
 
 
 def _build_tokens(
@@ -181,8 +192,9 @@ def remove(model: nn.Module, processor: Any = None) -> nn.Module:
         llava.unpatch_llava(model)
     else:
         hf_clip.unpatch_clip_encoder(model.encoder)
-    if hasattr(model, TOKENS_ATTR):
-        delattr(model, TOKENS_ATTR)
+    holder = _tokens_holder(model, _family(model))
+    if hasattr(holder, TOKENS_ATTR):
+        delattr(holder, TOKENS_ATTR)
     del model.crossget_config
     del model.crossget_planner
     return model
@@ -225,11 +237,13 @@ def budget(visual_tokens: int | Sequence[int]) -> Iterator[None]:
 def alignment_loss(model: nn.Module) -> Tensor:
     """Symmetric JS alignment loss between vision and text cross tokens of the last forward."""
     _require_applied(model)
+    if _family(model) != "LlavaForConditionalGeneration":
+        raise RuntimeError(
+            f"alignment_loss pairs vision and text cross tokens of a LLaVA model; "
+            f"{type(model).__name__} has no language side"
+        )
     inner = model.model
-    runtime = getattr(inner, "_crossget_llava", None)
-    if runtime is None:
-        raise RuntimeError("alignment_loss needs a LLaVA model with CrossGET applied")
-    return llava.alignment_loss(runtime, inner.multi_modal_projector)
+    return llava.alignment_loss(inner._crossget_llava, inner.multi_modal_projector)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
@@ -239,10 +253,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     _require_applied(model)
     directory = Path(directory)
     model.crossget_config.save_pretrained(directory)
-    state = {
-        k: v.detach().cpu().contiguous()
-        for k, v in llava.active_cross_tokens(model).state_dict().items()
-    }
+    state = {k: v.detach().cpu().contiguous() for k, v in cross_tokens(model).state_dict().items()}
     tmp = directory / f".{TOKENS_FILE}.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, directory / TOKENS_FILE)
@@ -260,5 +271,5 @@ def from_pretrained(
     path = Path(directory) / TOKENS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}; save with crossget.save_pretrained(model, dir)")
-    llava.active_cross_tokens(model).load_state_dict(load_file(str(path)))
+    cross_tokens(model).load_state_dict(load_file(str(path)))
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CrossTokens"]
+__all__ = ["CrossTokens", "unwrap_cross_tokens"]
 
 
 class CrossTokens(nn.Module):
@@ -49,3 +49,11 @@ class CrossTokens(nn.Module):
             raise RuntimeError("this model was set up without query guidance")
         weight = self.query_map[1].weight
         return self.query_map(pooled_text.to(weight.dtype))[:, None, :]
+
+
+def unwrap_cross_tokens(module: nn.Module) -> CrossTokens:
+    """The live CrossTokens, unwrapping peft's ``modules_to_save`` copy when present."""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is not None:
+        return copies[module.active_adapter]
+    return module

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import CrossGETConfig
+from ..cross_tokens import unwrap_cross_tokens
 from ..guidance import cross_row_importance, mean_received_attention
 from ..merge import Matching, bipartite_matching, complete_graph_matching
 
@@ -229,8 +230,15 @@ def _merging_encoder_forward(
             hidden = layer(hidden, None, None, None, attention_mask, **kwargs)
         return MergingEncoderOutput(last_hidden_state=hidden)
 
-    if crossget_cross_offsets is None and runtime.cross_offsets is not None:
-        crossget_cross_offsets = runtime.cross_offsets()
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions is not available while CrossGET merges tokens (the merged "
+            "layers compute attention themselves); call crossget.remove(model) to inspect "
+            "attention maps"
+        )
+    if crossget_cross_offsets is None and hasattr(self, "crossget_tokens"):
+        # A bare CLIP tower holds its cross tokens on the encoder itself.
+        crossget_cross_offsets = unwrap_cross_tokens(self.crossget_tokens).vision_prompts
     batch, n, _ = inputs_embeds.shape
     hidden = inputs_embeds
     token_size = torch.ones(batch, n, device=hidden.device, dtype=torch.float32)
@@ -277,7 +285,6 @@ class ClipRuntime:
     config: CrossGETConfig
     num_layers: int
     plan_for: Any  # Callable[[int], EncoderPlan]: input length -> plan
-    cross_offsets: Any = None  # Callable[[], Tensor]: the live vision prompts P [L, C]
     original_classes: dict[type, type] = field(default_factory=dict)
 
     def default_plan(self, inputs_embeds: Tensor) -> EncoderPlan:

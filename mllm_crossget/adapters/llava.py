@@ -10,7 +10,6 @@ tokens are forward pre-hooks on the LLM's decoder layers (removable handles).
 from __future__ import annotations
 
 import contextvars
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import CrossGETConfig
-from ..cross_tokens import CrossTokens
+from ..cross_tokens import unwrap_cross_tokens
 from ..loss import symmetric_js_divergence
 from .hf_clip import ClipRuntime, patch_clip_encoder, unpatch_clip_encoder
 
@@ -29,10 +28,6 @@ __all__ = ["LlavaRuntime", "patch_llava", "unpatch_llava", "BUDGET_OVERRIDE"]
 # Per-call budgets (one per image, or one for all), set by ``crossget.budget(...)``.
 BUDGET_OVERRIDE: contextvars.ContextVar[Sequence[int] | int | None] = contextvars.ContextVar(
     "crossget_budget_override", default=None
-)
-# Collects the text cross states of the forward in progress (None outside one).
-_TEXT_STATES: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
-    "crossget_text_states", default=None
 )
 
 
@@ -49,25 +44,24 @@ class LastForward:
 @dataclass
 class LlavaRuntime:
     config: CrossGETConfig
-    planner: Any  # mllm_crossget.api.TowerPlanner
-    owner: Any  # weakref to the top-level model
+    planner: Any  # mllm_crossget.planner.TowerPlanner
     original_model_class: type
     hook_handles: list[Any] = field(default_factory=list)
     last: LastForward = field(default_factory=LastForward)
 
-    def tokens(self) -> CrossTokens:
-        return active_cross_tokens(self.owner())
+
+@dataclass
+class _TextCrossContext:
+    """What the LLM-layer hooks need during one forward (held in a context variable)."""
+
+    prompts: Tensor  # [L_llm, C]
+    first_positions: Tensor | None  # [B] first real (non-pad) token of each row
+    collected: list[Tensor] = field(default_factory=list)
 
 
-def active_cross_tokens(model: nn.Module) -> CrossTokens:
-    """The CrossTokens module, unwrapping peft's ``modules_to_save`` copy when present."""
-    module = model.get_submodule("crossget_tokens") if model is not None else None
-    if module is None:
-        raise RuntimeError("CrossGET is not applied to this model")
-    copies = getattr(module, "modules_to_save", None)
-    if copies is not None:
-        return copies[module.active_adapter]
-    return module
+_TEXT_CONTEXT: contextvars.ContextVar[_TextCrossContext | None] = contextvars.ContextVar(
+    "crossget_text_context", default=None
+)
 
 
 def _image_runs(input_ids: Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
@@ -87,12 +81,22 @@ def _image_runs(input_ids: Tensor, image_token_id: int) -> tuple[list[int], list
 
 
 def _pooled_prompt(
-    embeddings: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int
+    embeddings: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    image_token_id: int,
+    query_mask: Tensor | None = None,
 ) -> Tensor:
-    """Mean input embedding of each row's text tokens (no image placeholders, no padding)."""
+    """Mean input embedding of each row's text tokens (no image placeholders, no padding).
+
+    ``query_mask`` [B, S] restricts the pool to the prompt: training passes it so that the
+    teacher-forced answer never conditions the image features (no answer leakage).
+    """
     text = input_ids != image_token_id
     if attention_mask is not None:
         text = text & attention_mask.bool()
+    if query_mask is not None:
+        text = text & query_mask.bool()
     safe_ids = input_ids.masked_fill(~text, 0)
     embeds = embeddings(safe_ids).float() * text[..., None]
     return embeds.sum(dim=1) / text.sum(dim=1, keepdim=True).clamp_min(1)
@@ -136,7 +140,10 @@ def _llava_get_image_features(
         hidden = tower.pre_layrnorm(tower.embeddings(pixels))
         query = crossget_query_offset[indices] if crossget_query_offset is not None else None
         encoded = tower.encoder(
-            inputs_embeds=hidden, crossget_plan=plan, crossget_query_offset=query
+            inputs_embeds=hidden,
+            crossget_plan=plan,
+            crossget_cross_offsets=unwrap_cross_tokens(self.crossget_tokens).vision_prompts,
+            crossget_query_offset=query,
         )
         selected = encoded.last_hidden_state
         if strategy == "default":
@@ -185,7 +192,7 @@ def _llava_forward(
     parent_forward = super(type(self), self).forward
     if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
         return _with_text_states(
-            runtime, parent_forward, input_ids, pixel_values, attention_mask, args, kwargs
+            self, runtime, parent_forward, input_ids, pixel_values, attention_mask, args, kwargs
         )
     if input_ids is None:
         raise ValueError(
@@ -199,15 +206,20 @@ def _llava_forward(
             f"found {len(lengths)} runs of image placeholders for {pixel_values.shape[0]} images"
         )
     query_offset = None
-    tokens = runtime.tokens()
+    tokens = unwrap_cross_tokens(self.crossget_tokens)
+    query_mask = kwargs.pop("crossget_query_mask", None)
     if runtime.config.guidance == "query":
         pooled = _pooled_prompt(
-            self.get_input_embeddings(), input_ids, attention_mask, image_token_id
+            self.get_input_embeddings(), input_ids, attention_mask, image_token_id, query_mask
         )
         query_offset = tokens.query_offset(pooled[rows])
     # Under crossget.budget(...) the processor emitted each image's own budget; reading it
     # back from the placeholder runs stays right when generate() repeats images for beams.
-    per_image = lengths if BUDGET_OVERRIDE.get() is not None else None
+    override = BUDGET_OVERRIDE.get()
+    per_image = None
+    if override is not None:
+        _check_placeholders_follow_override(lengths, override)
+        per_image = lengths
     outputs = self.get_image_features(
         pixel_values=pixel_values,
         crossget_visual_tokens=per_image,
@@ -225,10 +237,35 @@ def _llava_forward(
         )
     runtime.last.image_rows = torch.tensor(rows)
     kwargs["mm_encoder_outputs"] = {"image": outputs}
-    return _with_text_states(runtime, parent_forward, input_ids, None, attention_mask, args, kwargs)
+    return _with_text_states(
+        self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
+    )
+
+
+def _check_placeholders_follow_override(lengths: list[int], override: Sequence[int] | int) -> None:
+    """Under ``crossget.budget`` the placeholders must be the budgets (maybe repeated by beams)."""
+    budgets = [override] if isinstance(override, int) else [int(v) for v in override]
+    if isinstance(override, int):
+        expected_options = [[override] * len(lengths)]
+    elif len(lengths) % max(len(budgets), 1) == 0:
+        times = len(lengths) // max(len(budgets), 1)
+        expected_options = [
+            [b for b in budgets for _ in range(times)],  # repeat_interleave (beams)
+            budgets * times,
+        ]
+    else:
+        expected_options = []
+    if lengths not in expected_options:
+        raise ValueError(
+            f"the prompt has {lengths} image placeholders per image but crossget.budget asks "
+            f"for {budgets}; the processor was not adjusted: pass it through `model, processor "
+            "= crossget.apply(model, config, processor)` and call it inside the same "
+            "`crossget.budget(...)` context as the model"
+        )
 
 
 def _with_text_states(
+    self: nn.Module,
     runtime: LlavaRuntime,
     parent_forward: Any,
     input_ids: Tensor | None,
@@ -237,35 +274,53 @@ def _with_text_states(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    collected: list[Tensor] = []
-    token = _TEXT_STATES.set(collected)
+    """Run the parent forward with the text cross tokens active (and their states collected)."""
+    if not runtime.config.text_cross_tokens:
+        return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+    first = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # The text cross token sits on each row's first real token, also under left padding.
+        first = attention_mask.to(torch.int8).argmax(dim=1)
+    context = _TextCrossContext(unwrap_cross_tokens(self.crossget_tokens).text_prompts, first)
+    token = _TEXT_CONTEXT.set(context)
     try:
         result = parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
     finally:
-        _TEXT_STATES.reset(token)
-    if collected:
-        runtime.last.text_cross = collected
+        _TEXT_CONTEXT.reset(token)
+    if context.collected:
+        runtime.last.text_cross = context.collected
     return result
 
 
-def _text_cross_hook(owner_ref: Any, layer_index: int) -> Any:
-    """Before LLM layer l: the first real token's state becomes ``stopgrad(h_0) + T_l``."""
+def _text_cross_hook(layer_index: int) -> Any:
+    """Before LLM layer l: the first real token's state becomes ``stopgrad(h_0) + T_l``.
+
+    The prompts come from the forward's context, never from a closure over a model, so a
+    copied model uses its own cross tokens.
+    """
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or not args:
+        context = _TEXT_CONTEXT.get()
+        if context is None or not args:
             return None
         hidden = args[0]
         if hidden.shape[1] < 2:  # decoding step: only prefill carries the cross token
             return None
-        first = (position_ids == 0).expand(hidden.shape[0], -1)
+        batch = hidden.shape[0]
+        if context.first_positions is not None and context.first_positions.shape[0] == batch:
+            first = torch.zeros(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+            first[torch.arange(batch, device=hidden.device), context.first_positions] = True
+        else:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                return None
+            first = (position_ids == 0).expand(batch, -1)
         if not bool(first.any()):
             return None
-        prompt = active_cross_tokens(owner_ref()).text_prompts[layer_index].to(hidden.dtype)
+        prompt = context.prompts[layer_index].to(hidden.dtype)
         crossed = torch.where(first[..., None], hidden.detach() + prompt, hidden)
-        collected = _TEXT_STATES.get()
-        if collected is not None and bool((first.sum(dim=1) == 1).all()):
-            collected.append(crossed[first])
+        if bool((first.sum(dim=1) == 1).all()):
+            context.collected.append(crossed[first])
         return (crossed, *args[1:]), kwargs
 
     return hook
@@ -279,20 +334,14 @@ def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> Llava
         raise TypeError(
             f"CrossGET's LLaVA adapter needs a CLIPVisionModel tower, got {type(tower).__name__}"
         )
-    owner = weakref.ref(model)
     clip_runtime = ClipRuntime(
-        config=config,
-        num_layers=len(tower.encoder.layers),
-        plan_for=planner.plan_for_length,
-        cross_offsets=lambda: active_cross_tokens(owner()).vision_prompts,
+        config=config, num_layers=len(tower.encoder.layers), plan_for=planner.plan_for_length
     )
     patch_clip_encoder(tower.encoder, clip_runtime)
     original = type(inner)
     patched = _llava_subclass(original)
     inner.__class__ = patched
-    runtime = LlavaRuntime(
-        config=config, planner=planner, owner=owner, original_model_class=original
-    )
+    runtime = LlavaRuntime(config=config, planner=planner, original_model_class=original)
     inner._crossget_llava = runtime
     # generate() pre-encodes images through get_image_features without the prompt; an
     # instance attribute (not a class patch) makes it pass pixel_values to forward instead,
@@ -300,9 +349,7 @@ def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> Llava
     model._supports_mm_encoder_outputs = _no_pre_encoding
     if config.text_cross_tokens:
         for index, layer in enumerate(inner.language_model.layers):
-            handle = layer.register_forward_pre_hook(
-                _text_cross_hook(runtime.owner, index), with_kwargs=True
-            )
+            handle = layer.register_forward_pre_hook(_text_cross_hook(index), with_kwargs=True)
             runtime.hook_handles.append(handle)
     return runtime
 

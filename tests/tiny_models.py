@@ -1,0 +1,202 @@
+"""Tiny random LLaVA-1.5 / CLIP models and a word-level LLaVA processor for integration tests.
+
+Everything is built from config classes (no downloads).  The vision tower sees 56x56 images
+in 7x7 patches: 64 patches + CLS, 4 encoder layers; LLaVA uses ``vision_feature_layer=-2``,
+so 3 layers run and 64 visual tokens reach the LLM unmerged.  Dropout is 0 everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "crossget_keys",
+    "cross_tokens_of",
+    "IMAGE_SIZE",
+    "IMAGE_TOKEN_ID",
+    "NUM_PATCHES",
+    "PAD_TOKEN_ID",
+    "PATCH_SIZE",
+    "VISION_LAYERS",
+    "VOCAB_SIZE",
+    "prompts_with_image",
+    "random_images",
+    "single_thread",
+    "tiny_clip_vision",
+    "tiny_llava",
+    "tiny_processor",
+    "vision_config",
+]
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 7
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64
+VISION_LAYERS = 4
+IMAGE_TOKEN_ID = 99
+PAD_TOKEN_ID = 0
+VOCAB_SIZE = 100
+
+
+def vision_config(
+    layers: int = VISION_LAYERS, image_size: int = IMAGE_SIZE, patch: int = PATCH_SIZE
+) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+        attention_dropout=0.0,
+    )
+
+
+def _set_attention(model: torch.nn.Module, attn: str) -> None:
+    model.config._attn_implementation = attn
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
+
+
+def cross_tokens_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's learnable CrossGET parameters (``CrossTokens``).
+
+    ``crossget.cross_tokens(model)`` where the library offers that accessor (it knows which
+    submodule owns them), else the documented ``model.crossget_tokens`` attribute.
+    """
+    import mllm_crossget
+
+    accessor = getattr(mllm_crossget, "cross_tokens", None)  # also the name of a submodule
+    if callable(accessor):
+        return accessor(model)
+    return model.crossget_tokens
+
+
+def crossget_keys(keys: Iterable[str]) -> set[str]:
+    """State-dict keys below a ``crossget_tokens`` module, as names relative to it."""
+    marker = "crossget_tokens."
+    return {key.split(marker, 1)[1] for key in keys if marker in key}
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread (restored afterwards).
+
+    The models are so small that thread hand-off costs more than it saves, and on a shared
+    2-core machine two spinning OpenMP threads per process slow these tests down several-fold.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tiny_llava(
+    attn: str = "sdpa",
+    *,
+    seed: int = 0,
+    layers: int = VISION_LAYERS,
+    image_size: int = IMAGE_SIZE,
+    patch: int = PATCH_SIZE,
+) -> LlavaForConditionalGeneration:
+    """A random LLaVA-1.5-shaped model in eval mode (same ``seed`` -> same weights)."""
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=256,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=2,
+        eos_token_id=3,
+        attention_dropout=0.0,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config(layers, image_size, patch),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config).eval()
+    _set_attention(model, attn)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.eos_token_id = None  # never stop early: lengths stay comparable
+    return model
+
+
+def tiny_clip_vision(attn: str = "sdpa", *, seed: int = 0) -> CLIPVisionModel:
+    """A bare random CLIP vision tower in eval mode: 64 patches + CLS, 4 layers."""
+    torch.manual_seed(seed)
+    config = vision_config()
+    config._attn_implementation = attn
+    model = CLIPVisionModel(config).eval()
+    _set_attention(model, attn)
+    return model
+
+
+def tiny_processor(image_size: int = IMAGE_SIZE, patch: int = PATCH_SIZE) -> LlavaProcessor:
+    """LlavaProcessor with a whitespace word-level tokenizer: ``w0``..``w94``, ``<image>`` = 99."""
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(95)] + ["<image>"]
+    vocab = {word: index for index, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=fast,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def random_images(count: int, *, seed: int = 0, size: int = IMAGE_SIZE) -> list[Image.Image]:
+    """``count`` distinct random RGB images (deterministic per seed)."""
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+        for _ in range(count)
+    ]
+
+
+def prompts_with_image(lengths: Sequence[int], *, offset: int = 10) -> list[str]:
+    """One prompt per length: ``length`` words, then ``<image>``, then two more words."""
+    return [
+        " ".join(f"w{offset + (row * 7 + i) % 80}" for i in range(n)) + " <image> w5 w6"
+        for row, n in enumerate(lengths)
+    ]
