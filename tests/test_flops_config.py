@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 import mllm_crossget as crossget
 from mllm_crossget.config import CONFIG_NAME
 
 
 def _eager_tiny_llava() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=56,
-        patch_size=7,
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=256,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=99)
     # Eager attention: torch's counter does not count the CPU SDPA kernel.
-    config._attn_implementation = "eager"
-    return LlavaForConditionalGeneration(config).eval()
+    return tiny_llava(attn="eager")
 
 
 @pytest.mark.parametrize(
