@@ -71,19 +71,14 @@ def parse_budget(text: str) -> crossget.CrossGETConfig | None:
     return crossget.CrossGETConfig(visual_tokens=int(text))
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: str) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int, default=1, help="images (and prompts) per batch")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed rounds (each round runs every budget once)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
@@ -124,40 +121,49 @@ def main(argv: list[str] | None = None) -> int:
     model = LlavaForConditionalGeneration(config).to(args.device, DTYPES[args.dtype]).eval()
     pixels = torch.randn(args.batch, 3, 336, 336, device=args.device, dtype=DTYPES[args.dtype])
     text = torch.randint(2, 32000, (args.batch, args.prompt_tokens), device=args.device)
-    rows = []
-    for budget in tqdm(args.budgets.split(","), desc="budgets"):
+    budgets = args.budgets.split(",")
+    setups = []
+    for budget in budgets:
         cfg = parse_budget(budget)
-        if cfg is None:
-            crossget.remove(model)
-            visual = 576
-        else:
-            crossget.apply(model, cfg)
-            visual = crossget.num_visual_tokens(model)
+        crossget.remove(model)
+        visual = 576 if cfg is None else crossget.num_visual_tokens(crossget.apply(model, cfg))
         image_ids = torch.full((args.batch, visual), 32000, device=args.device)
         input_ids = torch.cat([text[:, :1], image_ids, text[:, 1:]], dim=1)
-        with torch.inference_mode():
-            vision_s = median_seconds(
-                lambda: model.model.get_image_features(pixel_values=pixels),
-                args.repeats,
-                args.warmup,
-                args.device,
-            )
-            prefill_s = median_seconds(
-                lambda ids=input_ids: model(input_ids=ids, pixel_values=pixels, logits_to_keep=1),
-                args.repeats,
-                args.warmup,
-                args.device,
-            )
-        flops = flops_report(model, prompt_length=args.prompt_tokens)
-        rows.append(
-            {
-                "budget": budget,
-                "visual_tokens": visual,
-                "vision_s": vision_s,
-                "prefill_s": prefill_s,
-                "flops": flops.total,
-            }
+        setups.append(
+            (budget, cfg, visual, input_ids, flops_report(model, prompt_length=args.prompt_tokens))
         )
+    crossget.remove(model)
+    vision_times: dict[str, list[float]] = {b: [] for b in budgets}
+    prefill_times: dict[str, list[float]] = {b: [] for b in budgets}
+    # Round-robin over budgets so that load changes on a shared machine hit all alike.
+    for repeat in tqdm(range(args.warmup + args.repeats), desc="rounds"):
+        for budget, cfg, _, input_ids, _ in setups:
+            crossget.remove(model)
+            if cfg is not None:
+                crossget.apply(model, cfg)
+            with torch.inference_mode():
+                vision_s = timed(
+                    lambda: model.model.get_image_features(pixel_values=pixels), args.device
+                )
+                prefill_s = timed(
+                    lambda ids=input_ids: model(
+                        input_ids=ids, pixel_values=pixels, logits_to_keep=1
+                    ),
+                    args.device,
+                )
+            if repeat >= args.warmup:
+                vision_times[budget].append(vision_s)
+                prefill_times[budget].append(prefill_s)
+    rows = [
+        {
+            "budget": budget,
+            "visual_tokens": visual,
+            "vision_s": statistics.median(vision_times[budget]),
+            "prefill_s": statistics.median(prefill_times[budget]),
+            "flops": flops.total,
+        }
+        for budget, _, visual, _, flops in setups
+    ]
     crossget.remove(model)
     full = rows[0]
     print(

@@ -1,0 +1,316 @@
+"""`crossget eval`: score token-reduction methods at equal budgets on one task, one harness.
+
+Answers are appended to JSONL files as they are generated, so a rerun skips what is done.
+Under ``accelerate launch`` every process answers its own shard (items ``rank::world``) and
+the main process scores the gathered answers once: the same command scales from this CPU to
+a multi-GPU node.
+
+    crossget eval --model reference --task testbed --data data/testbed --budgets full,128,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import mllm_crossget as crossget
+from eval.tasks import TASKS, Item, load_task, score_task
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_TEMPLATE = "<image>\nUSER: {question} ASSISTANT:"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossget eval",
+        description="Score methods x budgets on a task with the benchmark's own metric.",
+    )
+    parser.add_argument(
+        "--model",
+        default="reference",
+        help="a local folder or hub name of a LLaVA model, or 'reference' "
+        "for the testbed model shipped in eval/testbed/reference_model",
+    )
+    parser.add_argument("--task", choices=TASKS, default="testbed", help="what to evaluate")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="the task's local data folder (layouts: see eval/tasks.py)",
+    )
+    parser.add_argument("--split", default="test", help="testbed split to evaluate")
+    parser.add_argument(
+        "--budgets",
+        default="full,192,128,64",
+        help="comma list of visual-token budgets; 'full' = unmodified model",
+    )
+    parser.add_argument(
+        "--methods",
+        default="crossget",
+        help="comma list: crossget, tome, or a peer registered in "
+        "mllm_crossget.peers (visionzip, divprune, pool, random, fastv)",
+    )
+    parser.add_argument(
+        "--guidance",
+        default="cross",
+        help="CrossGET guidance: cross, attention (eager only), query, none",
+    )
+    parser.add_argument(
+        "--crossget-state",
+        type=Path,
+        default=None,
+        help="folder saved by crossget.save_pretrained (learned cross tokens); "
+        "its config's method/guidance are kept, the budget is replaced",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items")
+    parser.add_argument(
+        "--prompt-template",
+        default=None,
+        help="prompt with {question} and <image>; default: the processor's "
+        f"chat template if it has one, else {DEFAULT_TEMPLATE!r}",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/eval"),
+        help="folder for answers/*.jsonl, results.json and results.md",
+    )
+    return parser
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if name == "reference":
+        from eval.testbed.model import load_reference
+
+        model, processor = load_reference()
+        return model.to(device, dtype).eval(), processor
+    path = Path(name)
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model {name} is not a local folder and the hub is offline")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        name, dtype=dtype, attn_implementation="sdpa"
+    )
+    return model.to(device).eval(), AutoProcessor.from_pretrained(name)
+
+
+def method_config(method: str, budget: int, guidance: str) -> crossget.CrossGETConfig:
+    if method == "crossget":
+        return crossget.CrossGETConfig(visual_tokens=budget, guidance=guidance)
+    if method == "tome":
+        return crossget.CrossGETConfig(visual_tokens=budget, matching="bipartite", guidance="none")
+    try:
+        return crossget.CrossGETConfig(visual_tokens=budget, method=method)  # type: ignore[call-arg]
+    except TypeError as error:
+        raise ValueError(
+            f"method {method!r} is not available in this version; use crossget or tome"
+        ) from error
+
+
+def configure(
+    model: Any, processor: Any, method: str, budget: str, guidance: str, state: Path | None
+) -> Any:
+    """Put ``model``/``processor`` into the (method, budget) setting; 'full' = unmodified."""
+    crossget.remove(model, processor)
+    if budget == "full":
+        return processor
+    if state is not None:
+        saved = crossget.CrossGETConfig.from_pretrained(state).to_dict()
+        saved.update(visual_tokens=int(budget), keep_ratio=None, r=None)
+        model, processor = crossget.from_pretrained(model, state, processor)
+        _, processor = crossget.apply(model, crossget.CrossGETConfig(**saved), processor)
+        return processor
+    _, processor = crossget.apply(model, method_config(method, int(budget), guidance), processor)
+    return processor
+
+
+def format_prompt(processor: Any, question: str, template: str | None) -> str:
+    if template is not None:
+        return template.format(question=question)
+    if getattr(processor, "chat_template", None):
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return DEFAULT_TEMPLATE.format(question=question)
+
+
+def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    items: Sequence[Item],
+    answers_file: Path,
+    batch_size: int,
+    max_new_tokens: int,
+    template: str | None,
+    description: str,
+) -> None:
+    """Answer every item not yet in ``answers_file``, appending as batches finish."""
+    _drop_partial_line(answers_file)
+    done = set(_read_answers(answers_file))
+    pending = [item for item in items if item.item_id not in done]
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        answers_file.open("a") as sink,
+        tqdm(total=len(items), initial=len(items) - len(pending), desc=description) as bar,
+    ):
+        for batch in _batches(pending, batch_size):
+            inputs = processor(
+                images=[item.load_image() for item in batch],
+                text=[format_prompt(processor, item.question, template) for item in batch],
+                return_tensors="pt",
+                padding=True,
+            ).to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            generated = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            texts = tokenizer.batch_decode(
+                generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            for item, text in zip(batch, texts, strict=True):
+                answer = text.strip().split("\n", 1)[0].strip()
+                sink.write(json.dumps({"id": item.item_id, "prediction": answer}) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(batch))
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A crash mid-write leaves a line without its newline; cut it so appends stay valid."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _read_answers(path: Path) -> dict[str, str]:
+    """Answers written so far; a line cut by a crash mid-write is ignored (it is redone)."""
+    answers: dict[str, str] = {}
+    if not path.is_file():
+        return answers
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        answers[str(row["id"])] = row["prediction"]
+    return answers
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    metric_names: list[str] = []
+    for row in rows:
+        metric_names += [k for k in row["metrics"] if k not in metric_names]
+    header = ["method", "budget", "visual tokens", *metric_names, "GFLOPs/sample", "s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = [
+            f"{row['metrics'][m]:.1f}" if isinstance(row["metrics"].get(m), float) else "-"
+            for m in metric_names
+        ]
+        lines.append(
+            f"| {row['method']} | {row['budget']} | {row['visual_tokens']} | "
+            + " | ".join(values)
+            + f" | {row['flops'] / 1e9:.3f} | {row['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+
+    args = build_parser().parse_args(argv)
+    state = PartialState()
+    items = load_task(args.task, args.data, args.split, args.limit)
+    shard = items[state.process_index :: state.num_processes]
+    model, processor = load_model(args.model, state.device, DTYPES[args.dtype])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    runs = [("full", "full")] if "full" in budgets else []
+    runs += [(m, b) for m in methods for b in budgets if b != "full"]
+    rows = []
+    for method, budget in runs:
+        processor = configure(model, processor, method, budget, args.guidance, args.crossget_state)
+        stem = f"{args.task}-{method}-{budget}"
+        answers_file = args.out / "answers" / f"{stem}.rank{state.process_index}.jsonl"
+        start = time.perf_counter()
+        generate_answers(
+            model,
+            processor,
+            shard,
+            answers_file,
+            args.batch_size,
+            args.max_new_tokens,
+            args.prompt_template,
+            f"{stem} [{state.process_index}]",
+        )
+        seconds = time.perf_counter() - start
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            continue
+        answers: dict[str, str] = {}
+        for path in sorted((args.out / "answers").glob(f"{stem}.rank*.jsonl")):
+            answers |= _read_answers(path)
+        missing = [item.item_id for item in items if item.item_id not in answers]
+        if missing:
+            raise RuntimeError(f"{len(missing)} answers missing for {stem} (e.g. {missing[:3]})")
+        predictions = [answers[item.item_id] for item in items]
+        visual = crossget.num_visual_tokens(model) if crossget.is_applied(model) else None
+        report = crossget.flops_report(model, prompt_length=32)
+        rows.append(
+            {
+                "task": args.task,
+                "method": method,
+                "budget": budget,
+                "visual_tokens": visual if visual is not None else report.visual_tokens,
+                "metrics": score_task(args.task, items, predictions),
+                "flops": report.total,
+                "seconds": seconds,
+                "items": len(items),
+            }
+        )
+    crossget.remove(model, processor)
+    if state.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(args.out / "results.json", json.dumps(rows, indent=2))
+        table = results_markdown(rows)
+        _write_atomic(args.out / "results.md", table)
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,586 @@
+"""Supervised fine-tuning of LLaVA-style models on the testbed (or any LLaVA-format data).
+
+Built on the transformers `Trainer`, so it runs on CPU, on one GPU, or under
+`accelerate launch` without changes. The loss covers answer tokens only: the image
+placeholders and the prompt are masked with -100 so the model is never trained to predict
+its own input. Questions about the same image are packed into one multi-turn sequence by
+default, which reuses a single vision-tower pass for several answers.
+
+Extension points for later recipes (LoRA, an extra loss term): `build_model_and_processor`
+returns the model to train (wrap it with peft there), and `TestbedTrainer.extra_losses`
+holds callables whose values are added to the language-model loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from eval.testbed.model import (
+    BOS,
+    EOS,
+    IMAGE,
+    MODEL_SIZES,
+    TURN_TEMPLATE,
+    build_reference,
+    load_reference,
+)
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass
+class ImageExample:
+    """One image and every question asked about it."""
+
+    key: str
+    load_image: Callable[[], Image.Image]
+    turns: list[Turn]
+
+
+def _strip_image_tag(text: str) -> str:
+    return text.replace(IMAGE, "").strip()
+
+
+def load_llava_json(json_path: Path, image_folder: Path | None = None) -> list[ImageExample]:
+    """Reads LLaVA conversation JSON; rows that share an image file are merged."""
+    if not json_path.is_file():
+        raise FileNotFoundError(f"LLaVA JSON not found: {json_path}")
+    folder = image_folder if image_folder is not None else json_path.parent / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder} (pass --image-folder)")
+    rows = json.loads(json_path.read_text(encoding="utf-8"))
+    by_image: dict[str, ImageExample] = {}
+    for row in rows:
+        conversation = row["conversations"]
+        if len(conversation) % 2:
+            raise ValueError(f"row {row.get('id')}: conversations must alternate human/gpt")
+        turns = [
+            Turn(_strip_image_tag(human["value"]), gpt["value"].strip())
+            for human, gpt in zip(conversation[::2], conversation[1::2], strict=True)
+        ]
+        image_path = folder / row["image"]
+        if row["image"] not in by_image:
+            by_image[row["image"]] = ImageExample(row["image"], _file_loader(image_path), [])
+        by_image[row["image"]].turns.extend(turns)
+    return list(by_image.values())
+
+
+def _file_loader(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    return load
+
+
+def _bytes_loader(data: bytes) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        import io
+
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+
+    return load
+
+
+def load_hf_split(dataset: Any) -> list[ImageExample]:
+    """Groups a testbed `datasets.Dataset` by `image_id` without decoding images yet."""
+    import datasets
+
+    plain = dataset.cast_column("image", datasets.Image(decode=False))
+    by_image: dict[str, ImageExample] = {}
+    for record in plain:
+        key = record.get("image_id") or record["id"]
+        if key not in by_image:
+            image = record["image"]
+            loader = (
+                _bytes_loader(image["bytes"])
+                if image["bytes"]
+                else _file_loader(Path(image["path"]))
+            )
+            by_image[key] = ImageExample(key, loader, [])
+        by_image[key].turns.append(Turn(record["question"], record["answer"]))
+    return list(by_image.values())
+
+
+def load_examples(data: Path, split: str, image_folder: Path | None = None) -> list[ImageExample]:
+    """Accepts an export root (with hf/ or llava/), a `save_to_disk` folder, or a LLaVA JSON file."""
+    if data.is_file():
+        return load_llava_json(data, image_folder)
+    from eval.testbed.data import load_split
+
+    if (
+        data.is_dir()
+        and not (data / "hf").is_dir()
+        and (data / "llava" / f"{split}.json").is_file()
+    ):
+        return load_llava_json(data / "llava" / f"{split}.json", image_folder)
+    return load_hf_split(load_split(data, split))
+
+
+def cache_pixels(
+    examples: Sequence[ImageExample], image_processor: Any, chunk: int = 64, progress: bool = True
+) -> torch.Tensor:
+    """Decodes and resizes every image once and keeps it as uint8 (4x smaller than float);
+    normalisation happens per batch in the collator, exactly as the processor would do it."""
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise ValueError("no training examples")
+    parts = []
+    for start in tqdm(range(0, len(examples), chunk), desc="caching pixels", disable=not progress):
+        images = [example.load_image() for example in examples[start : start + chunk]]
+        resized = image_processor(
+            images=images, do_rescale=False, do_normalize=False, return_tensors="pt"
+        )["pixel_values"]
+        parts.append(resized.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(parts)
+
+
+class PackedVQADataset(torch.utils.data.Dataset):
+    """Token ids, answer-only labels and cached pixels; one item per image (packed turns) or
+    per question."""
+
+    def __init__(
+        self,
+        examples: Sequence[ImageExample],
+        pixels: torch.Tensor,
+        tokenizer: Any,
+        image_seq_length: int,
+        pack_per_image: bool = True,
+        max_turns: int = 0,
+    ) -> None:
+        self.pixels = pixels
+        self.prefix = [tokenizer.convert_tokens_to_ids(BOS)] + [
+            tokenizer.convert_tokens_to_ids(IMAGE)
+        ] * image_seq_length
+        eos = tokenizer.convert_tokens_to_ids(EOS)
+        unk = tokenizer.unk_token_id
+        self.items: list[tuple[int, list[tuple[list[int], list[int]]]]] = []
+        for image_index, example in enumerate(examples):
+            encoded = []
+            for turn in example.turns:
+                prompt = tokenizer.encode(
+                    TURN_TEMPLATE.format(question=turn.question), add_special_tokens=False
+                )
+                target = tokenizer.encode(turn.answer, add_special_tokens=False) + [eos]
+                if unk in prompt or unk in target:
+                    raise ValueError(
+                        f"out-of-vocabulary word in {turn.question!r} -> {turn.answer!r}"
+                    )
+                encoded.append((prompt, target))
+            if pack_per_image:
+                groups = [encoded]
+                if max_turns > 0:
+                    groups = [encoded[i : i + max_turns] for i in range(0, len(encoded), max_turns)]
+            else:
+                groups = [[turn] for turn in encoded]
+            self.items.extend((image_index, group) for group in groups)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_index, turns = self.items[index]
+        turns = list(turns)
+        random.shuffle(turns)  # seeded by Trainer; no fixed order for the model to exploit
+        input_ids = list(self.prefix)
+        labels = [IGNORE_INDEX] * len(self.prefix)
+        for prompt, target in turns:
+            input_ids += prompt + target
+            labels += [IGNORE_INDEX] * len(prompt) + target
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "pixels": self.pixels[image_index],
+        }
+
+
+@dataclass
+class PixelNormalizingCollator:
+    """Right-pads tokens and turns cached uint8 pixels into normalised `pixel_values`."""
+
+    pad_token_id: int
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    rescale_factor: float = 1 / 255
+
+    def __call__(self, batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+        pixels = torch.stack([item["pixels"] for item in batch]).float() * self.rescale_factor
+        mean = torch.tensor(self.image_mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std).view(1, -1, 1, 1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": (pixels - mean) / std,
+        }
+
+
+def collator_for(processor: Any) -> PixelNormalizingCollator:
+    image_processor = processor.image_processor
+    return PixelNormalizingCollator(
+        pad_token_id=processor.tokenizer.pad_token_id,
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
+        rescale_factor=float(image_processor.rescale_factor),
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class TestbedTrainer(Trainer):
+        """Trainer whose loss is the LM loss plus any `extra_losses` terms (a hook for e.g.
+        a merging-consistency or distillation loss)."""
+
+        extra_losses: list[Callable[[Any, dict[str, Any], Any], torch.Tensor]]
+
+        def __init__(self, *args: Any, extra_losses: Sequence[Callable] = (), **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.extra_losses = list(extra_losses)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            for term in self.extra_losses:
+                loss = loss + term(model, inputs, outputs)
+            return (loss, outputs) if return_outputs else loss
+
+    return TestbedTrainer
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_losses(history: Sequence[dict[str, float]], png_path: Path) -> None:
+    """Loss curve as a PNG (Agg backend, so it works headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not points:
+        return
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([s for s, _ in points], [v for _, v in points], label="train loss (answer tokens)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, png_path)
+
+
+def _loss_logger(json_path: Path, png_path: Path, resume_step: int) -> Any:
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        """Keeps loss.json current after every log and draws the curve at the end."""
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+            self.started = time.time()
+            if resume_step and json_path.is_file():
+                previous = json.loads(json_path.read_text(encoding="utf-8"))
+                self.history = [h for h in previous.get("history", []) if h["step"] <= resume_step]
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+            if not logs or not state.is_world_process_zero:
+                return
+            entry = {"step": state.global_step, "epoch": state.epoch or 0.0}
+            entry.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+            entry["wall_s"] = time.time() - self.started
+            self.history.append(entry)
+            _write_json_atomic(json_path, {"history": self.history})
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+            if state.is_world_process_zero:
+                _write_json_atomic(json_path, {"history": self.history})
+                plot_losses(self.history, png_path)
+
+    return LossLogger()
+
+
+def build_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model to train: a fresh tiny LLaVA (`--init-reference`) or a saved folder."""
+    if args.init_reference:
+        return build_reference(size=args.model_size, image_size=args.image_size, seed=args.seed)
+    if args.model is None:
+        raise SystemExit("error: pass --model DIR or --init-reference")
+    return load_reference(args.model)
+
+
+def _save_final(model: Any, processor: Any, final_dir: Path) -> None:
+    """Writes the model and processor file by file with os.replace, leaving other files (such
+    as a README) in `final_dir` alone."""
+    import tempfile
+
+    final_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-") as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), final_dir / name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.train",
+        description="Train a LLaVA-style model on testbed / LLaVA-format VQA data "
+        "(loss on answer tokens only).",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="export root from `eval.testbed.data make` (uses hf/), a `save_to_disk` folder, "
+        "or a LLaVA-format JSON file",
+    )
+    data.add_argument(
+        "--split", default="train", help="split to train on (ignored for a JSON file)"
+    )
+    data.add_argument(
+        "--image-folder",
+        type=Path,
+        default=None,
+        help="folder the LLaVA JSON image names are relative to (default: JSON's sibling images/)",
+    )
+    data.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="one sequence per question instead of packing all questions of an image together",
+    )
+    data.add_argument(
+        "--max-turns",
+        type=int,
+        default=0,
+        help="at most this many questions per packed sequence (0 = all of the image's)",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", type=Path, default=None, help="folder to from_pretrained")
+    model.add_argument(
+        "--init-reference",
+        action="store_true",
+        help="build the tiny reference LLaVA from scratch instead of loading --model",
+    )
+    model.add_argument(
+        "--model-size",
+        default="cpu-small",
+        choices=sorted(MODEL_SIZES),
+        help="size preset for --init-reference (see eval/testbed/model.py MODEL_SIZES)",
+    )
+    model.add_argument(
+        "--image-size", type=int, default=224, help="image side for --init-reference (224 or 336)"
+    )
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)"
+    )
+    optim.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    optim.add_argument("--batch-size", type=int, default=32, help="sequences per device per step")
+    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    optim.add_argument(
+        "--lr-scheduler", default="cosine", choices=["cosine", "linear"], help="decay after warmup"
+    )
+    optim.add_argument(
+        "--warmup", type=float, default=0.05, help="warmup: ratio of total steps if < 1, else steps"
+    )
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    optim.add_argument(
+        "--seed", type=int, default=0, help="seed for init, shuffling and turn order"
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--output-dir", type=Path, required=True, help="checkpoints, logs, final model"
+    )
+    run.add_argument(
+        "--final-dir",
+        type=Path,
+        default=None,
+        help="where the final model + processor go (default: OUTPUT_DIR/final)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
+    )
+    run.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
+    run.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep")
+    run.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    run.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)"
+    )
+    run.add_argument(
+        "--eval-split",
+        default=None,
+        help="after training, evaluate the final model on this split of --data (e.g. validation)",
+    )
+    run.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most N questions")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: `python -m recipes.train --help`."""
+    args = build_parser().parse_args(argv)
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if args.resume:
+        resume_from = get_last_checkpoint(str(args.output_dir))
+        if resume_from is None:
+            print(
+                f"error: --resume but no checkpoint-* folder in {args.output_dir}", file=sys.stderr
+            )
+            return 2
+
+    model, processor = build_model_and_processor(args)
+    examples = load_examples(args.data, args.split, args.image_folder)
+    pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
+    dataset = PackedVQADataset(
+        examples,
+        pixels,
+        processor.tokenizer,
+        image_seq_length=model.config.image_seq_length,
+        pack_per_image=not args.no_pack,
+        max_turns=args.max_turns,
+    )
+    n_questions = sum(len(e.turns) for e in examples)
+    print(
+        f"{len(examples)} images, {n_questions} questions, {len(dataset)} sequences; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
+    warmup: float = args.warmup if args.warmup < 1 else int(args.warmup)
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir),
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=warmup,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=args.no_progress,
+    )
+    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+    trainer: Trainer = _trainer_class()(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator_for(processor),
+        callbacks=[
+            _loss_logger(args.output_dir / "loss.json", args.output_dir / "loss.png", resume_step)
+        ],
+    )
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.time() - started
+    final_dir = args.final_dir or args.output_dir / "final"
+    if trainer.is_world_process_zero():
+        _save_final(trainer.model, processor, final_dir)
+        summary = {
+            "wall_time_s": wall,
+            "steps": trainer.state.global_step,
+            "images": len(examples),
+            "questions": n_questions,
+            "final_dir": str(final_dir),
+            "argv": sys.argv[1:] if argv is None else argv,
+        }
+        _write_json_atomic(args.output_dir / "train_summary.json", summary)
+        print(f"trained {trainer.state.global_step} steps in {wall / 60:.1f} min -> {final_dir}")
+        if args.eval_split:
+            from eval.testbed.evaluate import evaluate_folder
+
+            evaluate_folder(
+                final_dir,
+                args.data,
+                args.eval_split,
+                limit=args.eval_limit,
+                output=args.output_dir / f"eval_{args.eval_split}.json",
+                progress=not args.no_progress,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "ImageExample",
+    "PackedVQADataset",
+    "PixelNormalizingCollator",
+    "Turn",
+    "build_parser",
+    "cache_pixels",
+    "load_examples",
+    "main",
+]

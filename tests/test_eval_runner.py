@@ -1,0 +1,120 @@
+"""`crossget eval` end to end on a tiny testbed: scores, resume, results files, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval import run, tasks
+from eval.testbed.data import export, make_dataset_dict
+from eval.testbed.model import build_reference
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("testbed")
+    export(make_dataset_dict(train=2, validation=2, test=10, seed=5), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model, processor = build_reference(size="cpu-tiny", image_size=112, seed=0)
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _run(model_dir: Path, data: Path, out: Path, budgets: str = "full,48,32") -> list[dict]:
+    code = run.main(
+        [
+            "--model",
+            str(model_dir),
+            "--task",
+            "testbed",
+            "--data",
+            str(data),
+            "--budgets",
+            budgets,
+            "--methods",
+            "crossget,tome",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_eval_scores_every_method_and_budget(model_dir: Path, testbed: Path, tmp_path: Path):
+    rows = _run(model_dir, testbed, tmp_path)
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("full", "full"),
+        ("crossget", "48"),
+        ("crossget", "32"),
+        ("tome", "48"),
+        ("tome", "32"),
+    ]
+    assert [r["visual_tokens"] for r in rows] == [64, 48, 32, 48, 32]
+    for row in rows:
+        answers = tmp_path / "answers" / f"testbed-{row['method']}-{row['budget']}.rank0.jsonl"
+        predictions = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert len(predictions) == 10
+        # The score is recomputed from the written answers, not invented.
+        items = tasks.load_task("testbed", testbed)
+        by_id = {p["id"]: p["prediction"] for p in predictions}
+        expected = tasks.score_task("testbed", items, [by_id[i.item_id] for i in items])
+        assert row["metrics"] == expected
+    assert rows[1]["flops"] < rows[0]["flops"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| crossget | 32 | 32 |" in table
+
+
+def test_eval_resumes_without_redoing_answers(model_dir: Path, testbed: Path, tmp_path: Path):
+    _run(model_dir, testbed, tmp_path, budgets="32")
+    answers = tmp_path / "answers" / "testbed-crossget-32.rank0.jsonl"
+    lines = answers.read_text().splitlines()
+    # Simulate a crash: keep 6 answers and half a line.
+    answers.write_text("\n".join(lines[:6]) + '\n{"id": "trunc')
+    _run(model_dir, testbed, tmp_path, budgets="32")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 10  # the cut line is gone and only the 4 missing were generated again
+    assert [r["id"] for r in rows[:6]] == [json.loads(line)["id"] for line in lines[:6]]
+
+
+def test_missing_llava_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "questions.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="images, annotations.jsonl are missing"):
+        tasks.load_task("vqav2", tmp_path)
+
+
+def test_llava_layout_is_scored_with_the_vqa_metric(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    question = {"question_id": 1, "image": "a.png", "text": "How many?"}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(question) + "\n")
+    truth = {"question_id": 1, "answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"}
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(truth) + "\n")
+    items = tasks.load_task("vqav2", tmp_path)
+    assert items[0].load_image().size == (8, 8)
+    scores = tasks.score_task("vqav2", items, ["two"])
+    assert scores["accuracy"] == pytest.approx(90.0)  # 3 of 10 match: official leave-one-out
+    assert scores["accuracy/number"] == pytest.approx(90.0)
+
+
+def test_unknown_task_and_method_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown task 'vqa3'"):
+        tasks.load_task("vqa3", tmp_path)
+    with pytest.raises(ValueError, match="method 'magic'"):
+        run.method_config("magic", 32, "cross")
