@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench-merge": ("eval.bench_merge", "time CGSM vs ToMe matching vs one CLIP-L layer"),
     "data": ("eval.testbed.data", "generate the offline VQA testbed (`crossget data make ...`)"),
     "eval": ("eval.run", "score methods x budgets on a task (testbed, vqav2, pope, ...)"),
+    "lm-eval": ("eval.lmeval_plugin", "lm-eval's CLI with the crossget-llava model registered"),
     "train": ("recipes.train", "train / fine-tune a LLaVA model (the recipes' entry point)"),
 }
 

@@ -6,28 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval import run, tasks
-from eval.testbed.data import export, make_dataset_dict
-from eval.testbed.model import build_reference
-
-
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("testbed")
-    export(make_dataset_dict(train=2, validation=2, test=10, seed=5), root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model, processor = build_reference(size="cpu-tiny", image_size=112, seed=0)
-    folder = tmp_path_factory.mktemp("model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def _run(model_dir: Path, data: Path, out: Path, budgets: str = "full,48,32") -> list[dict]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny testbed export and a tiny untrained testbed-vocabulary LLaVA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from eval.testbed.data import export, make_dataset_dict
+
+    root = tmp_path_factory.mktemp("testbed")
+    export(make_dataset_dict(train=2, validation=2, test=10, seed=5), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 patch tokens (112 px, 14 px patches), one merging layer: budgets down to 32."""
+    from eval.testbed.model import build_reference
+
+    torch.manual_seed(0)
+    model, processor = build_reference(size="cpu-tiny", image_size=112, seed=0)
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
