@@ -1,9 +1,10 @@
 """`crossget eval`: score token-reduction methods at equal budgets on one task, one harness.
 
 Answers are appended to JSONL files as they are generated, so a rerun skips what is done.
-Under ``accelerate launch`` every process answers its own shard (items ``rank::world``) and
-the main process scores the gathered answers once: the same command scales from this CPU to
-a multi-GPU node.
+Under ``accelerate launch`` (GPUs) or ``torchrun --nproc_per_node N -m eval.run`` (CPU
+processes, gloo) every process answers its own shard (items ``rank::world``) and the main
+process scores the gathered answers once: the same command scales from this CPU to a
+multi-GPU node.
 
     crossget eval --model reference --task testbed --data data/testbed --budgets full,128,64
 """
@@ -107,16 +108,10 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
 
 
 def method_config(method: str, budget: int, guidance: str) -> crossget.CrossGETConfig:
+    """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults."""
     if method == "crossget":
         return crossget.CrossGETConfig(visual_tokens=budget, guidance=guidance)
-    if method == "tome":
-        return crossget.CrossGETConfig(visual_tokens=budget, matching="bipartite", guidance="none")
-    try:
-        return crossget.CrossGETConfig(visual_tokens=budget, method=method)  # type: ignore[call-arg]
-    except TypeError as error:
-        raise ValueError(
-            f"method {method!r} is not available in this version; use crossget or tome"
-        ) from error
+    return crossget.CrossGETConfig(visual_tokens=budget, method=method)
 
 
 def configure(
@@ -253,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     args = build_parser().parse_args(argv)
-    state = PartialState()
+    # On CPU, accelerate only forms a process group when asked for one (gloo).
+    state = PartialState(cpu=not torch.cuda.is_available())
     items = load_task(args.task, args.data, args.split, args.limit)
     shard = items[state.process_index :: state.num_processes]
     model, processor = load_model(args.model, state.device, DTYPES[args.dtype])

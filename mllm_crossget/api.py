@@ -11,9 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import hf_clip, llava
+from .adapters import blip2, hf_clip, hf_clip_model, llava
+from .adapters import open_clip as open_clip_adapter
+from .adapters.family import Family
 from .config import CrossGETConfig
 from .cross_tokens import CrossTokens, unwrap_cross_tokens
+from .peers import fastv
 from .planner import TowerPlanner
 from .processing import adjust_processor, restore_processor
 
@@ -33,7 +36,24 @@ __all__ = [
 TOKENS_ATTR = "crossget_tokens"
 TOKENS_FILE = "crossget_tokens.safetensors"
 # Registry keyed by class *name*, so no model class needs importing to check support.
-SUPPORTED_MODELS: tuple[str, ...] = ("LlavaForConditionalGeneration", "CLIPVisionModel")
+SUPPORTED_MODELS: tuple[str, ...] = (
+    "LlavaForConditionalGeneration",
+    "CLIPVisionModel",
+    "Blip2ForConditionalGeneration",
+    "InstructBlipForConditionalGeneration",
+    "CLIPModel",
+    "open_clip.CLIP",  # qualified: "CLIP" alone is too common a class name
+)
+# Families that describe themselves with an ``adapters.family.Family`` record.
+_FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        blip2.BLIP2,
+        blip2.INSTRUCTBLIP,
+        hf_clip_model.HF_CLIP,
+        open_clip_adapter.OPEN_CLIP,
+    )
+}
 
 
 def _family(model: nn.Module) -> str:
@@ -41,6 +61,9 @@ def _family(model: nn.Module) -> str:
     for candidate in type(model).__mro__:
         if candidate.__name__ in SUPPORTED_MODELS:
             return candidate.__name__
+        qualified = f"{candidate.__module__.partition('.')[0]}.{candidate.__name__}"
+        if qualified in SUPPORTED_MODELS:
+            return qualified
     raise TypeError(
         f"CrossGET does not support {name}; supported model classes: {', '.join(SUPPORTED_MODELS)}"
     )
@@ -85,7 +108,7 @@ def _check_attention(model: nn.Module, config: CrossGETConfig) -> None:
     vision_config = getattr(model.config, "vision_config", model.config)
     implementation = getattr(vision_config, "_attn_implementation", None) or "eager"
     if implementation.startswith("flash") and (
-        config.proportional_attention or config.uses_cross_token
+        (config.merges_in_encoder and config.proportional_attention) or config.uses_cross_token
     ):
         raise ValueError(
             f"the vision tower uses attn_implementation={implementation!r}, which cannot take "
@@ -93,7 +116,7 @@ def _check_attention(model: nn.Module, config: CrossGETConfig) -> None:
             "attn_implementation='sdpa' (or 'eager'), or use proportional_attention=False and "
             "guidance='none'"
         )
-    if config.guidance == "attention" and implementation != "eager":
+    if config.uses_cross_token and config.guidance == "attention" and implementation != "eager":
         raise ValueError(
             "guidance='attention' needs full attention probabilities: load the model with "
             "attn_implementation='eager', or use guidance='cross' (works with SDPA)"
@@ -107,13 +130,25 @@ def apply(
 
     Idempotent: applying again replaces the previous configuration (learned cross tokens are
     kept when their shapes still fit).  Supported: ``LlavaForConditionalGeneration`` with a
-    CLIP tower and a bare ``CLIPVisionModel``.
+    CLIP tower, a bare ``CLIPVisionModel``, ``Blip2ForConditionalGeneration``,
+    ``InstructBlipForConditionalGeneration`` (their processors need no change: the LLM still
+    reads ``num_query_tokens``), HF ``CLIPModel`` and open_clip ``CLIP`` (image tower by the
+    budget, text tower by ``config.text_r``).
     """
     if not isinstance(config, CrossGETConfig):
         raise TypeError(f"config must be a CrossGETConfig, got {type(config).__name__}")
     config.validate()
     family = _family(model)
+    if not config.merges_in_encoder and family != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"method={config.method!r} (mllm_crossget.peers) is implemented for LLaVA models "
+            f"only; {family} supports the merging methods crossget and tome"
+        )
+    if family in _FAMILIES:
+        return _apply_family(_FAMILIES[family], model, config, processor)
     _check_attention(model, config)
+    if config.method == "fastv":
+        fastv.check(model.model.language_model, config.fastv_layer)
     planner = _planner(model, config)
     # Validate the budget now, on the model's own image size, not at the first forward.
     vision_config = getattr(model.config, "vision_config", model.config)
@@ -141,9 +176,33 @@ def apply(
     return model
 
 
+def _apply_family(
+    family: Family, model: nn.Module, config: CrossGETConfig, processor: Any
+) -> nn.Module | tuple[nn.Module, Any]:
+    """``apply`` for self-describing families (their processors need no change)."""
+    family.check(model, config)
+    planner = family.planner(model, config)
+    planner.visual_tokens(*family.image_size(model))  # validate the budget now
+    holder = family.holder(model)
+    previous = getattr(holder, TOKENS_ATTR, None)
+    if is_applied(model):
+        remove(model)
+    reference = next(model.parameters())
+    tokens = family.build_tokens(model, planner, config).to(reference.device, torch.float32)
+    if previous is not None and _same_shapes(unwrap_cross_tokens(previous), tokens):
+        tokens.load_state_dict(unwrap_cross_tokens(previous).state_dict())
+    holder.add_module(TOKENS_ATTR, tokens)
+    family.patch(model, config, planner)
+    model.crossget_config = config
+    model.crossget_planner = planner
+    return model if processor is None else (model, processor)
+
+
 def _tokens_holder(model: nn.Module, family: str) -> nn.Module:
     """The submodule that owns ``crossget_tokens``: it reads them in its own forward, so a
     copied model (``copy.deepcopy``) uses its own copy."""
+    if family in _FAMILIES:
+        return _FAMILIES[family].holder(model)
     return model.model if family == "LlavaForConditionalGeneration" else model.encoder
 
 
@@ -188,7 +247,9 @@ def remove(model: nn.Module, processor: Any = None) -> nn.Module:
         restore_processor(processor)
     if not is_applied(model):
         return model
-    if _family(model) == "LlavaForConditionalGeneration":
+    if _family(model) in _FAMILIES:
+        _FAMILIES[_family(model)].unpatch(model)
+    elif _family(model) == "LlavaForConditionalGeneration":
         llava.unpatch_llava(model)
     else:
         hf_clip.unpatch_clip_encoder(model.encoder)
@@ -212,9 +273,10 @@ def num_visual_tokens(
 ) -> int:
     """Exact number of visual tokens an image of ``image_size`` yields under the config."""
     _require_applied(model)
-    vision_config = getattr(model.config, "vision_config", model.config)
-    if image_size is None:
-        image_size = vision_config.image_size
+    if image_size is None and _family(model) in _FAMILIES:
+        image_size = _FAMILIES[_family(model)].image_size(model)
+    elif image_size is None:
+        image_size = getattr(model.config, "vision_config", model.config).image_size
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     return model.crossget_planner.visual_tokens(height, width, visual_tokens)
 
@@ -237,6 +299,8 @@ def budget(visual_tokens: int | Sequence[int]) -> Iterator[None]:
 def alignment_loss(model: nn.Module) -> Tensor:
     """Symmetric JS alignment loss between vision and text cross tokens of the last forward."""
     _require_applied(model)
+    if _family(model) in _FAMILIES:
+        return _FAMILIES[_family(model)].alignment_loss(model)
     if _family(model) != "LlavaForConditionalGeneration":
         raise RuntimeError(
             f"alignment_loss pairs vision and text cross tokens of a LLaVA model; "

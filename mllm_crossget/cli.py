@@ -12,10 +12,16 @@ import sys
 
 # verb -> (module with a `main(argv) -> int`, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "bench": ("eval.bench", "time every method x budget side by side (speed, memory, FLOPs)"),
     "bench-merge": ("eval.bench_merge", "time CGSM vs ToMe matching vs one CLIP-L layer"),
+    "bench-blip2": ("eval.bench_blip2", "ViT and generate time of a BLIP-2-shaped model"),
+    "bench-clip": ("eval.bench_clip", "image-tower throughput of ViT-B/16 CLIP models"),
+    "clip-eval": ("eval.clip_eval", "CLIP zero-shot / retrieval recall on local files"),
+    "clip-train": ("recipes.clip_retrieval", "fine-tune a CrossGET CLIP model for retrieval"),
     "data": ("eval.testbed.data", "generate the offline VQA testbed (`crossget data make ...`)"),
     "eval": ("eval.run", "score methods x budgets on a task (testbed, vqav2, pope, ...)"),
     "lm-eval": ("eval.lmeval_plugin", "lm-eval's CLI with the crossget-llava model registered"),
+    "visualize": ("eval.visualize", "draw which patches ended up in which token, per method"),
     "train": ("recipes.train", "train / fine-tune a LLaVA model (the recipes' entry point)"),
 }
 

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .peers import MERGING_METHODS, METHOD_NAMES
+from .peers.tome import TOME_SETTINGS
 from .schedule import SCHEDULE_MODES
 
 __all__ = ["CONFIG_NAME", "CrossGETConfig", "GUIDANCE_MODES", "MATCHING_MODES"]
@@ -70,8 +72,33 @@ class CrossGETConfig:
     track_source: bool = field(
         default=False, metadata={"help": "Keep a patch->token map for visualising merges."}
     )
+    text_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "CLIP two-tower models: tokens merged per text-encoder layer (EOT and "
+            "padding never merge); None or 0 leaves the text tower unchanged."
+        },
+    )
+    method: str = field(
+        default="crossget",
+        metadata={
+            "help": "Token-reduction method: crossget, or a peer measured behind the same "
+            "budget API: tome, visionzip, divprune, pool, random, fastv (mllm_crossget.peers)."
+        },
+    )
+    fastv_layer: int = field(
+        default=2,
+        metadata={"help": "fastv: LLM layer from which only the kept visual tokens remain (K=2)."},
+    )
+    seed: int = field(default=0, metadata={"help": "random: seed of the kept patch positions."})
 
     def __post_init__(self) -> None:
+        if self.method == "tome":
+            # ToMe = CrossGET's merging adapter with bipartite matching and no importance.
+            if self.matching == "complete_graph":
+                self.matching = TOME_SETTINGS["matching"]
+            if self.guidance == "cross":
+                self.guidance = TOME_SETTINGS["guidance"]
         self.validate()
 
     def validate(self) -> None:
@@ -109,10 +136,34 @@ class CrossGETConfig:
             raise ValueError(f"first_merge_layer must be >= 0, got {self.first_merge_layer}")
         if self.alignment_weight < 0:
             raise ValueError(f"alignment_weight must be >= 0, got {self.alignment_weight}")
+        if self.text_r is not None and (
+            not isinstance(self.text_r, int) or isinstance(self.text_r, bool) or self.text_r < 0
+        ):
+            raise ValueError(f"text_r must be a non-negative int or None, got {self.text_r!r}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(
+                f"method must be one of {', '.join(METHOD_NAMES)}, got {self.method!r}"
+            )
+        if self.method == "tome" and (self.matching, self.guidance) != ("bipartite", "none"):
+            raise ValueError(
+                "method='tome' is bipartite matching without guidance; drop matching/guidance"
+            )
+        if self.method not in MERGING_METHODS and self.r is not None:
+            raise ValueError(
+                f"r (tokens merged per encoder layer) applies to the merging methods "
+                f"{MERGING_METHODS}; give method={self.method!r} visual_tokens=K or keep_ratio"
+            )
+        if self.fastv_layer < 1:
+            raise ValueError(f"fastv_layer must be >= 1, got {self.fastv_layer}")
+
+    @property
+    def merges_in_encoder(self) -> bool:
+        """CrossGET and ToMe merge inside the vision encoder; the other peers do not."""
+        return self.method in MERGING_METHODS
 
     @property
     def uses_cross_token(self) -> bool:
-        return self.guidance in ("cross", "attention", "query")
+        return self.merges_in_encoder and self.guidance in ("cross", "attention", "query")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,6 +3,9 @@
 Counted as ``torch.utils.flop_counter`` counts: 2 FLOPs per multiply-add of every matmul,
 linear, convolution and attention product (full ``S x S`` attention, also when causal);
 element-wise work is ignored.  Merging adds its similarity matrix and the cross token's row.
+Peers (``mllm_crossget.peers``) count what really runs: feature-stage methods run the whole
+tower up to the feature layer plus their selection, then K tokens through projector and LLM;
+FastV runs every visual token through LLM layers ``< fastv_layer`` and K from there on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .peers import get_method
 from .schedule import output_tokens
 
 __all__ = ["FlopsReport", "flops_report"]
@@ -23,6 +27,8 @@ class FlopsReport:
     llm_prefill: int
     visual_tokens: int
     tokens_per_layer: tuple[int, ...] = field(default_factory=tuple)
+    kept_tokens: int | None = None  # FastV: visual tokens from its pruning layer on
+    overhead: int = 0  # FLOPs spent choosing tokens (similarities, attention rows), included
 
     @property
     def total(self) -> int:
@@ -35,6 +41,8 @@ class FlopsReport:
             "llm_prefill": self.llm_prefill,
             "total": self.total,
             "visual_tokens": self.visual_tokens,
+            "kept_tokens": self.visual_tokens if self.kept_tokens is None else self.kept_tokens,
+            "overhead": self.overhead,
             "tokens_per_layer": list(self.tokens_per_layer),
         }
 
@@ -45,7 +53,7 @@ def _vision_flops(
     layer_r: tuple[int, ...],
     layers_run: int,
     cross_token: bool,
-) -> tuple[int, tuple[int, ...]]:
+) -> tuple[int, tuple[int, ...], int]:
     width = vision_config.hidden_size
     inner = vision_config.intermediate_size
     heads = vision_config.num_attention_heads
@@ -55,6 +63,7 @@ def _vision_flops(
     total = 2 * patches * width * 3 * patch * patch  # patch embedding convolution
     n = patches + 1
     counts = []
+    overhead = 0
     schedule = layer_r if layer_r else (0,) * layers_run
     merging = any(schedule)
     for r in schedule:
@@ -63,17 +72,20 @@ def _vision_flops(
         total += 2 * 2 * t * t * width  # QK^T and AV
         removed = min(r, (n - 1) // 2)
         if removed:
-            total += 2 * n * n * head_dim  # cosine similarity of head-averaged keys
+            overhead += 2 * n * n * head_dim  # cosine similarity of head-averaged keys
             if cross_token:
-                total += 2 * heads * n * head_dim  # cross token's attention row
+                overhead += 2 * heads * n * head_dim  # cross token's attention row
         n -= removed
         t = n + (1 if cross_token and merging else 0)
         total += 2 * 2 * t * width * inner  # MLP
         counts.append(n)
-    return total, tuple(counts)
+    return total + overhead, tuple(counts), overhead
 
 
-def _llm_flops(text_config: object, sequence: int, logits_positions: int) -> int:
+def _llm_flops(
+    text_config: object, sequence: int, logits_positions: int, layers: int | None = None
+) -> int:
+    """Decoder FLOPs for ``sequence`` tokens through ``layers`` layers (all by default)."""
     width = text_config.hidden_size
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
@@ -84,6 +96,8 @@ def _llm_flops(text_config: object, sequence: int, logits_positions: int) -> int
     per_layer += 2 * 2 * sequence * sequence * heads * head_dim  # QK^T and AV
     per_layer += 3 * 2 * sequence * width * inner  # gate, up, down
     head = 2 * logits_positions * width * text_config.vocab_size
+    if layers is not None:
+        return layers * per_layer
     return text_config.num_hidden_layers * per_layer + head
 
 
@@ -119,7 +133,22 @@ def flops_report(
             dropped = 1 if config.vision_feature_select_strategy == "default" else 0
         layer_r, cross = (0,) * layers_run, False
         visual = (size // vision_config.patch_size) ** 2 + 1 - dropped
-    vision, counts = _vision_flops(vision_config, size, tuple(layer_r), layers_run, cross)
+    vision, counts, overhead = _vision_flops(vision_config, size, tuple(layer_r), layers_run, cross)
+    kept = None
+    if crossget is not None and not crossget.merges_in_encoder:
+        visual = planner.visual_tokens(size, size, visual_tokens)
+        kept = planner.kept_tokens(size, size, visual_tokens)
+        method = get_method(crossget.method)
+        if method.overhead is not None:
+            patches = (size // vision_config.patch_size) ** 2
+            extra = method.overhead(
+                patches,
+                kept - (1 - dropped),  # the patches kept (a kept CLS is not chosen)
+                vision_config.hidden_size,
+                vision_config.num_attention_heads,
+            )
+            vision += extra
+            overhead += extra
     projector = llm = 0
     text_config = getattr(config, "text_config", None)
     if text_config is not None:
@@ -127,4 +156,16 @@ def flops_report(
         projector = 2 * visual * vision_config.hidden_size * text_width
         projector += 2 * visual * text_width * text_width
         llm = _llm_flops(text_config, prompt_length + visual, logits_positions)
-    return FlopsReport(vision, projector, llm, visual, counts)
+        if kept is not None and kept != visual:  # FastV: shorter from its pruning layer on
+            layer = crossget.fastv_layer
+            rest = text_config.num_hidden_layers - layer
+            short = prompt_length + kept
+            llm -= _llm_flops(text_config, prompt_length + visual, 0, rest)
+            llm += _llm_flops(text_config, short, 0, rest)
+            # The scoring row: the last token's query against every key, in every head.
+            heads = text_config.num_attention_heads
+            head_dim = getattr(text_config, "head_dim", None) or text_width // heads
+            scoring = 2 * (prompt_length + visual) * heads * head_dim
+            llm += scoring
+            overhead += scoring
+    return FlopsReport(vision, projector, llm, visual, counts, kept, overhead)

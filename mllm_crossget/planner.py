@@ -46,6 +46,8 @@ class TowerPlanner:
 
     def layer_r(self, num_tokens: int, visual_tokens: int | None = None) -> tuple[int, ...]:
         config = self.config
+        if not config.merges_in_encoder:
+            return (0,) * self.layers_run  # peers (mllm_crossget.peers): the tower runs unmerged
         lead = (0,) * (self.layers_run - self.merge_layers)
         if visual_tokens is None and config.visual_tokens is not None:
             visual_tokens = config.visual_tokens
@@ -92,9 +94,37 @@ class TowerPlanner:
         return self.plan_for_length(self.input_tokens(height, width), visual_tokens)
 
     def visual_tokens(self, height: int, width: int, visual_tokens: int | None = None) -> int:
-        """Exact number of visual tokens one image of this size yields."""
+        """Exact number of visual tokens one image of this size yields (what the LLM receives)."""
         from .schedule import output_tokens
 
+        if not self.config.merges_in_encoder:
+            kept = self.kept_tokens(height, width, visual_tokens)
+            # FastV gives the LLM every visual token and prunes inside it.
+            full = self.input_tokens(height, width) - self.dropped_tokens
+            return full if self.config.method == "fastv" else kept
         num_tokens = self.input_tokens(height, width)
         schedule = self.layer_r(num_tokens, visual_tokens)
         return output_tokens(num_tokens, schedule, self.num_protected) - self.dropped_tokens
+
+    def kept_tokens(self, height: int, width: int, visual_tokens: int | None = None) -> int:
+        """Tokens per image after reduction (FastV: from its pruning layer on), validated.
+
+        Peers take ``visual_tokens`` or ``keep_ratio`` of the patches; a CLS token that the
+        select strategy keeps stays and counts as one of the K.
+        """
+        if self.config.merges_in_encoder:
+            return self.visual_tokens(height, width, visual_tokens)
+        full = self.input_tokens(height, width) - self.dropped_tokens
+        patches = self.input_tokens(height, width) - self.num_protected
+        kept_cls = full - patches
+        if visual_tokens is None:
+            visual_tokens = self.config.visual_tokens
+        if visual_tokens is None:
+            visual_tokens = kept_cls + max(1, round(self.config.keep_ratio * patches))
+        if not kept_cls + 1 <= visual_tokens <= full:
+            raise ValueError(
+                f"visual_tokens={visual_tokens} is outside [{kept_cls + 1}, {full}]: this tower "
+                f"yields {full} visual tokens per image and method={self.config.method!r} keeps "
+                "between one patch and all of them"
+            )
+        return visual_tokens

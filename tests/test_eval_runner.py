@@ -96,5 +96,45 @@ def test_llava_layout_is_scored_with_the_vqa_metric(tmp_path: Path) -> None:
 def test_unknown_task_and_method_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown task 'vqa3'"):
         tasks.load_task("vqa3", tmp_path)
-    with pytest.raises(ValueError, match="method 'magic'"):
+    with pytest.raises(ValueError, match="method must be one of .*'magic'"):
         run.method_config("magic", 32, "cross")
+
+
+def test_two_processes_split_the_work_and_score_once(
+    model_dir: Path, testbed: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29611",
+        "-m",
+        "eval.run",
+        "--model",
+        str(model_dir),
+        "--task",
+        "testbed",
+        "--data",
+        str(testbed),
+        "--budgets",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    shards = sorted((tmp_path / "answers").glob("testbed-crossget-32.rank*.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in shards] == [5, 5]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 1 and rows[0]["items"] == 10

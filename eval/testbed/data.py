@@ -643,7 +643,13 @@ def _scene_text(rng: random.Random, size: int, answer: str, kind: str, digit_poo
     else:
         primary = cell_question(target_cell)
     pool = [code_question, *(cell_question(i) for i in range(9))]
-    pool += [count_question(d) for d in sorted(set(grid)) if grid.count(d) <= 4]
+    # One count question for the most frequent digit and one for an absent digit: asking about
+    # every present digit would make "1" dominate the training answers.
+    most = max(grid.count(d) for d in DIGITS)
+    pool.append(count_question(rng.choice([d for d in DIGITS if grid.count(d) == most])))
+    absent = [d for d in DIGITS if d not in grid]
+    if absent:
+        pool.append(count_question(rng.choice(absent)))
     meta = {"code": code, "digits": digit_meta, "band_height": band}
     return Scene(image, _unique_questions(primary, pool, rng), meta)
 
@@ -1093,6 +1099,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry (`python -m eval.testbed.data make ...`); returns a process exit code."""
     args = _build_parser().parse_args(argv)
+    if args.no_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     if args.command == "make":
         for name in ("train", "validation", "test"):
             if getattr(args, name) < 0:

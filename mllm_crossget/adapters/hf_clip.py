@@ -13,6 +13,7 @@ visible tokens and never appears in captured hidden states.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ def _merging_layer_forward(
     original layer, bit for bit (the parent class's forward).
     """
     if plan is None:
+        if attention_mask is None and not type(self)._crossget_takes_mask:
+            return super(type(self), self).forward(hidden_states, **kwargs)  # BLIP-2 layers
         return super(type(self), self).forward(hidden_states, attention_mask, **kwargs)
     if attention_mask is not None:
         raise ValueError("CrossGET vision layers take no attention mask (image tokens only)")
@@ -123,9 +126,7 @@ def _merging_layer_forward(
     residual = sequence
     normed = self.layer_norm1(sequence)
     shape = (batch, sequence.shape[1], -1, attn.head_dim)
-    query = attn.q_proj(normed).view(shape).transpose(1, 2)
-    key = attn.k_proj(normed).view(shape).transpose(1, 2)
-    value = attn.v_proj(normed).view(shape).transpose(1, 2)
+    query, key, value = _project_qkv(attn, normed, shape)
 
     bias = _attention_bias(token_size, with_cross, plan.proportional_attention, query.dtype)
     implementation = attn.config._attn_implementation
@@ -149,9 +150,10 @@ def _merging_layer_forward(
         value,
         bias,
         scaling=attn.scale,
-        dropout=0.0 if not attn.training else attn.dropout,
+        dropout=0.0 if not attn.training else _attention_dropout(attn),
     )
-    attended = attn.out_proj(attended.reshape(batch, sequence.shape[1], width).contiguous())
+    out_proj = attn.out_proj if hasattr(attn, "out_proj") else attn.projection  # BLIP-2 names
+    attended = out_proj(attended.reshape(batch, sequence.shape[1], width).contiguous())
     sequence = residual + attended
 
     visible, cross_out = (sequence[:, :num_visible], sequence[:, num_visible:])
@@ -182,6 +184,24 @@ def _merging_layer_forward(
     hidden_out = sequence[:, : sequence.shape[1] - (1 if with_cross else 0)]
     cross_final = sequence[:, -1:] if with_cross else None
     return hidden_out, token_size.detach(), cross_final, src_idx, dst_idx, kept_idx
+
+
+def _project_qkv(attn: nn.Module, normed: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """[B, H, T, D] queries, keys, values: CLIP/SigLIP project separately, BLIP-2's ViT
+    (``Blip2Attention``/``InstructBlipAttention``) through one fused ``qkv`` linear."""
+    if hasattr(attn, "qkv"):
+        batch, tokens, _, head_dim = shape
+        mixed = attn.qkv(normed).reshape(batch, tokens, 3, -1, head_dim).permute(2, 0, 3, 1, 4)
+        return mixed[0], mixed[1], mixed[2]
+    return tuple(
+        proj(normed).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
+
+
+def _attention_dropout(attn: nn.Module) -> float:
+    """CLIP stores the probability as ``dropout``, BLIP-2 as ``attention_dropout``."""
+    value = getattr(attn, "attention_dropout", None)
+    return float(value if value is not None else attn.dropout)
 
 
 def _eager_attention(
@@ -299,8 +319,12 @@ def _merging_subclass(original: type, kind: str) -> type:
     key = (original, kind)
     if key not in _SUBCLASS_CACHE:
         forward = _merging_layer_forward if kind == "layer" else _merging_encoder_forward
+        # CLIP layers take (hidden, attention_mask); BLIP-2 layers take hidden states only.
+        takes_mask = "attention_mask" in inspect.signature(original.forward).parameters
         _SUBCLASS_CACHE[key] = type(
-            f"CrossGET{original.__name__}", (original,), {"forward": forward}
+            f"CrossGET{original.__name__}",
+            (original,),
+            {"forward": forward, "_crossget_takes_mask": takes_mask},
         )
     return _SUBCLASS_CACHE[key]
 

@@ -21,6 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..config import CrossGETConfig
 from ..cross_tokens import unwrap_cross_tokens
 from ..loss import symmetric_js_divergence
+from ..peers import FEATURE_METHODS, fastv
+from ..peers.encoder import reduce_after_encoder
 from .hf_clip import ClipRuntime, patch_clip_encoder, unpatch_clip_encoder
 
 __all__ = ["LlavaRuntime", "patch_llava", "unpatch_llava", "BUDGET_OVERRIDE"]
@@ -139,6 +141,25 @@ def _llava_get_image_features(
         plan = runtime.planner.plan(pixels.shape[-2], pixels.shape[-1], budget)
         hidden = tower.pre_layrnorm(tower.embeddings(pixels))
         query = crossget_query_offset[indices] if crossget_query_offset is not None else None
+        if runtime.config.method in FEATURE_METHODS:
+            # --- peers (mllm_crossget/peers): the unmerged tower, then exactly K tokens ---
+            height, width = pixels.shape[-2:]
+            patch = tower.config.patch_size
+            selected, _ = reduce_after_encoder(
+                tower,
+                hidden,
+                plan,
+                grid=(height // patch, width // patch),
+                keep_cls=strategy != "default",
+                k=runtime.planner.visual_tokens(height, width, budget),
+                method=runtime.config.method,
+                seed=runtime.config.seed,
+            )
+            projected = self.multi_modal_projector(selected)
+            for position, index in enumerate(indices):
+                features[index] = projected[position]
+            continue
+            # --- end of peers ---
         encoded = tower.encoder(
             inputs_embeds=hidden,
             crossget_plan=plan,
@@ -218,7 +239,8 @@ def _llava_forward(
     override = BUDGET_OVERRIDE.get()
     per_image = None
     if override is not None:
-        _check_placeholders_follow_override(lengths, override)
+        if runtime.config.method != "fastv":  # FastV: every image keeps all placeholders
+            _check_placeholders_follow_override(lengths, override)
         per_image = lengths
     outputs = self.get_image_features(
         pixel_values=pixel_values,
@@ -237,6 +259,17 @@ def _llava_forward(
         )
     runtime.last.image_rows = torch.tensor(rows)
     kwargs["mm_encoder_outputs"] = {"image": outputs}
+    if runtime.config.method == "fastv":
+        # --- peers (mllm_crossget/peers/fastv.py): the LLM drops visual tokens after layer K ---
+        height, width = pixel_values.shape[-2:]
+        keeps = [
+            runtime.planner.kept_tokens(height, width, budget)
+            for budget in fastv.run_keeps(rows, override, None)
+        ]
+        with fastv.pruning(input_ids, attention_mask, image_token_id, keeps):
+            return _with_text_states(
+                self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
+            )
     return _with_text_states(
         self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
     )
@@ -275,7 +308,7 @@ def _with_text_states(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run the parent forward with the text cross tokens active (and their states collected)."""
-    if not runtime.config.text_cross_tokens:
+    if not (runtime.config.text_cross_tokens and runtime.config.merges_in_encoder):
         return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
     first = None
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -347,7 +380,9 @@ def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> Llava
     # instance attribute (not a class patch) makes it pass pixel_values to forward instead,
     # where placeholders are checked and the prompt can guide (guidance="query").
     model._supports_mm_encoder_outputs = _no_pre_encoding
-    if config.text_cross_tokens:
+    if config.method == "fastv":  # peers/fastv.py: hooks that prune inside the LLM
+        runtime.hook_handles += fastv.install(inner.language_model, config.fastv_layer)
+    if config.text_cross_tokens and config.merges_in_encoder:
         for index, layer in enumerate(inner.language_model.layers):
             handle = layer.register_forward_pre_hook(_text_cross_hook(index), with_kwargs=True)
             runtime.hook_handles.append(handle)

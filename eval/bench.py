@@ -1,0 +1,736 @@
+"""`crossget bench`: every method at every budget, side by side, in one run.
+
+For each (method, budget) the same batch goes through ``model.generate`` and hooks time its
+stages: the vision tower (``get_image_features``), the LLM prefill, time to first token (from
+the ``generate`` call to the end of the first forward) and decode tokens/s (the rest of the
+call).  Rounds go round-robin over all settings (load changes on a shared machine hit all
+alike) after warm-up rounds; medians are reported.  Peak memory is taken in the first warm-up
+round (CUDA: ``max_memory_allocated``; CPU: growth of the process RSS, sampled every 2 ms —
+a lower bound, as the allocator reuses freed memory).  Next to the measurements:
+``crossget.flops_report`` FLOPs and the FLOPs-bound speedup, the measured speedup over the
+unmodified model, and the token-choosing overhead (matching+merging or selection alone, timed
+on tensors of the real shapes).  Writes ``bench.json``, ``bench.md`` and ``speedup.png`` (and
+``pareto.png`` with ``--accuracy``) atomically into ``--out``.
+
+    crossget bench --model reference --out runs/bench
+    crossget bench --model llava-7b-shape --llm-layers 1 --repeats 2 --out runs/bench7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import mllm_crossget as crossget
+from mllm_crossget.config import atomic_write_text
+from mllm_crossget.flops import FlopsReport
+from mllm_crossget.merge import bipartite_matching, complete_graph_matching
+from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
+from mllm_crossget.peers import fastv as fastv_peer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODELS = ("reference", "llava-7b-shape")
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class Setting:
+    """One (method, budget) column of the comparison."""
+
+    method: str  # "full" for the unmodified model
+    budget: str
+    config: crossget.CrossGETConfig | None
+    visual_tokens: int = 0  # what the LLM receives per image
+    kept_tokens: int = 0  # what its later layers keep (FastV) — else the same
+    flops: FlopsReport | None = None
+    input_ids: Tensor | None = None
+    note: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    peak_mb: float | None = None
+    overhead_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return "full" if self.method == "full" else f"{self.method}/{self.budget}"
+
+
+def parse_budget(method: str, text: str, fastv_layer: int) -> crossget.CrossGETConfig:
+    """``rN`` -> r=N (merging methods), ``K`` -> visual_tokens=K, ``0.25`` -> keep_ratio."""
+    extra: dict[str, Any] = {"fastv_layer": fastv_layer} if method == "fastv" else {}
+    if text.startswith("r"):
+        if method not in MERGING_METHODS:
+            raise ValueError(f"r applies to the merging methods {', '.join(MERGING_METHODS)}")
+        return crossget.CrossGETConfig(r=int(text[1:]), method=method)
+    if "." in text:
+        return crossget.CrossGETConfig(keep_ratio=float(text), method=method, **extra)
+    return crossget.CrossGETConfig(visual_tokens=int(text), method=method, **extra)
+
+
+def build_settings(
+    model: nn.Module, methods: Sequence[str], budgets: Sequence[str], args: argparse.Namespace
+) -> tuple[list[Setting], list[str]]:
+    """Valid settings (full first) and a note for each skipped combination."""
+    settings: list[Setting] = []
+    skipped: list[str] = []
+    if "full" in budgets:
+        settings.append(Setting("full", "full", None))
+    llm_layers = model.config.text_config.num_hidden_layers
+    fastv_layer = min(args.fastv_layer, llm_layers - 1)
+    for method in methods:
+        for budget in budgets:
+            if budget == "full":
+                continue
+            if method == "fastv" and fastv_layer < 1:
+                skipped.append(
+                    f"fastv/{budget}: the LLM has {llm_layers} layer(s); FastV needs a layer "
+                    "after its scoring layer (use --llm-layers >= 2)"
+                )
+                continue
+            try:
+                config = parse_budget(method, budget, fastv_layer)
+                crossget.remove(model)
+                crossget.apply(model, config)
+            except ValueError as error:
+                skipped.append(f"{method}/{budget}: {error}")
+                continue
+            note = ""
+            if method == "fastv" and fastv_layer != args.fastv_layer:
+                note = f"K={fastv_layer}: the LLM has {llm_layers} layers"
+            settings.append(Setting(method, budget, config, note=note))
+    crossget.remove(model)
+    return settings, skipped
+
+
+def prepare(
+    model: nn.Module, setting: Setting, text: Tensor, image_token_id: int, prompt_tokens: int
+) -> None:
+    """Apply the setting once to read token counts, FLOPs and build its input ids."""
+    crossget.remove(model)
+    if setting.config is not None:
+        crossget.apply(model, setting.config)
+        setting.visual_tokens = crossget.num_visual_tokens(model)
+    flops = crossget.flops_report(model, prompt_length=prompt_tokens)
+    if setting.config is None:
+        setting.visual_tokens = flops.visual_tokens
+    setting.flops = flops
+    setting.kept_tokens = flops.as_dict()["kept_tokens"]  # type: ignore[assignment]
+    batch = text.shape[0]
+    image = torch.full((batch, setting.visual_tokens), image_token_id, device=text.device)
+    setting.input_ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    crossget.remove(model)
+
+
+# ------------------------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class StageTimer:
+    """Hooks that time the vision tower, the LLM and each top-level forward of one call.
+
+    ``get_image_features`` is wrapped on the ``LlavaModel`` instance (an instance attribute,
+    removed on exit), so it is timed wherever ``generate`` or ``forward`` calls it.
+    """
+
+    def __init__(self, model: nn.Module, device: str) -> None:
+        self.model, self.device = model, device
+        self.forward_ends: list[float] = []
+        self.vision: list[tuple[float, float]] = []
+        self.llm: list[tuple[float, float]] = []
+        self._handles: list[Any] = []
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def __enter__(self) -> StageTimer:
+        inner = self.model.model
+        original = inner.get_image_features
+        starts: list[float] = []
+
+        @functools.wraps(original)  # generate() reads its signature to pre-encode images
+        def timed_features(*args: Any, **kwargs: Any) -> Any:
+            start = self._now()
+            result = original(*args, **kwargs)
+            self.vision.append((start, self._now()))
+            return result
+
+        inner.get_image_features = timed_features
+        language = inner.language_model
+        self._handles = [
+            language.register_forward_pre_hook(lambda *_: starts.append(self._now())),
+            language.register_forward_hook(lambda *_: self.llm.append((starts.pop(), self._now()))),
+            self.model.register_forward_hook(lambda *_: self.forward_ends.append(self._now())),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.model.model.__dict__.pop("get_image_features", None)
+
+
+class PeakMemory:
+    """Peak memory growth of one call: CUDA allocator peak, or sampled CPU RSS growth."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        process = psutil.Process()
+        self._base = process.memory_info().rss
+        self._peak = self._base
+
+        def sample() -> None:
+            while not self._stop.wait(0.002):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_mb = (self._peak - self._base) / 2**20
+
+
+def run_once(
+    model: nn.Module, setting: Setting, pixels: Tensor, args: argparse.Namespace
+) -> dict[str, float]:
+    """One ``generate`` call; returns the stage times of this call."""
+    ids = setting.input_ids
+    assert ids is not None
+    with StageTimer(model, args.device) as timer, torch.inference_mode():
+        start = timer._now()
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+        )
+        end = timer._now()
+    first_end = timer.forward_ends[0]
+    vision = sum(b - a for a, b in timer.vision if b <= first_end)
+    decode_s = end - first_end
+    tokens = ids.shape[0] * (args.new_tokens - 1)
+    return {
+        "vision_s": vision,
+        "prefill_s": timer.llm[0][1] - timer.llm[0][0],
+        "ttft_s": first_end - start,
+        "decode_tok_s": tokens / decode_s if decode_s > 0 and tokens else float("nan"),
+    }
+
+
+@contextmanager
+def configured(model: nn.Module, setting: Setting) -> Iterator[None]:
+    crossget.remove(model)
+    if setting.config is not None:
+        crossget.apply(model, setting.config)
+    try:
+        yield
+    finally:
+        crossget.remove(model)
+
+
+# ------------------------------------------------------------- choosing-tokens overhead
+
+
+def overhead_fn(model: nn.Module, setting: Setting, batch: int, device: str) -> Callable[[], Any]:
+    """The token-choosing work of one setting alone, on random tensors of the real shapes.
+
+    Merging methods: matching + merge of every merging layer (their ``r`` and token counts).
+    Feature methods: the selection on [B, N, C] features.  FastV: the scoring row and top-K.
+    """
+    if setting.config is None:
+        return lambda: None
+    vision = model.config.vision_config
+    width, heads = vision.hidden_size, vision.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    size = vision.image_size
+    planner = model.crossget_planner
+    patches = (size // vision.patch_size) ** 2
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    method = setting.config.method
+    if method in MERGING_METHODS:
+        n = planner.input_tokens(size, size)
+        layers: list[tuple[int, Tensor, Tensor, Tensor, Tensor | None]] = []
+        for r in planner.layer_r(n):
+            if r:
+                protected = torch.zeros(batch, n, dtype=torch.bool, device=device)
+                protected[:, 0] = True  # CLS
+                importance = None if method == "tome" else randn(batch, n).float()
+                metric, hidden = randn(batch, n, width // heads), randn(batch, n, width)
+                layers.append((r, metric, hidden, protected, importance))
+                n -= min(r, (n - 1) // 2)
+
+        def merge_all() -> None:
+            for r, metric, hidden, protected, importance in layers:
+                if method == "tome":
+                    matching = bipartite_matching(metric, r, protected=protected)
+                else:
+                    matching = complete_graph_matching(metric, r, importance, protected)
+                matching.merge(hidden, None, importance)
+
+        return merge_all
+    if method == "fastv":
+        text = model.config.text_config
+        layer = model.model.language_model.layers[setting.config.fastv_layer - 1].self_attn
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = text.num_key_value_heads or text.num_attention_heads
+        length = setting.input_ids.shape[1]
+        query = randn(batch, length, text.num_attention_heads * head_dim)
+        key = randn(batch, length, kv_heads * head_dim)
+        rotary = (randn(batch, length, head_dim), randn(batch, length, head_dim))
+        last = torch.full((batch,), length - 1, device=device)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        keep = setting.kept_tokens
+
+        def score() -> None:
+            scores = fastv_peer.attention_scores(layer, query, key, rotary, last, valid)
+            scores[:, 1 : 1 + setting.visual_tokens].topk(keep, dim=1)
+
+        return score
+    spec = get_method(method)
+    grid = size // vision.patch_size
+    inputs = FeatureInputs(
+        randn(batch, patches, width),
+        (grid, grid),
+        torch.rand(batch, patches, device=device),
+        randn(batch, patches, width // heads),
+        setting.config.seed,
+    )
+    kept = setting.kept_tokens
+    return lambda: spec.reduce(inputs, kept)  # type: ignore[misc]
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: str) -> float:
+    with torch.inference_mode():
+        fn()
+        times = []
+        for _ in range(max(repeats, 1)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model and a one-line description of it."""
+    dtype = DTYPES[args.dtype]
+    if args.model == "reference":
+        from eval.testbed.model import DEFAULT_PATH, build_reference, load_reference
+
+        if (DEFAULT_PATH / "config.json").is_file():
+            model, _ = load_reference(DEFAULT_PATH, args.device)
+            description = f"testbed reference model ({DEFAULT_PATH})"
+        else:
+            model, _ = build_reference(seed=args.seed)
+            description = "testbed reference architecture, random weights (not trained yet)"
+        return model.to(args.device, dtype).eval(), description
+    from transformers import LlavaForConditionalGeneration
+
+    from eval.bench_llava import llava_7b_config
+
+    config = llava_7b_config(args.llm_layers, args.attn)
+    torch.manual_seed(args.seed)
+    # Built directly on the target device in the target dtype (a device context), so a full
+    # 7B never materialises on the CPU first.
+    with torch.device(args.device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    description = (
+        f"LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + LLaMA-7B width, {args.llm_layers} LLM "
+        "layers), random weights"
+    )
+    return model.eval(), description
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def result_rows(settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    full = next((s for s in settings if s.method == "full"), None)
+    rows = []
+    for setting in settings:
+        medians = {k: statistics.median(v) for k, v in setting.samples.items() if v}
+        flops = setting.flops
+        assert flops is not None
+        row: dict[str, Any] = {
+            "method": setting.method,
+            "budget": setting.budget,
+            "visual_tokens": setting.visual_tokens,
+            "kept_tokens": setting.kept_tokens,
+            **medians,
+            "peak_mem_mb": setting.peak_mb,
+            "flops": flops.as_dict(),
+            "overhead_ms": setting.overhead_s * 1e3,
+            "note": setting.note,
+        }
+        if full is not None and full.flops is not None:
+            row["flops_speedup"] = full.flops.total / flops.total
+            base = {k: statistics.median(v) for k, v in full.samples.items() if v}
+            for key in ("ttft_s", "vision_s", "prefill_s"):
+                if key in base and key in medians:
+                    name = "speedup" if key == "ttft_s" else key.replace("_s", "_speedup")
+                    row[name] = base[key] / medians[key]
+        rows.append(row)
+    return rows
+
+
+def load_accuracy(path: Path, metric: str | None) -> tuple[dict[tuple[str, str], float], str]:
+    """``(method, budget) -> value`` from ``crossget eval``'s results.json (and the metric)."""
+    data = json.loads(path.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    if not rows:
+        raise ValueError(f"{path} holds no result rows")
+    names = list(rows[0]["metrics"])
+    chosen = metric or names[0]
+    values = {}
+    for row in rows:
+        value = row["metrics"].get(chosen)
+        if isinstance(value, (int, float)):
+            values[(str(row["method"]), str(row["budget"]))] = float(value)
+    if not values:
+        raise ValueError(f"no numeric {chosen!r} in {path}; metrics there: {names}")
+    return values, chosen
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec)
+
+
+def markdown(
+    rows: Sequence[dict[str, Any]],
+    header: str,
+    skipped: Sequence[str],
+    accuracy: dict[tuple[str, str], float] | None = None,
+    metric: str = "",
+) -> str:
+    columns = [
+        "method",
+        "budget",
+        "visual tokens (LLM in)",
+        "kept (LLM)",
+        "vision s",
+        "prefill s",
+        "TTFT s",
+        "decode tok/s",
+        "peak MB",
+        "GFLOPs",
+        "FLOPs-bound x",
+        "measured x",
+        "overhead ms",
+    ]
+    if accuracy is not None:
+        columns.append(metric)
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [
+            row["method"] + (f" ({row['note']})" if row["note"] else ""),
+            row["budget"],
+            str(row["visual_tokens"]),
+            str(row["kept_tokens"]),
+            _fmt(row.get("vision_s"), ".3f"),
+            _fmt(row.get("prefill_s"), ".3f"),
+            _fmt(row.get("ttft_s"), ".3f"),
+            _fmt(row.get("decode_tok_s"), ".1f"),
+            _fmt(row.get("peak_mem_mb"), ".0f"),
+            _fmt(row["flops"]["total"] / 1e9, ".2f"),
+            _fmt(row.get("flops_speedup"), ".2f"),
+            _fmt(row.get("speedup"), ".2f"),
+            _fmt(row.get("overhead_ms"), ".2f"),
+        ]
+        if accuracy is not None:
+            cells.append(_fmt(accuracy.get((row["method"], row["budget"])), ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Skipped:", *[f"- {note}" for note in skipped]]
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    """savefig into a temporary file of the same folder, then ``os.replace`` (atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def plot_speedup(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Measured TTFT speedup vs visual tokens per method, with its FLOPs bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    full = next((r for r in rows if r["method"] == "full"), None)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, method in enumerate(methods):
+        points = sorted(
+            (r["kept_tokens"], r.get("speedup"), r.get("flops_speedup"))
+            for r in rows
+            if r["method"] == method
+        )
+        if full is not None:
+            points.append((full["kept_tokens"], 1.0, 1.0))
+        tokens = [p[0] for p in points]
+        color = colors[index % len(colors)]
+        if all(p[1] is not None for p in points):
+            axis.plot(tokens, [p[1] for p in points], "o-", color=color, label=method)
+        if all(p[2] is not None for p in points):
+            axis.plot(tokens, [p[2] for p in points], "--", color=color, alpha=0.6)
+    axis.axhline(1.0, color="grey", lw=0.8)
+    axis.set_xlabel("visual tokens kept (FastV: from its pruning layer on)")
+    axis.set_ylabel("speedup of time to first token vs full")
+    axis.set_title(title + "\n(solid: measured, dashed: FLOPs bound)", fontsize=9)
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
+def plot_pareto(
+    rows: Sequence[dict[str, Any]],
+    accuracy: dict[tuple[str, str], float],
+    metric: str,
+    path: Path,
+) -> None:
+    """Accuracy vs visual tokens per method, and the Pareto front over all methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens_of = {(r["method"], r["budget"]): r["kept_tokens"] for r in rows}
+    points = []
+    for (method, budget), value in accuracy.items():
+        tokens = tokens_of.get((method, budget))
+        if tokens is None and budget.isdigit():
+            tokens = int(budget)
+        if tokens is not None:
+            points.append((method, tokens, value))
+    if not points:
+        raise ValueError("no accuracy row matches a (method, budget) of this bench")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(p[0] for p in points):
+        mine = sorted((t, v) for m, t, v in points if m == method)
+        axis.plot([t for t, _ in mine], [v for _, v in mine], "o-", label=method)
+    front, best = [], -float("inf")
+    for _, tokens, value in sorted(points, key=lambda p: (p[1], -p[2])):
+        if value > best:
+            front.append((tokens, value))
+            best = value
+    axis.step([t for t, _ in front], [v for _, v in front], "k:", where="post", label="Pareto")
+    axis.set_xlabel("visual tokens kept")
+    axis.set_ylabel(metric)
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossget bench",
+        description="Time every method at every budget side by side: vision tower, prefill, "
+        "time to first token, decode tokens/s, peak memory, analytic FLOPs and the "
+        "FLOPs-bound speedup, measured speedup vs the unmodified model, and the overhead of "
+        "choosing tokens. Writes bench.json, bench.md and PNG plots into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="reference",
+        help="reference: the testbed's tiny LLaVA (eval/testbed/reference_model, or its "
+        "architecture with random weights until trained); llava-7b-shape: LLaVA-1.5-7B "
+        "shapes with random weights (--llm-layers decoder layers)",
+    )
+    parser.add_argument(
+        "--llm-layers",
+        type=int,
+        default=None,
+        help="llava-7b-shape: LLaMA-7B-wide decoder layers (default 32 on cuda, 2 on cpu)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        help=f"comma list of methods ({', '.join(METHOD_NAMES)})",
+    )
+    parser.add_argument(
+        "--budgets",
+        default="full,r13,144,64",
+        help="comma list: full (the unmodified model), rN (r per layer; merging methods "
+        "only), K visual tokens, or a keep ratio like 0.25",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="images (and prompts) per batch")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens per prompt")
+    parser.add_argument(
+        "--new-tokens", type=int, default=8, help="tokens generated per call (decode rate)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (medians)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds first (the first measures memory)"
+    )
+    parser.add_argument(
+        "--fastv-layer",
+        type=int,
+        default=2,
+        help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu"
+    )
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        default=None,
+        help="results.json of `crossget eval`: adds an accuracy column and pareto.png",
+    )
+    parser.add_argument(
+        "--accuracy-metric", default=None, help="metric of --accuracy to use (default: first)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="folder for bench.json/md/png"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.llm_layers is None:
+        args.llm_layers = 32 if args.device == "cuda" else 2
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        get_method(method)  # a clear error for a typo, before any model is built
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    accuracy = metric = None
+    if args.accuracy is not None:
+        accuracy, metric = load_accuracy(args.accuracy, args.accuracy_metric)
+
+    torch.manual_seed(args.seed)
+    model, description = load_model(args)
+    config = model.config
+    vocab = config.text_config.vocab_size
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(args.seed)
+    text = torch.randint(5, vocab, (args.batch, args.prompt_tokens), generator=generator)
+    text = text.masked_fill(text == config.image_token_id, 5).to(args.device)
+    pixels = torch.randn(args.batch, 3, size, size, generator=generator)
+    pixels = pixels.to(args.device, DTYPES[args.dtype])
+
+    settings, skipped = build_settings(model, methods, budgets, args)
+    for setting in settings:
+        prepare(model, setting, text, config.image_token_id, args.prompt_tokens)
+    rounds = args.warmup + args.repeats
+    with tqdm(total=rounds * len(settings), desc="bench", unit="run") as bar:
+        for round_index in range(rounds):
+            for setting in settings:
+                bar.set_postfix_str(setting.label)
+                with configured(model, setting):
+                    if round_index == 0:
+                        with PeakMemory(args.device) as memory:
+                            times = run_once(model, setting, pixels, args)
+                        setting.peak_mb = memory.peak_mb
+                    else:
+                        times = run_once(model, setting, pixels, args)
+                    if round_index >= args.warmup or args.warmup == 0:
+                        for key, value in times.items():
+                            setting.samples.setdefault(key, []).append(value)
+                bar.update()
+    for setting in tqdm(settings, desc="overhead"):
+        with configured(model, setting):
+            fn = overhead_fn(model, setting, args.batch, args.device)
+            setting.overhead_s = median_time(fn, max(args.repeats, 5), args.device)
+
+    rows = result_rows(settings)
+    threads = torch.get_num_threads() if args.device == "cpu" else None
+    header = (
+        f"**{description}**; batch {args.batch}, {args.prompt_tokens} prompt tokens, "
+        f"{args.new_tokens} new tokens, {args.device} {args.dtype} {args.attn}"
+        + (f" ({threads} threads)" if threads else "")
+        + f", medians of {args.repeats} after {args.warmup} warm-up. TTFT = vision + prefill "
+        "+ first logits; measured x = TTFT speedup; overhead = choosing tokens alone."
+    )
+    table = markdown(rows, header, skipped, accuracy, metric or "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": description,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    atomic_write_text(args.out / "bench.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out / "bench.md", table)
+    plot_speedup(rows, args.out / "speedup.png", description)
+    if accuracy is not None:
+        plot_pareto(rows, accuracy, metric or "", args.out / "pareto.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
