@@ -13,7 +13,10 @@ Layouts (``--data DIR``):
   ``DIR/annotations.jsonl`` keyed by ``question_id`` with the task's ground truth:
   ``answers`` (list of 10) and ``answer_type`` for vqav2; ``answers`` for textvqa; ``answer``
   for gqa; ``label`` (yes/no) for pope; ``answer`` (yes/no) and ``category`` for mme;
-  ``answer`` (index of the right choice) and ``choices`` for scienceqa.  A local ``datasets`` copy
+  ``answer`` (index of the right choice) and ``choices`` for scienceqa.
+* ``mmbench``: ``DIR/*.tsv`` as released (``index, question, hint, A..D, answer, category,
+  image`` with base64 images); every question is asked once per circular shift of its options
+  and scored with CircularEval.  A local ``datasets`` copy
   (``save_to_disk`` folder with the same columns plus an ``image`` column) works too.
 """
 
@@ -32,7 +35,8 @@ from eval import metrics
 __all__ = ["TASKS", "Item", "load_task", "score_task"]
 
 LLAVA_TASKS = ("vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa")
-TASKS: tuple[str, ...] = ("testbed", *LLAVA_TASKS)
+TASKS: tuple[str, ...] = ("testbed", *LLAVA_TASKS, "mmbench")
+MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
 GROUND_TRUTH_FIELDS: dict[str, tuple[str, ...]] = {
     "vqav2": ("answers",),
     "textvqa": ("answers",),
@@ -163,6 +167,44 @@ def _load_testbed(data: Path, split: str) -> list[Item]:
     ]
 
 
+def _load_mmbench(data: Path) -> list[Item]:
+    import base64
+    import csv
+    import io
+    import sys
+
+    tables = sorted(data.glob("*.tsv"))
+    if not tables:
+        raise FileNotFoundError(
+            f"task 'mmbench' needs the released TSV (e.g. mmbench_dev_20230712.tsv) in {data}"
+        )
+    csv.field_size_limit(sys.maxsize)
+    items = []
+    with tables[0].open(newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            letters = [k for k in "ABCD" if row.get(k) not in (None, "", "nan")]
+            image = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+            hint = row.get("hint") if row.get("hint") not in (None, "", "nan") else ""
+            for shift in range(len(letters)):
+                texts = [row[letters[(i + shift) % len(letters)]] for i in range(len(letters))]
+                options = dict(zip(letters, texts, strict=True))
+                gold = letters[(letters.index(row["answer"]) - shift) % len(letters)]
+                lines = [hint, row["question"], *(f"{k}. {v}" for k, v in options.items())]
+                question = "\n".join(line for line in lines if line) + "\n" + MMBENCH_PROMPT
+                index = int(row["index"]) + shift * 1_000_000
+                items.append(
+                    Item(
+                        item_id=str(index),
+                        question=question,
+                        truth={"index": index, "answer": gold, "category": row["category"]}
+                        | options,
+                        image=image,
+                        group=row["category"],
+                    )
+                )
+    return items
+
+
 def load_task(
     task: str, data: str | Path, split: str = "test", limit: int | None = None
 ) -> list[Item]:
@@ -172,7 +214,12 @@ def load_task(
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
-    items = _load_testbed(root, split) if task == "testbed" else _load_llava_layout(task, root)
+    if task == "testbed":
+        items = _load_testbed(root, split)
+    elif task == "mmbench":
+        items = _load_mmbench(root)
+    else:
+        items = _load_llava_layout(task, root)
     return items[:limit] if limit else items
 
 
@@ -229,4 +276,7 @@ def score_task(task: str, items: Sequence[Item], predictions: Sequence[str]) -> 
         answers = [int(i.truth["answer"]) for i in items]
         choices = [i.truth["choices"] for i in items]
         return {"accuracy": metrics.scienceqa_accuracy(predictions, answers, choices)}
+    if task == "mmbench":
+        records = [i.truth | {"prediction": p} for p, i in zip(predictions, items, strict=True)]
+        return metrics.mmbench_circular_accuracy(records)
     raise ValueError(f"unknown task {task!r}")

@@ -138,3 +138,25 @@ def test_two_processes_split_the_work_and_score_once(
     assert [len(p.read_text().splitlines()) for p in shards] == [5, 5]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert len(rows) == 1 and rows[0]["items"] == 10
+
+
+def test_mmbench_tsv_is_asked_circularly_and_scored(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage"
+    row = f"7\tWhich colour?\tnan\tred\tblue\tgreen\tnan\tB\tcolour\t{image}"
+    (tmp_path / "mmbench_dev.tsv").write_text(header + "\n" + row + "\n")
+    items = tasks.load_task("mmbench", tmp_path)
+    assert [i.item_id for i in items] == ["7", "1000007", "2000007"]
+    # Shift 1 rotates the options: A=blue, B=green, C=red, so the gold letter moves to A.
+    assert items[1].truth["answer"] == "A" and "A. blue" in items[1].question
+    right = [i.truth["answer"] for i in items]
+    assert tasks.score_task("mmbench", items, right)["overall"] == pytest.approx(100.0)
+    one_wrong = [*right[:2], "C" if right[2] != "C" else "A"]
+    assert tasks.score_task("mmbench", items, one_wrong)["overall"] == pytest.approx(0.0)
