@@ -110,12 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and activations dtype (bf16 on GPU for the real shape)",
     )
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = llava_7b_config(args.llm_layers, args.attn)
     model = LlavaForConditionalGeneration(config).to(args.device, DTYPES[args.dtype]).eval()
