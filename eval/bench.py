@@ -412,6 +412,7 @@ def result_rows(settings: Sequence[Setting]) -> list[dict[str, Any]]:
             "flops": flops.as_dict(),
             "overhead_ms": setting.overhead_s * 1e3,
             "note": setting.note,
+            "samples": setting.samples,  # every timed round, for other statistics
         }
         if full is not None and full.flops is not None:
             row["flops_speedup"] = full.flops.total / flops.total
@@ -640,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu"
     )
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads; 0 = torch's default. 1 by default: on a shared host, "
+        "OpenMP threads contending with other processes made runs slower and noisier",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
     parser.add_argument(
         "--accuracy",
@@ -662,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.llm_layers is None:
         args.llm_layers = 32 if args.device == "cuda" else 2
+    if args.device == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         get_method(method)  # a clear error for a typo, before any model is built

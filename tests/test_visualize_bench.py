@@ -87,3 +87,19 @@ def test_bench_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> N
     text = capsys.readouterr().out
     for flag in ("--model", "--llm-layers", "--methods", "--budgets", "--accuracy", "--out"):
         assert flag in text
+
+
+def test_bench_runs_end_to_end_on_the_reference_architecture(tmp_path: Path) -> None:
+    argv = ["--model", "reference", "--methods", "pool,fastv", "--budgets", "full,r13,64"]
+    argv += ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {("full", "full"), ("pool", "64"), ("fastv", "64")}
+    assert rows[("pool", "64")]["visual_tokens"] == rows[("pool", "64")]["kept_tokens"] == 64
+    assert rows[("fastv", "64")]["visual_tokens"] == 256  # the LLM receives all, keeps 64
+    assert rows[("fastv", "64")]["kept_tokens"] == 64
+    assert rows[("pool", "64")]["flops_speedup"] > 1
+    assert any("pool/r13" in note for note in report["skipped"])
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert "| pool | 64 | 64 | 64 |" in (tmp_path / "bench.md").read_text()
