@@ -10,7 +10,10 @@ a lower bound, as the allocator reuses freed memory).  Next to the measurements:
 ``crossget.flops_report`` FLOPs and the FLOPs-bound speedup, the measured speedup over the
 unmodified model, and the token-choosing overhead (matching+merging or selection alone, timed
 on tensors of the real shapes).  Writes ``bench.json``, ``bench.md`` and ``speedup.png`` (and
-``pareto.png`` with ``--accuracy``) atomically into ``--out``.
+``pareto.png`` with ``--accuracy``) atomically into ``--out``.  On CPU one intra-op thread is
+the default (``--threads``): on a shared host, OpenMP threads contending with other processes
+made the runs several times slower and far noisier.  ``full`` is the unmodified Hugging Face
+model (it runs every vision layer and projects all 576 tokens); the FLOPs count that too.
 
     crossget bench --model reference --out runs/bench
     crossget bench --model llava-7b-shape --llm-layers 1 --repeats 2 --out runs/bench7b
