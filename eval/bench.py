@@ -40,15 +40,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import mllm_crossget as crossget
+from eval.timing import DTYPES
 from mllm_crossget.config import atomic_write_text
 from mllm_crossget.flops import FlopsReport
 from mllm_crossget.merge import bipartite_matching, complete_graph_matching
 from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
 from mllm_crossget.peers import fastv as fastv_peer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = ("reference", "llava-7b-shape")
-
 
 # ------------------------------------------------------------------------------ settings
 

@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,8 +33,8 @@ from transformers import (
 )
 
 import mllm_crossget as crossget
+from eval.timing import DTYPES, timed
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_TOKEN = 50265
 
 
@@ -89,16 +87,6 @@ def parse_budget(text: str, schedule: str = "even") -> crossget.CrossGETConfig |
     if text.startswith("r"):
         return crossget.CrossGETConfig(r=int(text[1:]))
     return crossget.CrossGETConfig(visual_tokens=int(text), schedule=schedule)
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,16 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from eval.timing import DTYPES, timed
 
 
 def hf_vit_b16(attn: str) -> torch.nn.Module:
@@ -62,16 +59,6 @@ def parse_budget(text: str) -> crossget.CrossGETConfig | None:
     if text.startswith("r"):
         return crossget.CrossGETConfig(r=int(text[1:]))
     return crossget.CrossGETConfig(visual_tokens=int(text))
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def build_parser() -> argparse.ArgumentParser:

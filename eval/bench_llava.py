@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,9 +20,8 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mllm_crossget as crossget
+from eval.timing import DTYPES, timed
 from mllm_crossget.flops import flops_report
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def llava_7b_config(llm_layers: int, attn: str) -> LlavaConfig:
@@ -69,16 +66,6 @@ def parse_budget(text: str) -> crossget.CrossGETConfig | None:
     if text.startswith("r"):
         return crossget.CrossGETConfig(r=int(text[1:]))
     return crossget.CrossGETConfig(visual_tokens=int(text))
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def build_parser() -> argparse.ArgumentParser:

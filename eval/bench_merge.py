@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eval.timing import DTYPES
 from mllm_crossget.merge import Matching, bipartite_matching, complete_graph_matching
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERHEAD_TARGET = 0.05  # CGSM + merge should cost at most 5% of one encoder layer
 
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import mllm_crossget as crossget
 from eval.tasks import TASKS, Item, load_task, score_task
+from eval.timing import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TEMPLATE = "<image>\nUSER: {question} ASSISTANT:"
 
 
