@@ -17,8 +17,6 @@ how much of the total the ViT is (here: a 6-layer ViT against a 2-layer LLM).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from transformers import (
 )
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed
+from eval.timing import DTYPES, timed, write_json_atomic
 
 IMAGE_TOKEN = 50265
 
@@ -198,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['generate_speedup']:.2f}x |"
         )
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2)
-        )
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"args": vars(args) | {"json": str(args.json)}, "rows": rows})
     return 0
 
 

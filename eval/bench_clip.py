@@ -14,8 +14,6 @@ bipartite matching and no guidance.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed
+from eval.timing import DTYPES, timed, write_json_atomic
 
 
 def hf_vit_b16(attn: str) -> torch.nn.Module:
@@ -151,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['images_per_s']:.2f} | {row['speedup']:.2f}x |"
         )
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}))
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"args": vars(args) | {"json": str(args.json)}, "rows": rows})
     return 0
 
 

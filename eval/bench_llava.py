@@ -10,8 +10,6 @@ measured side by side in one run and reported as ratios to the full model.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed
+from eval.timing import DTYPES, timed, write_json_atomic
 from mllm_crossget.flops import flops_report
 
 
@@ -180,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['prefill_speedup']:.2f}x | {row['flops_speedup']:.2f}x |"
         )
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2)
-        )
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"args": vars(args) | {"json": str(args.json)}, "rows": rows})
     return 0
 
 

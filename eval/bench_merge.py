@@ -18,11 +18,9 @@ the ratios CGSM/layer (the overhead budget is 5%), bipartite/layer and CGSM/bipa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.timing import DTYPES
+from eval.timing import DTYPES, write_json_atomic
 from mllm_crossget.merge import Matching, bipartite_matching, complete_graph_matching
 
 OVERHEAD_TARGET = 0.05  # CGSM + merge should cost at most 5% of one encoder layer
@@ -250,25 +248,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"CGSM / bipartite   {ratios['cgsm/bipartite']:7.2f}x",
     ]
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import mllm_crossget as crossget
+from eval.timing import write_json_atomic
 
 __all__ = [
     "ClipEncoder",
@@ -386,11 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"| {row['budget']} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+        write_json_atomic(
+            args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
         )
-        os.replace(tmp, args.json)
     return 0
 
 
