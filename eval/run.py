@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder saved by crossget.save_pretrained (learned cross tokens); "
         "its config's method/guidance are kept, the budget is replaced",
     )
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="peft LoRA adapter of a recovery fine-tuning run (recipes.llava_finetune: "
+        "OUT/adapter), merged into --model before evaluating; needs --crossget-state OUT/crossget",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items")
@@ -105,6 +112,22 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
         name, dtype=dtype, attn_implementation="sdpa"
     )
     return model.to(device).eval(), AutoProcessor.from_pretrained(name)
+
+
+def merge_adapter(model: Any, adapter: Path, state: Path | None) -> Any:
+    """Fold a fine-tuned run's LoRA into ``model``; ``configure`` then re-applies CrossGET per
+    budget from ``state`` (the run's trained cross tokens). The adapter also holds the cross
+    tokens (peft ``modules_to_save``), so CrossGET must be applied before it loads."""
+    if state is None:
+        raise SystemExit(
+            "crossget eval: --adapter needs --crossget-state (the run's crossget/ folder, saved "
+            "next to adapter/ by recipes.llava_finetune)"
+        )
+    from recipes.llava_finetune import attach_finetuned
+
+    merged, _ = attach_finetuned(model, adapter, state, merge=True)
+    crossget.remove(merged)
+    return merged
 
 
 def method_config(method: str, budget: int, guidance: str) -> crossget.CrossGETConfig:
@@ -157,17 +180,29 @@ def generate_answers(
     max_new_tokens: int,
     template: str | None,
     description: str,
+    leave: bool = True,
+    progress: bool = True,
 ) -> None:
-    """Answer every item not yet in ``answers_file``, appending as batches finish."""
+    """Answer every item not yet in ``answers_file``, appending as batches finish.
+
+    ``leave=False`` clears the progress bar when done (for callers that show an outer bar);
+    ``progress=False`` hides it.
+    """
     _drop_partial_line(answers_file)
-    done = set(_read_answers(answers_file))
+    done = set(read_answers(answers_file))
     pending = [item for item in items if item.item_id not in done]
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     with (
         answers_file.open("a") as sink,
-        tqdm(total=len(items), initial=len(items) - len(pending), desc=description) as bar,
+        tqdm(
+            total=len(items),
+            initial=len(items) - len(pending),
+            desc=description,
+            leave=leave,
+            disable=not progress,
+        ) as bar,
     ):
         for batch in _batches(pending, batch_size):
             inputs = processor(
@@ -205,7 +240,7 @@ def _drop_partial_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
-def _read_answers(path: Path) -> dict[str, str]:
+def read_answers(path: Path) -> dict[str, str]:
     """Answers written so far; a line cut by a crash mid-write is ignored (it is redone)."""
     answers: dict[str, str] = {}
     if not path.is_file():
@@ -253,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     items = load_task(args.task, args.data, args.split, args.limit)
     shard = items[state.process_index :: state.num_processes]
     model, processor = load_model(args.model, state.device, DTYPES[args.dtype])
+    if args.adapter is not None:
+        model = merge_adapter(model, args.adapter, args.crossget_state)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     runs = [("full", "full")] if "full" in budgets else []
@@ -279,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         answers: dict[str, str] = {}
         for path in sorted((args.out / "answers").glob(f"{stem}.rank*.jsonl")):
-            answers |= _read_answers(path)
+            answers |= read_answers(path)
         missing = [item.item_id for item in items if item.item_id not in answers]
         if missing:
             raise RuntimeError(f"{len(missing)} answers missing for {stem} (e.g. {missing[:3]})")

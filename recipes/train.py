@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,33 +57,109 @@ class ImageExample:
     key: str
     load_image: Callable[[], Image.Image]
     turns: list[Turn]
+    meta: str | None = None  # the testbed's scene metadata, for vision pretraining
 
 
 def _strip_image_tag(text: str) -> str:
     return text.replace(IMAGE, "").strip()
 
 
-def load_llava_json(json_path: Path, image_folder: Path | None = None) -> list[ImageExample]:
-    """Reads LLaVA conversation JSON; rows that share an image file are merged."""
+BAD_ROW_POLICIES: tuple[str, ...] = ("fail", "skip")
+
+
+class BadRowError(ValueError):
+    """One LLaVA data row that cannot be trained on; the message names the row."""
+
+
+def _read_llava_rows(json_path: Path) -> list[tuple[str, Any]]:
+    """(label, parsed row) pairs: ``row i`` of a JSON list (from 0), or ``line n`` of JSON
+    Lines (``.jsonl``, from 1), where a line that does not parse becomes a
+    :class:`BadRowError` in place of its row."""
+    text = json_path.read_text(encoding="utf-8")
+    if json_path.suffix == ".jsonl":
+        rows: list[tuple[str, Any]] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                rows.append((f"line {number}", BadRowError(f"not valid JSON ({error.msg})")))
+        return rows
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{json_path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+            f"{error.msg}); a file with one row per line must be named *.jsonl"
+        ) from None
+    if not isinstance(parsed, list):
+        raise ValueError(f"{json_path}: expected a JSON list of rows, got {type(parsed).__name__}")
+    return [(f"row {index}", row) for index, row in enumerate(parsed)]
+
+
+def _parse_llava_row(row: Any, label: str, folder: Path) -> tuple[str, Path, list[Turn]]:
+    """Validates one row (image present on disk, alternating human/gpt turns)."""
+    if isinstance(row, BadRowError):
+        raise BadRowError(f"{label}: {row}")
+    if not isinstance(row, dict):
+        raise BadRowError(f"{label}: expected an object, got {type(row).__name__}")
+    label = f"{label} (id={row['id']})" if "id" in row else label
+    image = row.get("image")
+    if not isinstance(image, str) or not image:
+        raise BadRowError(f"{label}: no 'image' file name (text-only rows cannot be trained here)")
+    conversation = row.get("conversations")
+    if (
+        not isinstance(conversation, list)
+        or not conversation
+        or len(conversation) % 2
+        or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversation)
+    ):
+        raise BadRowError(
+            f"{label}: 'conversations' must be a non-empty list of alternating human/gpt "
+            "turns, each with a string 'value'"
+        )
+    image_path = folder / image
+    if not image_path.is_file():
+        raise BadRowError(f"{label}: image file not found: {image_path}")
+    turns = [
+        Turn(_strip_image_tag(human["value"]), gpt["value"].strip())
+        for human, gpt in zip(conversation[::2], conversation[1::2], strict=True)
+    ]
+    return image, image_path, turns
+
+
+def load_llava_json(
+    json_path: Path, image_folder: Path | None = None, on_bad_row: str = "fail"
+) -> list[ImageExample]:
+    """Reads LLaVA conversation JSON (or JSON Lines); rows that share an image file are merged.
+
+    A row that cannot be used (malformed, missing image file) stops loading with its row
+    number (``on_bad_row="fail"``) or is skipped with a warning (``"skip"``).
+    """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
     if not json_path.is_file():
         raise FileNotFoundError(f"LLaVA JSON not found: {json_path}")
     folder = image_folder if image_folder is not None else json_path.parent / "images"
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder} (pass --image-folder)")
-    rows = json.loads(json_path.read_text(encoding="utf-8"))
     by_image: dict[str, ImageExample] = {}
-    for row in rows:
-        conversation = row["conversations"]
-        if len(conversation) % 2:
-            raise ValueError(f"row {row.get('id')}: conversations must alternate human/gpt")
-        turns = [
-            Turn(_strip_image_tag(human["value"]), gpt["value"].strip())
-            for human, gpt in zip(conversation[::2], conversation[1::2], strict=True)
-        ]
-        image_path = folder / row["image"]
-        if row["image"] not in by_image:
-            by_image[row["image"]] = ImageExample(row["image"], _file_loader(image_path), [])
-        by_image[row["image"]].turns.extend(turns)
+    for label, row in _read_llava_rows(json_path):
+        try:
+            image, image_path, turns = _parse_llava_row(row, label, folder)
+        except BadRowError as error:
+            if on_bad_row == "fail":
+                raise BadRowError(
+                    f"{json_path}: {error} (pass --on-bad-row skip to skip such rows)"
+                ) from None
+            warnings.warn(f"{json_path}: skipping {error}", stacklevel=2)
+            continue
+        if image not in by_image:
+            by_image[image] = ImageExample(image, _file_loader(image_path), [])
+        by_image[image].turns.extend(turns)
+    if not by_image:
+        raise ValueError(f"{json_path}: no usable rows")
     return list(by_image.values())
 
 
@@ -121,15 +198,18 @@ def load_hf_split(dataset: Any) -> list[ImageExample]:
                 if image["bytes"]
                 else _file_loader(Path(image["path"]))
             )
-            by_image[key] = ImageExample(key, loader, [])
+            by_image[key] = ImageExample(key, loader, [], record.get("meta"))
         by_image[key].turns.append(Turn(record["question"], record["answer"]))
     return list(by_image.values())
 
 
-def load_examples(data: Path, split: str, image_folder: Path | None = None) -> list[ImageExample]:
-    """Accepts an export root (with hf/ or llava/), a `save_to_disk` folder, or a LLaVA JSON file."""
+def load_examples(
+    data: Path, split: str, image_folder: Path | None = None, on_bad_row: str = "fail"
+) -> list[ImageExample]:
+    """Accepts an export root (with hf/ or llava/), a `save_to_disk` folder, or a LLaVA JSON
+    (or .jsonl) file; `on_bad_row` applies to LLaVA JSON (see `load_llava_json`)."""
     if data.is_file():
-        return load_llava_json(data, image_folder)
+        return load_llava_json(data, image_folder, on_bad_row)
     from eval.testbed.data import load_split
 
     if (
@@ -137,7 +217,7 @@ def load_examples(data: Path, split: str, image_folder: Path | None = None) -> l
         and not (data / "hf").is_dir()
         and (data / "llava" / f"{split}.json").is_file()
     ):
-        return load_llava_json(data / "llava" / f"{split}.json", image_folder)
+        return load_llava_json(data / "llava" / f"{split}.json", image_folder, on_bad_row)
     return load_hf_split(load_split(data, split))
 
 
@@ -238,15 +318,27 @@ class PixelNormalizingCollator:
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
-        pixels = torch.stack([item["pixels"] for item in batch]).float() * self.rescale_factor
-        mean = torch.tensor(self.image_mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std).view(1, -1, 1, 1)
+        pixels = torch.stack([item["pixels"] for item in batch])
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": (pixels - mean) / std,
+            "pixel_values": normalize_pixels(
+                pixels, self.image_mean, self.image_std, self.rescale_factor
+            ),
         }
+
+
+def normalize_pixels(
+    pixels: torch.Tensor,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    rescale_factor: float = 1 / 255,
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> the processor's normalised float pixels."""
+    mean = torch.tensor(image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(image_std).view(1, -1, 1, 1)
+    return (pixels.float() * rescale_factor - mean) / std
 
 
 def collator_for(processor: Any) -> PixelNormalizingCollator:
@@ -285,9 +377,23 @@ def _trainer_class() -> type:
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            for term in self.extra_losses:
-                loss = loss + term(model, inputs, outputs)
+            if self.extra_losses:
+                extra = sum(term(model, inputs, outputs) for term in self.extra_losses)
+                if model.training and self._lm_loss_scaled_for_ga(num_items_in_batch):
+                    # The LM loss is already normalised over the whole accumulated batch (the
+                    # Trainer will not divide it); the extra terms are per-micro-batch means.
+                    extra = extra / self.current_gradient_accumulation_steps
+                loss = loss + extra
             return (loss, outputs) if return_outputs else loss
+
+        def _lm_loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+            """The Trainer's own rule (training_step) for "loss already scaled for GA"."""
+            if self.loss_is_scaled_for_ga is not None:
+                return bool(self.loss_is_scaled_for_ga)
+            return bool(
+                (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                or self.compute_loss_func is not None
+            )
 
     return TestbedTrainer
 
@@ -424,6 +530,27 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--image-size", type=int, default=224, help="image side for --init-reference (224 or 336)"
     )
+    stage = parser.add_argument_group(
+        "vision pretraining (testbed only: dense patch labels from the scene metadata)"
+    )
+    stage.add_argument(
+        "--vision-pretrain-steps",
+        type=int,
+        default=0,
+        help="first train the vision tower for N steps on per-patch labels (colour, shape, "
+        "object centres, digits, characters, position) of the train split; 0 = skip",
+    )
+    stage.add_argument(
+        "--vision-pretrain-lr", type=float, default=2e-3, help="peak learning rate of that stage"
+    )
+    stage.add_argument(
+        "--vision-pretrain-batch-size", type=int, default=32, help="images per step of that stage"
+    )
+    stage.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="keep the vision tower frozen in the language stage (as LLaVA keeps CLIP frozen)",
+    )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
         "--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)"
@@ -502,6 +629,23 @@ def main(argv: list[str] | None = None) -> int:
         pack_per_image=not args.no_pack,
         max_turns=args.max_turns,
     )
+    if args.vision_pretrain_steps > 0:
+        from recipes.vision_pretrain import run_vision_pretrain
+
+        run_vision_pretrain(
+            model,
+            pixels,
+            [e.meta for e in examples],
+            processor.image_processor,
+            args.output_dir / "vision_pretrain",
+            steps=args.vision_pretrain_steps,
+            batch_size=args.vision_pretrain_batch_size,
+            learning_rate=args.vision_pretrain_lr,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     n_questions = sum(len(e.turns) for e in examples)
     print(
         f"{len(examples)} images, {n_questions} questions, {len(dataset)} sequences; "
