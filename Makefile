@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m eval.bench_merge
+	$(PY) -m eval.demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

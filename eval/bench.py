@@ -86,15 +86,19 @@ def parse_budget(method: str, text: str, fastv_layer: int) -> crossget.CrossGETC
 
 
 def build_settings(
-    model: nn.Module, methods: Sequence[str], budgets: Sequence[str], args: argparse.Namespace
+    model: nn.Module, methods: Sequence[str], budgets: Sequence[str], fastv_layer: int
 ) -> tuple[list[Setting], list[str]]:
-    """Valid settings (full first) and a note for each skipped combination."""
+    """Valid settings (full first) and a note for each skipped combination.
+
+    FastV's ``fastv_layer`` is lowered to the LLM's last layer - 1 for shallow models (noted).
+    """
+    wanted_fastv_layer = fastv_layer
     settings: list[Setting] = []
     skipped: list[str] = []
     if "full" in budgets:
         settings.append(Setting("full", "full", None))
     llm_layers = model.config.text_config.num_hidden_layers
-    fastv_layer = min(args.fastv_layer, llm_layers - 1)
+    fastv_layer = min(wanted_fastv_layer, llm_layers - 1)
     for method in methods:
         for budget in budgets:
             if budget == "full":
@@ -113,7 +117,7 @@ def build_settings(
                 skipped.append(f"{method}/{budget}: {error}")
                 continue
             note = ""
-            if method == "fastv" and fastv_layer != args.fastv_layer:
+            if method == "fastv" and fastv_layer != wanted_fastv_layer:
                 note = f"K={fastv_layer}: the LLM has {llm_layers} layers"
             settings.append(Setting(method, budget, config, note=note))
     crossget.remove(model)
@@ -233,19 +237,19 @@ class PeakMemory:
 
 
 def run_once(
-    model: nn.Module, setting: Setting, pixels: Tensor, args: argparse.Namespace
+    model: nn.Module, setting: Setting, pixels: Tensor, device: str, new_tokens: int
 ) -> dict[str, float]:
-    """One ``generate`` call; returns the stage times of this call."""
+    """One ``generate`` call of ``new_tokens`` tokens; returns the stage times of this call."""
     ids = setting.input_ids
     assert ids is not None
-    with StageTimer(model, args.device) as timer, torch.inference_mode():
+    with StageTimer(model, device) as timer, torch.inference_mode():
         start = timer._now()
         model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             pixel_values=pixels,
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             do_sample=False,
             num_beams=1,
             pad_token_id=0,
@@ -254,13 +258,46 @@ def run_once(
     first_end = timer.forward_ends[0]
     vision = sum(b - a for a, b in timer.vision if b <= first_end)
     decode_s = end - first_end
-    tokens = ids.shape[0] * (args.new_tokens - 1)
+    tokens = ids.shape[0] * (new_tokens - 1)
     return {
         "vision_s": vision,
         "prefill_s": timer.llm[0][1] - timer.llm[0][0],
         "ttft_s": first_end - start,
         "decode_tok_s": tokens / decode_s if decode_s > 0 and tokens else float("nan"),
     }
+
+
+def time_round_robin(
+    model: nn.Module,
+    settings: Sequence[Setting],
+    pixels: Tensor,
+    device: str,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    progress: bool = True,
+) -> None:
+    """Fill ``setting.samples`` (and ``peak_mb``) of every setting, one round over all at a time.
+
+    Rounds go round-robin so that load changes on a shared machine hit every setting alike;
+    the first round measures peak memory and the first ``warmup`` rounds are not kept.
+    """
+    rounds = warmup + repeats
+    with tqdm(total=rounds * len(settings), desc="timing", unit="run", disable=not progress) as bar:
+        for round_index in range(rounds):
+            for setting in settings:
+                bar.set_postfix_str(setting.label)
+                with configured(model, setting):
+                    if round_index == 0:
+                        with PeakMemory(device) as memory:
+                            times = run_once(model, setting, pixels, device, new_tokens)
+                        setting.peak_mb = memory.peak_mb
+                    else:
+                        times = run_once(model, setting, pixels, device, new_tokens)
+                    if round_index >= warmup or warmup == 0:
+                        for key, value in times.items():
+                            setting.samples.setdefault(key, []).append(value)
+                bar.update()
 
 
 @contextmanager
@@ -500,7 +537,7 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(figure: Any, path: Path) -> None:
+def save_figure(figure: Any, path: Path) -> None:
     """savefig into a temporary file of the same folder, then ``os.replace`` (atomic)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -541,7 +578,7 @@ def plot_speedup(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None
     axis.set_ylabel("speedup of time to first token vs full")
     axis.set_title(title + "\n(solid: measured, dashed: FLOPs bound)", fontsize=9)
     axis.legend(fontsize=8)
-    _save_figure(figure, path)
+    save_figure(figure, path)
     plt.close(figure)
 
 
@@ -580,7 +617,7 @@ def plot_pareto(
     axis.set_xlabel("visual tokens kept")
     axis.set_ylabel(metric)
     axis.legend(fontsize=8)
-    _save_figure(figure, path)
+    save_figure(figure, path)
     plt.close(figure)
 
 
@@ -693,25 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     pixels = torch.randn(args.batch, 3, size, size, generator=generator)
     pixels = pixels.to(args.device, DTYPES[args.dtype])
 
-    settings, skipped = build_settings(model, methods, budgets, args)
+    settings, skipped = build_settings(model, methods, budgets, args.fastv_layer)
     for setting in settings:
         prepare(model, setting, text, config.image_token_id, args.prompt_tokens)
-    rounds = args.warmup + args.repeats
-    with tqdm(total=rounds * len(settings), desc="bench", unit="run") as bar:
-        for round_index in range(rounds):
-            for setting in settings:
-                bar.set_postfix_str(setting.label)
-                with configured(model, setting):
-                    if round_index == 0:
-                        with PeakMemory(args.device) as memory:
-                            times = run_once(model, setting, pixels, args)
-                        setting.peak_mb = memory.peak_mb
-                    else:
-                        times = run_once(model, setting, pixels, args)
-                    if round_index >= args.warmup or args.warmup == 0:
-                        for key, value in times.items():
-                            setting.samples.setdefault(key, []).append(value)
-                bar.update()
+    time_round_robin(
+        model, settings, pixels, args.device, args.new_tokens, args.warmup, args.repeats
+    )
     for setting in tqdm(settings, desc="overhead"):
         with configured(model, setting):
             fn = overhead_fn(model, setting, args.batch, args.device)

@@ -186,3 +186,9 @@ def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "train=7" in capsys.readouterr().out
     assert (tmp_path / "parquet" / "test.parquet").is_file()
     assert data.main(["make", "--out", str(tmp_path), "--image-size", "100"]) == 2
+
+
+def test_empty_splits_are_left_out() -> None:
+    dataset_dict = data.make_dataset_dict(train=0, validation=0, test=7, seed=0)
+    assert list(dataset_dict) == ["test"]
+    assert len(dataset_dict["test"]) == 7

@@ -607,6 +607,12 @@ def _scene_text(rng: random.Random, size: int, answer: str, kind: str, digit_poo
     tx = rng.randint(_scale(size, 8), size - text_w - _scale(size, 8)) - left
     ty = (band - text_h) // 2 + rng.randint(-_scale(size, 4), _scale(size, 4)) - top
     draw.text((tx, ty), code, fill=INK_RGB, font=font)
+    # Where each printed character landed, for dense patch labels (eval/testbed/patch_labels.py).
+    code_chars = []
+    for position, char in enumerate(code):
+        before = draw.textlength(code[:position], font=font)
+        x0, y0, x1, y1 = draw.textbbox((tx + before, ty), char, font=font)
+        code_chars.append({"char": char, "box": [int(x0), int(y0), int(x1), int(y1)]})
     for k in range(4):
         y = round(band + k * cell_h) - (1 if k == 3 else 0)
         draw.line((0, y, size - 1, y), fill=GRID_LINE_RGB, width=1)
@@ -650,7 +656,7 @@ def _scene_text(rng: random.Random, size: int, answer: str, kind: str, digit_poo
     absent = [d for d in DIGITS if d not in grid]
     if absent:
         pool.append(count_question(rng.choice(absent)))
-    meta = {"code": code, "digits": digit_meta, "band_height": band}
+    meta = {"code": code, "code_chars": code_chars, "digits": digit_meta, "band_height": band}
     return Scene(image, _unique_questions(primary, pool, rng), meta)
 
 
@@ -867,13 +873,16 @@ def make_dataset_dict(
     """Builds train/validation/test from disjoint seed streams.
 
     Validation and test use held-out handwritten digits and one question per image (exactly
-    balanced); train may pack several questions per image.
+    balanced); train may pack several questions per image. A split of size 0 is left out
+    (`datasets` cannot build an empty table from an empty list of records).
     """
     import datasets
 
     sizes = {"train": train, "validation": validation, "test": test}
     splits = {}
     for split, count in sizes.items():
+        if count == 0:
+            continue
         records = generate_examples(
             count,
             seed + SPLIT_SEED_OFFSETS[split],

@@ -194,8 +194,31 @@ def build_model(
         pad_token_id=special[PAD],
     )
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    position = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        position.copy_(sincos_position_embedding(image_size // PATCH_SIZE, dims.vision_width))
     _set_generation_defaults(model, tokenizer)
     return model
+
+
+def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2-D sine-cosine positions (CLS first, at zero), the usual from-scratch ViT start.
+
+    CLIP's learned positions start as small noise, so a tower trained from scratch cannot tell
+    neighbouring patches from distant ones until it has learned positions; with these it can
+    attend locally from the first step (they stay trainable).
+    """
+    if width % 4:
+        raise ValueError(f"vision width must be a multiple of 4 for 2-D sin-cos, got {width}")
+    quarter = width // 4
+    frequencies = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    angles_y = ys.reshape(-1, 1) * frequencies
+    angles_x = xs.reshape(-1, 1) * frequencies
+    patches = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), patches])
 
 
 def _set_generation_defaults(model: Any, tokenizer: Any) -> None:
