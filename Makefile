@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean reference-model
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m eval.bench_merge
+
+# Regenerates eval/testbed/reference_model from scratch (train split only; ~50 min on 2 CPU cores).
+reference-model: $(STAMP)
+	$(PY) -m eval.testbed.data make --out data/testbed --train 48000 --validation 700 \
+		--test 1400 --seed 0 --train-questions-per-image 16
+	$(PY) -m recipes.train --data data/testbed --init-reference --model-size cpu-small \
+		--vision-pretrain-steps 900 --vision-pretrain-batch-size 32 --vision-pretrain-lr 2e-3 \
+		--freeze-vision --max-steps 2400 --batch-size 16 --lr 1.5e-3 --warmup 50 \
+		--save-steps 400 --logging-steps 25 --threads 2 --output-dir runs/reference \
+		--final-dir eval/testbed/reference_model --eval-split validation
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -61,12 +61,8 @@ DEFAULT_OUT = Path("outputs/demo")
 # One answer word is one token of the word-level tokenizer, so a second token (</s> or an extra
 # word) decides exact match: longer generations cannot turn a wrong answer right or vice versa.
 DEFAULT_MAX_NEW_TOKENS = 2
-# TODO(owner): the exact recipe that produced the shipped model.
-TRAIN_COMMAND = (
-    "python -m eval.testbed.data make --out data/testbed && python -m recipes.train "
-    "--init-reference --data data/testbed --output-dir runs/reference "
-    "--final-dir eval/testbed/reference_model"
-)
+# The exact recipe that produced the shipped model (see eval/testbed/reference_model/README.md).
+TRAIN_COMMAND = "make reference-model"
 FAMILY_LABELS: dict[str, str] = {"multiple_choice": "mc"}
 
 

@@ -610,13 +610,22 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = None
+    vision_stage = args.output_dir / "vision_pretrain"
     if args.resume:
         resume_from = get_last_checkpoint(str(args.output_dir))
-        if resume_from is None:
+        if resume_from is None and not (args.vision_pretrain_steps > 0 and vision_stage.is_dir()):
             print(
                 f"error: --resume but no checkpoint-* folder in {args.output_dir}", file=sys.stderr
             )
             return 2
+    elif args.vision_pretrain_steps > 0 and vision_stage.is_dir() and any(vision_stage.iterdir()):
+        # Without this, a new run would silently pick up an old run's tower or checkpoints.
+        print(
+            f"error: {vision_stage} holds an earlier vision pretraining run; pass --resume to "
+            "continue it or choose a fresh --output-dir",
+            file=sys.stderr,
+        )
+        return 2
 
     model, processor = build_model_and_processor(args)
     examples = load_examples(args.data, args.split, args.image_folder)
@@ -637,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             pixels,
             [e.meta for e in examples],
             processor.image_processor,
-            args.output_dir / "vision_pretrain",
+            vision_stage,
             steps=args.vision_pretrain_steps,
             batch_size=args.vision_pretrain_batch_size,
             learning_rate=args.vision_pretrain_lr,

@@ -89,19 +89,17 @@ class PatchLabelCollator:
 
 
 class PatchLabelModel(nn.Module):
-    """The LLaVA vision tower, cut after the layer LLaVA reads, with one linear head per label.
+    """The LLaVA vision tower with one linear head per label on the layer LLaVA reads.
 
     The tower module is shared with the LLaVA model (not copied), so training here updates the
-    LLaVA weights in place; `restore()` puts the cut-off layers back.
+    LLaVA weights in place. Layers after the feature layer get no gradient and stay as they are.
     """
 
     def __init__(self, llava: Any) -> None:
         super().__init__()
         self.vision_tower = llava.model.vision_tower
-        encoder = self.vision_tower.encoder
-        self._all_layers = encoder.layers
-        keep = feature_layer_count(llava)
-        encoder.layers = nn.ModuleList(list(self._all_layers)[:keep])
+        self.feature_layer = llava.config.vision_feature_layer
+        feature_layer_count(llava)  # validates the layer choice
         width = llava.config.vision_config.hidden_size
         grid = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
         self.norm = nn.LayerNorm(width)
@@ -109,12 +107,13 @@ class PatchLabelModel(nn.Module):
             {name: nn.Linear(width, classes) for name, classes in label_sizes(grid).items()}
         )
 
-    def restore(self) -> None:
-        self.vision_tower.encoder.layers = self._all_layers
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch features LLaVA's projector reads (CLS dropped: it has no label)."""
+        hidden = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+        return self.norm(hidden.hidden_states[self.feature_layer][:, 1:])
 
     def forward(self, pixel_values: torch.Tensor, **labels: torch.Tensor) -> dict[str, Any]:
-        hidden = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        patches = self.norm(hidden.hidden_states[-1][:, 1:])  # the CLS token has no label
+        patches = self.features(pixel_values)
         total = patches.new_zeros(())
         for name, head in self.heads.items():
             logits = head(patches).flatten(0, 1)
@@ -133,8 +132,7 @@ class PatchLabelModel(nn.Module):
     @torch.no_grad()
     def accuracy(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Per label: accuracy on patches whose label is not 0 (row/column: on all patches)."""
-        hidden = self.vision_tower(pixel_values=batch["pixel_values"], output_hidden_states=True)
-        patches = self.norm(hidden.hidden_states[-1][:, 1:])
+        patches = self.features(batch["pixel_values"])
         result = {}
         for name, head in self.heads.items():
             predicted = head(patches).argmax(-1)
@@ -223,7 +221,6 @@ def run_vision_pretrain(
     wrapper.eval()
     sample = collator([dataset[i] for i in range(min(len(dataset), 64))])
     accuracy = wrapper.accuracy(sample)
-    wrapper.restore()
     if trainer.is_world_process_zero():
         tmp = done.with_name(f".{done.name}.tmp")
         save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp))

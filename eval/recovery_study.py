@@ -1,0 +1,174 @@
+"""What a short LoRA recovery fine-tune buys back, measured on the testbed reference model.
+
+One run, one question set, one table: the full model, CrossGET training-free at each budget,
+and CrossGET after `recipes.llava_finetune` at the same budgets; then two ablations at the most
+aggressive budget with the same number of steps: LoRA without the cross-token alignment loss,
+and `query` instead of `cross` guidance. Every number comes from the project's own entry
+points (`recipes.llava_finetune.main`, `eval.run.main`), exactly as a user would run them.
+
+    python -m eval.recovery_study                       # defaults below, ~15 min on 2 CPU cores
+    python -m eval.recovery_study --budgets 64 --steps 50 --limit 140 --out /tmp/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eval.testbed.data import FAMILIES
+from eval.testbed.model import DEFAULT_PATH
+from eval.timing import write_json_atomic
+from mllm_crossget.config import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    budget: str  # "full" or a number of visual tokens
+    train: bool
+    guidance: str = "cross"
+    alignment_weight: float | None = None  # None: the recipe's default (the design doc's)
+
+
+def settings_for(budgets: Sequence[int], ablation_budget: int) -> list[Setting]:
+    rows = [Setting("full model", "full", train=False)]
+    for budget in budgets:
+        rows.append(Setting("training-free", str(budget), train=False))
+        rows.append(Setting("LoRA + alignment", str(budget), train=True))
+    rows.append(Setting("LoRA, no alignment", str(ablation_budget), True, alignment_weight=0.0))
+    rows.append(Setting("LoRA + alignment, query", str(ablation_budget), True, guidance="query"))
+    return rows
+
+
+def _slug(setting: Setting) -> str:
+    weight = "default" if setting.alignment_weight is None else f"{setting.alignment_weight:g}"
+    return f"{setting.budget}-{setting.guidance}-align{weight}-{'ft' if setting.train else 'free'}"
+
+
+def _finetune(setting: Setting, args: argparse.Namespace, run_dir: Path) -> float:
+    from recipes.llava_finetune import main as finetune_main
+
+    argv = [
+        "--model", str(args.model), "--data", str(args.data), "--split", "train",
+        "--visual-tokens", setting.budget, "--guidance", setting.guidance,
+        "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--lr", str(args.lr), "--lora-r", str(args.lora_r), "--seed", str(args.seed),
+        "--output-dir", str(run_dir), "--save-steps", str(args.steps), "--logging-steps", "10",
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    if setting.alignment_weight is not None:
+        argv += ["--alignment-weight", str(setting.alignment_weight)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    started = time.perf_counter()
+    if finetune_main(argv) != 0:
+        raise RuntimeError(f"fine-tuning failed for {setting}")
+    return time.perf_counter() - started
+
+
+def _evaluate(setting: Setting, args: argparse.Namespace, run_dir: Path | None, out: Path) -> dict:
+    from eval.run import main as eval_main
+
+    argv = [
+        "--model", str(args.model), "--task", "testbed", "--data", str(args.data),
+        "--split", args.split, "--budgets", setting.budget, "--methods", "crossget",
+        "--guidance", setting.guidance, "--limit", str(args.limit), "--out", str(out),
+        "--max-new-tokens", "2",
+    ]  # fmt: skip
+    if run_dir is not None:
+        argv += [
+            "--adapter",
+            str(run_dir / "adapter"),
+            "--crossget-state",
+            str(run_dir / "crossget"),
+        ]
+    if eval_main(argv) != 0:
+        raise RuntimeError(f"evaluation failed for {setting}")
+    rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    return rows[0]
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    full = next(r for r in results if r["budget"] == "full")["metrics"]["accuracy"]
+    families = [f for f in FAMILIES if f"accuracy/{f}" in results[0]["metrics"]]
+    header = ["setting", "visual tokens", *families, "overall", "% of full", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results:
+        metrics = row["metrics"]
+        cells = [row["setting"], str(row["visual_tokens"])]
+        cells += [f"{metrics[f'accuracy/{f}']:.1f}" for f in families]
+        cells += [
+            f"{metrics['accuracy']:.1f}",
+            f"{100 * metrics['accuracy'] / full:.1f}%" if full else "-",
+            "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.recovery_study",
+        description="Training-free vs LoRA-recovered CrossGET accuracy on the testbed, plus the "
+        "no-alignment and query-guidance ablations, in one table.",
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_PATH, help="base model folder")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/testbed"), help="testbed export (make one with "
+        "`crossget data make`); fine-tuning uses its train split only",
+    )  # fmt: skip
+    parser.add_argument("--split", default="test", help="split to evaluate on")
+    parser.add_argument("--limit", type=int, default=700, help="evaluate the first N questions")
+    parser.add_argument(
+        "--budgets", default="128,64", help="comma list of visual-token budgets to recover"
+    )
+    parser.add_argument(
+        "--ablation-budget", type=int, default=64, help="budget of the two ablation runs"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per fine-tune")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA/cross-token learning rate")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every fine-tune")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/recovery"), help="runs, results.json/.md"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: no model at {args.model}; train it with `make reference-model`")
+    if not (args.data / "hf").is_dir():
+        raise SystemExit(
+            f"error: no testbed export at {args.data}; make one with "
+            "`crossget data make --out data/testbed` (see Makefile reference-model)"
+        )
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    results: list[dict[str, Any]] = []
+    for setting in settings_for(budgets, args.ablation_budget):
+        slug = _slug(setting)
+        run_dir = args.out / "runs" / slug if setting.train else None
+        train_seconds = _finetune(setting, args, run_dir) if run_dir is not None else None
+        row = _evaluate(setting, args, run_dir, args.out / "eval" / slug)
+        row |= {"setting": setting.name, "guidance": setting.guidance,
+                "train_seconds": train_seconds, "steps": args.steps if setting.train else 0}  # fmt: skip
+        results.append(row)
+        settings = {k: str(v) for k, v in vars(args).items()}
+        write_json_atomic(args.out / "results.json", {"args": settings, "rows": results})
+    table = format_table(results)
+    atomic_write_text(args.out / "results.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
