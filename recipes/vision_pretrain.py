@@ -30,9 +30,7 @@ def feature_layer_count(model: Any) -> int:
     """How many encoder layers produce the hidden state LLaVA reads (`vision_feature_layer`)."""
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
-        raise ValueError(
-            f"vision pretraining needs a single vision_feature_layer, got {layer!r}"
-        )
+        raise ValueError(f"vision pretraining needs a single vision_feature_layer, got {layer!r}")
     n_layers = model.config.vision_config.num_hidden_layers
     return layer if layer >= 0 else n_layers + 1 + layer
 
@@ -225,7 +223,8 @@ def run_vision_pretrain(
         tmp = done.with_name(f".{done.name}.tmp")
         save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp))
         tmp.replace(done)
-        print("vision pretraining patch accuracy (train sample): " + ", ".join(
-            f"{k} {100 * v:.0f}%" for k, v in accuracy.items()
-        ))
+        print(
+            "vision pretraining patch accuracy (train sample): "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in accuracy.items())
+        )
     return accuracy

@@ -213,7 +213,9 @@ def sincos_position_embedding(grid: int, width: int, temperature: float = 10000.
     quarter = width // 4
     frequencies = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+        torch.arange(grid, dtype=torch.float32),
+        torch.arange(grid, dtype=torch.float32),
+        indexing="ij",
     )
     angles_y = ys.reshape(-1, 1) * frequencies
     angles_x = xs.reshape(-1, 1) * frequencies
