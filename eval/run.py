@@ -130,11 +130,20 @@ def merge_adapter(model: Any, adapter: Path, state: Path | None) -> Any:
     return merged
 
 
-def method_config(method: str, budget: int, guidance: str) -> crossget.CrossGETConfig:
-    """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults."""
+def method_config(
+    method: str, budget: int, guidance: str, llm_layers: int | None = None
+) -> crossget.CrossGETConfig:
+    """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
+    except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
+    (the testbed model has 2), as `crossget bench` does."""
     if method == "crossget":
         return crossget.CrossGETConfig(visual_tokens=budget, guidance=guidance)
-    return crossget.CrossGETConfig(visual_tokens=budget, method=method)
+    config = crossget.CrossGETConfig(visual_tokens=budget, method=method)
+    if method == "fastv" and llm_layers is not None and config.fastv_layer >= llm_layers:
+        config = crossget.CrossGETConfig(
+            visual_tokens=budget, method=method, fastv_layer=max(1, llm_layers - 1)
+        )
+    return config
 
 
 def configure(
@@ -150,7 +159,9 @@ def configure(
         model, processor = crossget.from_pretrained(model, state, processor)
         _, processor = crossget.apply(model, crossget.CrossGETConfig(**saved), processor)
         return processor
-    _, processor = crossget.apply(model, method_config(method, int(budget), guidance), processor)
+    llm_layers = model.config.get_text_config().num_hidden_layers
+    config = method_config(method, int(budget), guidance, llm_layers)
+    _, processor = crossget.apply(model, config, processor)
     return processor
 
 

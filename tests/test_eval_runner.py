@@ -100,6 +100,13 @@ def test_unknown_task_and_method_are_clear_errors(tmp_path: Path) -> None:
         run.method_config("magic", 32, "cross")
 
 
+def test_fastv_layer_is_lowered_only_for_shallow_llms() -> None:
+    assert run.method_config("fastv", 32, "cross").fastv_layer == 2
+    assert run.method_config("fastv", 32, "cross", llm_layers=32).fastv_layer == 2
+    assert run.method_config("fastv", 32, "cross", llm_layers=2).fastv_layer == 1
+    assert run.method_config("crossget", 32, "query", llm_layers=2).guidance == "query"
+
+
 def test_two_processes_split_the_work_and_score_once(
     model_dir: Path, testbed: Path, tmp_path: Path
 ) -> None:
