@@ -51,6 +51,7 @@ from recipes.train import (
     cache_pixels,
     collator_for,
     load_examples,
+    trainer_arguments,
 )
 
 ADAPTER_DIR = "adapter"
@@ -679,7 +680,7 @@ def _prepare_data(
 
 def train(args: argparse.Namespace) -> FinetuneRun:
     """Load, apply CrossGET, wrap with LoRA, train, write the run folder (see module doc)."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     if args.data is None:
@@ -748,35 +749,16 @@ def train(args: argparse.Namespace) -> FinetuneRun:
     if config.uses_cross_token and config.text_cross_tokens and config.alignment_weight > 0:
         term = AlignmentTerm(model, config.alignment_weight)
 
-    warmup: float = args.warmup if args.warmup < 1 else int(args.warmup)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=args.max_steps,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=warmup,
-        max_grad_norm=args.max_grad_norm,
+    training_args = trainer_arguments(
+        args,
+        output_dir,
         bf16=args.bf16 or (args.qlora and not args.fp16),
         fp16=args.fp16,
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         # Without CUDA, only use_cpu makes the Trainer form a gloo group under torchrun.
         use_cpu=not torch.cuda.is_available(),
-        report_to=[],
-        disable_tqdm=args.no_progress,
     )
     rank, world = training_args.process_index, training_args.world_size
     counts = trainable_summary(peft_model)

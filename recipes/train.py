@@ -48,6 +48,7 @@ IGNORE_INDEX = -100
 class Turn:
     question: str
     answer: str
+    family: str = ""  # the testbed's question family, when the data has one
 
 
 @dataclass
@@ -199,7 +200,8 @@ def load_hf_split(dataset: Any) -> list[ImageExample]:
                 else _file_loader(Path(image["path"]))
             )
             by_image[key] = ImageExample(key, loader, [], record.get("meta"))
-        by_image[key].turns.append(Turn(record["question"], record["answer"]))
+        family = record.get("family") or ""
+        by_image[key].turns.append(Turn(record["question"], record["answer"], family))
     return list(by_image.values())
 
 
@@ -219,6 +221,21 @@ def load_examples(
     ):
         return load_llava_json(data / "llava" / f"{split}.json", image_folder, on_bad_row)
     return load_hf_split(load_split(data, split))
+
+
+def select_families(
+    examples: Sequence[ImageExample], families: Sequence[str]
+) -> list[ImageExample]:
+    """Keeps only the questions of `families` (and the images that still have one)."""
+    wanted = {f.strip() for f in families if f.strip()}
+    kept = []
+    for example in examples:
+        turns = [t for t in example.turns if t.family in wanted]
+        if turns:
+            kept.append(ImageExample(example.key, example.load_image, turns, example.meta))
+    if not kept:
+        raise ValueError(f"no questions of families {sorted(wanted)} in the data")
+    return kept
 
 
 def cache_pixels(
@@ -458,6 +475,36 @@ def _loss_logger(json_path: Path, png_path: Path, resume_step: int) -> Any:
     return LossLogger()
 
 
+def trainer_arguments(args: argparse.Namespace, output_dir: Path, **overrides: Any) -> Any:
+    """The `TrainingArguments` both training entries share, from their common flags."""
+    from transformers import TrainingArguments
+
+    warmup: float = args.warmup if args.warmup < 1 else int(args.warmup)
+    settings: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=warmup,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=args.no_progress,
+    )
+    return TrainingArguments(**(settings | overrides))
+
+
 def build_model_and_processor(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model to train: a fresh tiny LLaVA (`--init-reference`) or a saved folder."""
     if args.init_reference:
@@ -513,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="at most this many questions per packed sequence (0 = all of the image's)",
+    )
+    data.add_argument(
+        "--families",
+        default="",
+        help="comma list: train only on these testbed question families (e.g. a first "
+        "curriculum stage on attribute,small); default: all",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=Path, default=None, help="folder to from_pretrained")
@@ -602,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: `python -m recipes.train --help`."""
     args = build_parser().parse_args(argv)
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     if args.threads > 0:
@@ -629,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, processor = build_model_and_processor(args)
     examples = load_examples(args.data, args.split, args.image_folder)
+    if args.families:
+        examples = select_families(examples, args.families.split(","))
     pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
     dataset = PackedVQADataset(
         examples,
@@ -660,29 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(examples)} images, {n_questions} questions, {len(dataset)} sequences; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
-    warmup: float = args.warmup if args.warmup < 1 else int(args.warmup)
-    training_args = TrainingArguments(
-        output_dir=str(args.output_dir),
-        max_steps=args.max_steps,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=warmup,
-        max_grad_norm=args.max_grad_norm,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=args.no_progress,
-    )
+    training_args = trainer_arguments(args, args.output_dir)
     resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
     trainer: Trainer = _trainer_class()(
         model=model,
