@@ -62,7 +62,15 @@ DEFAULT_OUT = Path("outputs/demo")
 # word) decides exact match: longer generations cannot turn a wrong answer right or vice versa.
 DEFAULT_MAX_NEW_TOKENS = 2
 # The exact recipe that produced the shipped model (see eval/testbed/reference_model/README.md).
-TRAIN_COMMAND = "make reference-model"
+TRAIN_COMMAND = (
+    "make reference-model   # testbed data, then python -m recipes.train --init-reference "
+    "... (the full recipe is in the Makefile)"
+)
+UNTRAINED_NOTE = (
+    "MODEL NOT TRAINED: eval/testbed/reference_model is not shipped yet, so this run uses an "
+    "untrained model of its exact shape. Its accuracy columns mean nothing; visual tokens, FLOPs "
+    "and speed are real."
+)
 FAMILY_LABELS: dict[str, str] = {"multiple_choice": "mc"}
 
 
@@ -162,9 +170,17 @@ def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def load_model(folder: Path, device: str) -> tuple[Any, Any]:
-    """The reference model, or an error that says how to get one."""
+def load_model(folder: Path, device: str, untrained_fallback: bool = False) -> tuple[Any, Any]:
+    """The reference model; when the shipped one is missing (and `untrained_fallback`), an
+    untrained stand-in of its shape, so `make demo` still shows the speed side; otherwise an
+    error that says how to get one."""
     if not (folder / "config.json").is_file():
+        if untrained_fallback:
+            from eval.testbed.model import build_reference
+
+            print(f"\n*** {UNTRAINED_NOTE}\n*** Train it with: {TRAIN_COMMAND}\n", file=sys.stderr)
+            model, processor = build_reference(size="cpu-small", seed=0)
+            return model.to(device).eval(), processor
         raise DemoError(
             f"no reference model in {folder} (config.json missing).\n"
             f"Train it first:\n  {TRAIN_COMMAND}\n"
@@ -349,7 +365,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             get_method(method)  # a typo fails before any work
     except ValueError as error:
         raise DemoError(str(error)) from error
-    model, processor = load_model(args.model, args.device)
+    untrained = not (args.model / "config.json").is_file() and args.model == DEFAULT_PATH
+    model, processor = load_model(args.model, args.device, untrained_fallback=untrained)
     image_size = model.config.vision_config.image_size
     data = args.data or ensure_test_split(
         args.data_cache, args.questions, args.seed, image_size, not args.no_progress
@@ -393,7 +410,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 f"{row['method']}/{row['budget']}: the processor emitted "
                 f"{row['llm_input_tokens']} image tokens, the plan says {row['visual_tokens']}"
             )
-    notes = [
+    notes = [UNTRAINED_NOTE] if untrained else []
+    notes += [
         f"{len(items)} test questions of {data} (seed {args.seed}), exact match in %, "
         f"greedy, batch {args.batch_size}; chance = kind-aware guessing.",
         f"visual tokens = what the LLM keeps per image; GFLOPs per image with a "
@@ -410,6 +428,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     table = markdown_table(rows, chance)
     report = {
         "model": str(args.model),
+        "trained_model": not untrained,
         "data": str(data),
         "questions": len(items),
         "device": args.device,

@@ -82,3 +82,14 @@ def test_missing_model_says_how_to_train_it(
     assert demo.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "no reference model" in error and "recipes.train --init-reference" in error
+
+
+def test_missing_shipped_model_falls_back_to_an_untrained_stand_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make demo` keeps working before the reference model ships, and says so loudly."""
+    model, processor = demo.load_model(tmp_path / "nothing", "cpu", untrained_fallback=True)
+    assert "NOT TRAINED" in capsys.readouterr().err
+    assert model.config.image_seq_length == 256
+    assert model.config.vision_config.hidden_size == 128  # the cpu-small shape the recipe trains
+    assert processor.tokenizer.padding_side == "left"
