@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from transformers import (
 )
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
 
 IMAGE_TOKEN = 50265
 
@@ -105,21 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2, help="images (and prompts) per batch")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="text tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generate() produces")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed rounds (each round runs every budget once)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)"
-    )
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations dtype"
-    )
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    add_timing_arguments(parser, attn_help="attention implementation (sdpa/eager)")
     return parser
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
 
 
 def hf_vit_b16(attn: str) -> torch.nn.Module:
@@ -70,21 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--families", default="open_clip,hf", help="comma list of open_clip and/or hf"
     )
     parser.add_argument("--batch", type=int, default=8, help="images per forward")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed rounds (each round runs every budget once)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)"
-    )
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations dtype"
-    )
-    parser.add_argument("--attn", default="sdpa", help="HF attention implementation")
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    add_timing_arguments(parser, attn_help="HF attention implementation")
     return parser
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
 from mllm_crossget.flops import flops_report
 
 
@@ -81,27 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int, default=1, help="images (and prompts) per batch")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed rounds (each round runs every budget once)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="fp32",
-        help="weights and activations dtype (bf16 on GPU for the real shape)",
-    )
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads(N); 1 is steadier on a shared machine",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    add_timing_arguments(parser, attn_help="attention implementation (sdpa/eager)")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -50,3 +51,28 @@ def write_json_atomic(path: Path, payload: object) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, attn_help: str) -> None:
+    """The flags every model benchmark takes: rounds, threads, device, dtype, attention, JSON."""
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed rounds (each round runs every budget once)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0 = torch's default; 1 is steadier on a shared machine)",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="weights and activations dtype (bf16 on a GPU for real shapes)",
+    )
+    parser.add_argument("--attn", default="sdpa", help=attn_help)
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
