@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,6 +38,11 @@ from eval.testbed.model import (
     build_reference,
     load_reference,
 )
+from recipes.grounding import EVIDENCE_MASKS_KEY as EVIDENCE_MASKS
+from recipes.grounding import EVIDENCE_POSITIONS_KEY as EVIDENCE_POSITIONS
+from recipes.grounding import MASKS_KEY as GROUNDING_MASKS
+from recipes.grounding import POSITIONS_KEY as GROUNDING_POSITIONS
+from recipes.grounding import SIDE_KEYS
 
 IGNORE_INDEX = -100
 
@@ -59,6 +65,11 @@ class ImageExample:
     load_image: Callable[[], Image.Image]
     turns: list[Turn]
     meta: str | None = None  # the testbed's scene metadata, for vision pretraining
+
+
+# (prompt token ids, answer token ids + </s>, [(prompt token index, patch mask)], the patches
+# the answer rests on or None)
+EncodedTurn = tuple[list[int], list[int], list[tuple[int, np.ndarray]], np.ndarray | None]
 
 
 def _strip_image_tag(text: str) -> str:
@@ -259,7 +270,8 @@ def cache_pixels(
 
 class PackedVQADataset(torch.utils.data.Dataset):
     """Token ids, answer-only labels and cached pixels; one item per image (packed turns) or
-    per question."""
+    per question. With `patch_label_sets` (one per image, from the scene metadata) every item
+    also carries the grounding targets of its question words (see recipes/grounding.py)."""
 
     def __init__(
         self,
@@ -269,14 +281,21 @@ class PackedVQADataset(torch.utils.data.Dataset):
         image_seq_length: int,
         pack_per_image: bool = True,
         max_turns: int = 0,
+        patch_label_sets: Sequence[dict[str, np.ndarray]] | None = None,
     ) -> None:
+        from eval.testbed.patch_labels import evidence_mask, word_patch_targets
+
+        if patch_label_sets is not None and len(patch_label_sets) != len(examples):
+            raise ValueError("patch_label_sets needs one entry per image")
         self.pixels = pixels
+        self.image_seq_length = image_seq_length
+        self.grounded = patch_label_sets is not None
         self.prefix = [tokenizer.convert_tokens_to_ids(BOS)] + [
             tokenizer.convert_tokens_to_ids(IMAGE)
         ] * image_seq_length
         eos = tokenizer.convert_tokens_to_ids(EOS)
         unk = tokenizer.unk_token_id
-        self.items: list[tuple[int, list[tuple[list[int], list[int]]]]] = []
+        self.items: list[tuple[int, list[EncodedTurn]]] = []
         for image_index, example in enumerate(examples):
             encoded = []
             for turn in example.turns:
@@ -288,7 +307,13 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     raise ValueError(
                         f"out-of-vocabulary word in {turn.question!r} -> {turn.answer!r}"
                     )
-                encoded.append((prompt, target))
+                grounds, evidence = [], None
+                if patch_label_sets is not None:
+                    words = tokenizer.convert_ids_to_tokens(prompt)
+                    all_words = word_patch_targets(words, patch_label_sets[image_index], True)
+                    grounds = [(i, mask) for i, mask in all_words if mask.any()]
+                    evidence = evidence_mask(words, all_words)
+                encoded.append((prompt, target, grounds, evidence))
             if pack_per_image:
                 groups = [encoded]
                 if max_turns > 0:
@@ -306,14 +331,54 @@ class PackedVQADataset(torch.utils.data.Dataset):
         random.shuffle(turns)  # seeded by Trainer; no fixed order for the model to exploit
         input_ids = list(self.prefix)
         labels = [IGNORE_INDEX] * len(self.prefix)
-        for prompt, target in turns:
+        positions: list[int] = []
+        masks: list[np.ndarray] = []
+        evidence_positions: list[int] = []
+        evidence_masks: list[np.ndarray] = []
+        for prompt, target, grounds, evidence in turns:
+            positions += [len(input_ids) + offset for offset, _ in grounds]
+            masks += [mask for _, mask in grounds]
+            if evidence is not None:
+                # The prompt's last token is the one that predicts the answer.
+                evidence_positions.append(len(input_ids) + len(prompt) - 1)
+                evidence_masks.append(evidence)
             input_ids += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
-        return {
+        item = {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
             "pixels": self.pixels[image_index],
         }
+        if self.grounded:
+            item[GROUNDING_POSITIONS] = torch.tensor(positions, dtype=torch.long)
+            item[GROUNDING_MASKS] = self._stack(masks)
+            item[EVIDENCE_POSITIONS] = torch.tensor(evidence_positions, dtype=torch.long)
+            item[EVIDENCE_MASKS] = self._stack(evidence_masks)
+        return item
+
+    def _stack(self, masks: list[np.ndarray]) -> torch.Tensor:
+        if not masks:
+            return torch.zeros((0, self.image_seq_length), dtype=torch.bool)
+        return torch.from_numpy(np.stack(masks))
+
+
+def patch_label_sets_for(
+    examples: Sequence[ImageExample], pixels: torch.Tensor
+) -> list[dict[str, np.ndarray]]:
+    """Per-image patch labels (testbed scene metadata + the cached pixels the model sees)."""
+    from eval.testbed.patch_labels import patch_labels
+
+    missing = [e.key for e in examples if not e.meta]
+    if missing:
+        raise ValueError(
+            f"grounding needs testbed scene metadata; {len(missing)} images have none "
+            f"(first: {missing[0]}). Train on a `crossget data make` export or drop "
+            "--grounding-weight."
+        )
+    return [
+        patch_labels(example.meta, pixels[i].permute(1, 2, 0).numpy())
+        for i, example in enumerate(examples)
+    ]
 
 
 @dataclass
@@ -336,7 +401,7 @@ class PixelNormalizingCollator:
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
         pixels = torch.stack([item["pixels"] for item in batch])
-        return {
+        collated = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -344,6 +409,23 @@ class PixelNormalizingCollator:
                 pixels, self.image_mean, self.image_std, self.rescale_factor
             ),
         }
+        for positions_key, masks_key in (
+            (GROUNDING_POSITIONS, GROUNDING_MASKS),
+            (EVIDENCE_POSITIONS, EVIDENCE_MASKS),
+        ):
+            if positions_key not in batch[0]:
+                continue
+            slots = max(1, max(len(item[positions_key]) for item in batch))
+            patches = batch[0][masks_key].shape[1]
+            positions = torch.full((len(batch), slots), -1, dtype=torch.long)
+            masks = torch.zeros((len(batch), slots, patches), dtype=torch.bool)
+            for row, item in enumerate(batch):
+                k = len(item[positions_key])
+                positions[row, :k] = item[positions_key]
+                masks[row, :k] = item[masks_key]
+            collated[positions_key] = positions
+            collated[masks_key] = masks
+        return collated
 
 
 def normalize_pixels(
@@ -391,11 +473,14 @@ def _trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
+            # Side inputs for the extra terms only; the model's forward must not see them.
+            side = {key: inputs.pop(key) for key in SIDE_KEYS if key in inputs}
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             if self.extra_losses:
-                extra = sum(term(model, inputs, outputs) for term in self.extra_losses)
+                full_inputs = {**inputs, **side}
+                extra = sum(term(model, full_inputs, outputs) for term in self.extra_losses)
                 if model.training and self._lm_loss_scaled_for_ga(num_items_in_batch):
                     # The LM loss is already normalised over the whole accumulated batch (the
                     # Trainer will not divide it); the extra terms are per-micro-batch means.
@@ -604,6 +689,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the vision tower frozen in the language stage (as LLaVA keeps CLIP frozen)",
     )
+    ground = parser.add_argument_group(
+        "grounding (testbed only: which patches each colour/shape/digit word names)"
+    )
+    ground.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.0,
+        help="weight of the word-to-patch attention loss (recipes/grounding.py) added to the "
+        "answer loss in the language stage; 0 = off",
+    )
+    ground.add_argument(
+        "--grounding-layer", type=int, default=0, help="LLM layer whose attention is supervised"
+    )
+    ground.add_argument(
+        "--grounding-heads",
+        type=int,
+        default=1,
+        help="how many heads (the first N) of that layer are supervised",
+    )
+    ground.add_argument(
+        "--evidence-weight",
+        type=float,
+        default=0.0,
+        help="weight of the same loss at the position that predicts the answer, onto the "
+        "patches the answer rests on (head 0 of --evidence-layer); 0 = off",
+    )
+    ground.add_argument(
+        "--evidence-layer",
+        type=int,
+        default=-1,
+        help="LLM layer for the evidence loss (negative counts from the end)",
+    )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
         "--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs)"
@@ -685,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.families:
         examples = select_families(examples, args.families.split(","))
     pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
+    grounded = args.grounding_weight > 0 or args.evidence_weight > 0
     dataset = PackedVQADataset(
         examples,
         pixels,
@@ -692,7 +810,29 @@ def main(argv: list[str] | None = None) -> int:
         image_seq_length=model.config.image_seq_length,
         pack_per_image=not args.no_pack,
         max_turns=args.max_turns,
+        patch_label_sets=patch_label_sets_for(examples, pixels) if grounded else None,
     )
+    extra_losses = []
+    if grounded:
+        from recipes.grounding import GroundingLoss
+
+        if args.grounding_weight > 0:
+            extra_losses.append(
+                GroundingLoss(
+                    model, args.grounding_weight, args.grounding_layer, args.grounding_heads
+                )
+            )
+        if args.evidence_weight > 0:
+            extra_losses.append(
+                GroundingLoss(
+                    model,
+                    args.evidence_weight,
+                    args.evidence_layer,
+                    1,
+                    EVIDENCE_POSITIONS,
+                    EVIDENCE_MASKS,
+                )
+            )
     if args.vision_pretrain_steps > 0:
         from recipes.vision_pretrain import run_vision_pretrain
 
@@ -722,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         args=training_args,
         train_dataset=dataset,
         data_collator=collator_for(processor),
+        extra_losses=extra_losses,
         callbacks=[
             _loss_logger(args.output_dir / "loss.json", args.output_dir / "loss.png", resume_step)
         ],

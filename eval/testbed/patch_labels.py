@@ -12,6 +12,7 @@ so a patch over a triangle's empty corner is background, as it looks.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from eval.testbed.data import (
     COLOURS,
     DIGITS,
     PATCH_SIZE,
+    SHAPE_PLURALS,
     SHAPES,
 )
 
@@ -114,9 +116,17 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         labels["centre"][_centre_patch(dot["box"], grid)] = 1
 
     best_digit = np.zeros(n, dtype=np.int64)
+    # Not pretraining targets (absent from LABEL_CLASSES): the grid cell a digit's ink sits in,
+    # 1-based as the questions count rows and columns, for grounding "row 2" / "column 3".
+    labels["cell_row"] = np.zeros(n, dtype=np.int64)
+    labels["cell_column"] = np.zeros(n, dtype=np.int64)
     for glyph in scene.get("digits", []):
         counts = _ink_per_patch(ink, glyph["box"], grid)
+        before = best_digit.copy()
         _assign(labels["digit"], best_digit, counts, 1 + DIGITS.index(glyph["digit"]), 4)
+        won = best_digit != before
+        labels["cell_row"][won] = int(glyph.get("row", 0))
+        labels["cell_column"][won] = int(glyph.get("column", 0))
     best_char = np.zeros(n, dtype=np.int64)
     for char in scene.get("code_chars", []):
         counts = _ink_per_patch(ink, char["box"], grid)
@@ -124,4 +134,80 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
     return labels
 
 
-__all__ = ["LABEL_CLASSES", "label_sizes", "patch_labels"]
+SINGULAR_SHAPES: dict[str, str] = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
+
+
+def word_patch_targets(
+    words: Sequence[str], labels: dict[str, np.ndarray], keep_absent: bool = False
+) -> list[tuple[int, np.ndarray]]:
+    """Which patches each grounded word of a question names: `(word index, patch mask)`.
+
+    Colour words name the patches of that colour, shape words (singular or plural) and "dot"
+    the patches of that shape, a digit right after the word "digit" the patches showing that
+    handwritten digit, a number after "row" / "column" the digits in that grid row / column, and
+    "code" the printed code characters. Words whose referent is absent from the image (an
+    adversarial existence question) get no target: there is nothing right to look at (with
+    `keep_absent` they are kept with an empty mask, which `evidence_mask` needs).
+    """
+    targets = []
+    for index, word in enumerate(words):
+        previous = words[index - 1] if index > 0 else ""
+        if word.isdigit() and previous in ("row", "column"):
+            mask = labels[f"cell_{previous}"] == int(word)
+        elif word == "code":
+            mask = labels["char"] > 0
+        elif word in COLOURS:
+            mask = labels["colour"] == 1 + COLOURS.index(word)
+        elif word in SHAPES or word in SINGULAR_SHAPES or word == SMALL_DOT:
+            shape = SINGULAR_SHAPES.get(word, word)
+            mask = labels["shape"] == LABEL_CLASSES["shape"].index(shape)
+        elif word in DIGITS and previous == "digit":
+            mask = labels["digit"] == 1 + DIGITS.index(word)
+        else:
+            continue
+        if keep_absent or mask.any():
+            targets.append((index, mask))
+    return targets
+
+
+def evidence_mask(
+    words: Sequence[str], targets: Sequence[tuple[int, np.ndarray]]
+) -> np.ndarray | None:
+    """The patches an answer rests on, from the question's grounded words (`targets`, taken
+    with `keep_absent=True`).
+
+    Words that name one thing together ("red circle", "row 2 column 3") intersect; when the
+    whole question's intersection is empty it names several things ("the red circle relative
+    to the blue square"), and each run of adjacent grounded words is one of them. Multiple-choice
+    options are not part of the question. None when nothing in the image answers it (a count
+    of zero, an absent object), and for "nearest"/"farthest" questions, whose answer is an
+    object the question does not name.
+    """
+    if "nearest" in words or "farthest" in words:
+        return None
+    options_start = words.index("(") if "(" in words else len(words)
+    kept = [(i, m) for i, m in targets if i < options_start]
+    if not kept:
+        return None
+    everything = np.logical_and.reduce([m for _, m in kept])
+    if everything.any():
+        return everything
+    phrases: list[list[np.ndarray]] = []
+    last = -2
+    for index, mask in kept:
+        if index == last + 1:
+            phrases[-1].append(mask)
+        else:
+            phrases.append([mask])
+        last = index
+    union = np.logical_or.reduce([np.logical_and.reduce(p) for p in phrases])
+    return union if union.any() else None
+
+
+__all__ = [
+    "LABEL_CLASSES",
+    "evidence_mask",
+    "label_sizes",
+    "patch_labels",
+    "word_patch_targets",
+]

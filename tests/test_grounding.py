@@ -1,0 +1,224 @@
+"""Word-to-patch grounding: which patches a question word names, the loss against a naive
+eager-attention reference, the dataset's positions, and the training CLI with the loss on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.testbed import data
+from eval.testbed.model import build_reference
+from eval.testbed.patch_labels import LABEL_CLASSES, evidence_mask, word_patch_targets
+from recipes.grounding import (
+    EVIDENCE_MASKS_KEY,
+    EVIDENCE_POSITIONS_KEY,
+    MASKS_KEY,
+    POSITIONS_KEY,
+    GroundingLoss,
+)
+
+N = 16
+
+
+def _labels() -> dict[str, np.ndarray]:
+    labels = {name: np.zeros(N, dtype=np.int64) for name in LABEL_CLASSES}
+    labels["colour"][[1, 2]] = 1 + data.COLOURS.index("red")
+    labels["shape"][[1, 2]] = 1 + data.SHAPES.index("circle")
+    labels["colour"][[5]] = 1 + data.COLOURS.index("blue")
+    labels["shape"][[5]] = LABEL_CLASSES["shape"].index("dot")
+    labels["digit"][[9, 10]] = 1 + data.DIGITS.index("7")
+    labels["digit"][[13]] = 1 + data.DIGITS.index("2")
+    labels["cell_row"] = np.zeros(N, dtype=np.int64)
+    labels["cell_column"] = np.zeros(N, dtype=np.int64)
+    labels["cell_row"][[9, 10]], labels["cell_column"][[9, 10]] = 1, 2
+    labels["cell_row"][[13]], labels["cell_column"][[13]] = 2, 2
+    labels["char"][[14, 15]] = 1
+    return labels
+
+
+def _words(text: str) -> list[str]:
+    return text.split(" ")
+
+
+def _targets(words: list[str], keep_absent: bool = False) -> dict[int, list[int]]:
+    found = word_patch_targets(words, _labels(), keep_absent)
+    return {i: np.flatnonzero(mask).tolist() for i, mask in found}
+
+
+def test_word_patch_targets_names_the_right_patches() -> None:
+    words = _words("what color is the circle ? how many red circles , blue dot , green")
+    assert _targets(words) == {4: [1, 2], 8: [1, 2], 9: [1, 2], 11: [5], 12: [5]}
+    # green is absent: no target, or an empty one when asked to keep absent words
+    assert _targets(words, keep_absent=True)[14] == []
+    digits = _words("how many cells show the digit 7 ? 7")
+    assert _targets(digits) == {6: [9, 10]}  # a bare 7 names nothing
+    cells = _words("what digit is in row 2 column 2 ? what is the code ?")
+    assert _targets(cells) == {5: [13], 7: [9, 10, 13], 12: [14, 15]}
+
+
+@pytest.mark.parametrize(
+    "question,expected",
+    [
+        ("what color is the circle ?", [1, 2]),
+        ("how many red circles are there ?", [1, 2]),
+        ("what digit is in row 2 column 2 ?", [13]),  # row and column intersect
+        ("where is the red circle relative to the blue dot ?", [1, 2, 5]),  # two things
+        ("what color is the circle ? ( a ) red ( b ) blue", [1, 2]),  # options ignored
+        ("how many green circles are there ?", None),  # zero: nothing to look at
+        ("is there a blue circle ?", None),  # absent conjunction
+        ("what color is the object nearest to the red circle ?", None),  # unnamed answer
+    ],
+)
+def test_evidence_mask(question: str, expected: list[int] | None) -> None:
+    words = _words(question)
+    evidence = evidence_mask(words, word_patch_targets(words, _labels(), keep_absent=True))
+    assert (None if evidence is None else np.flatnonzero(evidence).tolist()) == expected
+
+
+def _naive_loss(attentions: torch.Tensor, ids: torch.Tensor, positions, masks, heads, image_id):
+    terms = []
+    for b in range(ids.shape[0]):
+        image = (ids[b] == image_id).nonzero().flatten()
+        for k in range(positions.shape[1]):
+            if positions[b, k] < 0:
+                continue
+            for h in range(heads):
+                row = attentions[b, h, positions[b, k], image]
+                terms.append(-torch.log(row[masks[b, k]].sum()))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("layer,heads", [(0, 1), (0, 2)])
+def test_grounding_loss_matches_eager_attention(layer: int, heads: int) -> None:
+    torch.manual_seed(0)
+    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)  # 16 patches
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    tokenizer = processor.tokenizer
+    image_id = model.config.image_token_id
+    words = tokenizer.encode(
+        "USER: what color is the red circle ? ASSISTANT:", add_special_tokens=False
+    )
+    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words] * 2)
+    ids[1, -1] = tokenizer.pad_token_id
+    attention_mask = (ids != tokenizer.pad_token_id).long()
+    positions = torch.tensor([[1 + N + 5, 1 + N + 6], [1 + N + 6, -1]])
+    masks = torch.rand(2, 2, N) > 0.5
+    masks[..., 0] = True
+    pixels = torch.randn(2, 3, 56, 56)
+    term = GroundingLoss(model, weight=0.5, layer=layer, heads=heads)
+    out = model(
+        input_ids=ids, attention_mask=attention_mask, pixel_values=pixels, output_attentions=True
+    )
+    got = term(model, {"input_ids": ids, POSITIONS_KEY: positions, MASKS_KEY: masks}, out)
+    expected = 0.5 * _naive_loss(out.attentions[layer], ids, positions, masks, heads, image_id)
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+
+    got.backward()
+    attention = model.model.language_model.layers[layer].self_attn
+    assert attention.q_proj.weight.grad.abs().sum() > 0
+    assert attention.k_proj.weight.grad.abs().sum() > 0
+    term.remove()
+
+
+def test_grounding_loss_rejects_bad_layer() -> None:
+    model, _ = build_reference(size="cpu-tiny", image_size=56, seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        GroundingLoss(model, 1.0, layer=5)
+    with pytest.raises(ValueError, match="heads"):
+        GroundingLoss(model, 1.0, heads=9)
+
+
+def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> None:
+    from recipes.train import (
+        PackedVQADataset,
+        cache_pixels,
+        collator_for,
+        load_examples,
+        patch_label_sets_for,
+    )
+
+    out = data.export(
+        data.make_dataset_dict(train=14, validation=0, test=0, seed=4, train_questions_per_image=3),
+        tmp_path / "data",
+    )
+    _, processor = build_reference(size="cpu-tiny", seed=0)
+    examples = load_examples(out, "train")
+    pixels = cache_pixels(examples, processor.image_processor, progress=False)
+    label_sets = patch_label_sets_for(examples, pixels)
+    dataset = PackedVQADataset(
+        examples, pixels, processor.tokenizer, 256, patch_label_sets=label_sets
+    )
+    vocabulary = set(data.COLOURS + data.SHAPES + tuple(data.SHAPE_PLURALS.values()))
+    vocabulary |= {"dot", *data.DIGITS}
+    seen = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image_index = dataset.items[index][0]
+        tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+        for position, mask in zip(item[POSITIONS_KEY].tolist(), item[MASKS_KEY], strict=True):
+            word = tokens[position]
+            assert word in vocabulary
+            assert mask.any()
+            expected = dict(
+                word_patch_targets([tokens[position - 1], word], label_sets[image_index])
+            )
+            assert torch.equal(mask, torch.from_numpy(expected[1]))
+            seen += 1
+    assert seen > 10
+    answers = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        for position in item[EVIDENCE_POSITIONS_KEY].tolist():
+            # the prompt's last token, whose next token is the first answer token
+            assert item["labels"][position] == -100 and item["labels"][position + 1] != -100
+            answers += 1
+        assert len(item[EVIDENCE_MASKS_KEY]) == len(item[EVIDENCE_POSITIONS_KEY])
+    assert answers > 5
+    batch = collator_for(processor)([dataset[0], dataset[1]])
+    assert batch[POSITIONS_KEY].shape[0] == 2 and batch[MASKS_KEY].shape[-1] == 256
+    assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
+
+
+def test_train_cli_with_grounding(tmp_path: Path) -> None:
+    from recipes.train import main as train_main
+
+    out = data.export(
+        data.make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
+        tmp_path / "data",
+    )
+    run = tmp_path / "run"
+    argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
+    argv += ["--output-dir", str(run), "--batch-size", "4", "--max-steps", "2"]
+    argv += ["--grounding-weight", "1.0", "--evidence-weight", "1.0", "--logging-steps", "1"]
+    assert train_main(argv) == 0
+    history = [r for r in json.loads((run / "loss.json").read_text())["history"] if "loss" in r]
+    assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
+
+    plain = tmp_path / "plain"
+    argv_plain = [a if a != str(run) else str(plain) for a in argv]
+    argv_plain[argv_plain.index("--grounding-weight") + 1] = "0"
+    argv_plain[argv_plain.index("--evidence-weight") + 1] = "0"
+    assert train_main(argv_plain) == 0
+    plain_history = [
+        r for r in json.loads((plain / "loss.json").read_text())["history"] if "loss" in r
+    ]
+    # Same seed and data: the logged loss differs only by the grounding term.
+    assert history[0]["loss"] > plain_history[0]["loss"]
+
+
+def test_train_cli_grounding_needs_metadata(tmp_path: Path) -> None:
+    from recipes.train import main as train_main
+
+    out = data.export(
+        data.make_dataset_dict(train=4, validation=0, test=0, seed=3), tmp_path / "data"
+    )
+    argv = ["--data", str(out / "llava" / "train.json"), "--init-reference"]
+    argv += ["--model-size", "cpu-tiny", "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    argv += ["--max-steps", "1", "--grounding-weight", "1.0"]
+    with pytest.raises(ValueError, match="scene metadata"):
+        train_main(argv)
