@@ -7,8 +7,9 @@ metadata says which patches each colour, shape and digit word names, so one atte
 one early layer is trained to put its mass there: `-log(attention mass on the named patches)`
 for every grounded word, the word-region alignment objective of grounded pretraining (MDETR,
 GLIP). The same loss, on a later layer at the position that predicts the answer, points
-that position at the patches the answer rests on (`evidence_mask`). It shapes training only;
-inference is the unchanged LLaVA.
+that position at the patches the answer rests on (`evidence_mask`), or (readout) at the
+question's grounded words, which after the first layer carry what they found in the image. It
+shapes training only; inference is the unchanged LLaVA.
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ POSITIONS_KEY = "grounding_positions"
 MASKS_KEY = "grounding_masks"
 EVIDENCE_POSITIONS_KEY = "evidence_positions"
 EVIDENCE_MASKS_KEY = "evidence_masks"
+READOUT_POSITIONS_KEY = "readout_positions"
+READOUT_MASKS_KEY = "readout_masks"  # over sequence positions, not patches
 # Batch entries for these losses only; the trainer takes them out before the model's forward.
-SIDE_KEYS: tuple[str, ...] = (POSITIONS_KEY, MASKS_KEY, EVIDENCE_POSITIONS_KEY, EVIDENCE_MASKS_KEY)
+SIDE_KEYS: tuple[str, ...] = (
+    POSITIONS_KEY,
+    MASKS_KEY,
+    EVIDENCE_POSITIONS_KEY,
+    EVIDENCE_MASKS_KEY,
+    READOUT_POSITIONS_KEY,
+    READOUT_MASKS_KEY,
+)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +55,8 @@ class GroundingLoss:
         heads: int = 1,
         positions_key: str = POSITIONS_KEY,
         masks_key: str = MASKS_KEY,
+        first_head: int = 0,
+        over_patches: bool = True,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
@@ -54,13 +66,17 @@ class GroundingLoss:
             raise ValueError(f"grounding layer {layer} out of range: the LLM has {n_layers}")
         attention = language_model.layers[layer].self_attn
         n_heads = language_model.config.num_attention_heads
-        if not 1 <= heads <= n_heads:
-            raise ValueError(f"grounding heads must be in 1..{n_heads}, got {heads}")
+        if heads < 1 or first_head < 0 or first_head + heads > n_heads:
+            raise ValueError(
+                f"grounding heads {first_head}..{first_head + heads - 1} must lie in "
+                f"0..{n_heads - 1}"
+            )
         if language_model.config.num_key_value_heads != n_heads:
             raise ValueError("grounding supervision assumes one key head per query head")
         self.weight = weight
         self.heads = heads
         self.positions_key, self.masks_key = positions_key, masks_key
+        self.first_head, self.over_patches = first_head, over_patches
         self.attention = attention
         self.image_token_id = model.config.image_token_id
         self._captured: dict[str, Any] = {}
@@ -85,25 +101,29 @@ class GroundingLoss:
         query_positions = positions[rows, slots]
         module, h = self.attention, self.heads
         d = module.head_dim
+        supervised = slice(self.first_head, self.first_head + h)
         cos, sin = rope
         if cos.shape[0] == 1:
             cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
         batch, length, _ = hidden.shape
-        keys = module.k_proj(hidden).view(batch, length, -1, d)[:, :, :h]  # (B, T, h, d)
+        keys = module.k_proj(hidden).view(batch, length, -1, d)[:, :, supervised]  # (B, T, h, d)
         keys = keys * cos[:, :, None] + _rotate_half(keys) * sin[:, :, None]
         query_hidden = hidden[rows, query_positions]  # (N, D)
-        queries = module.q_proj(query_hidden).view(len(rows), -1, d)[:, :h]  # (N, h, d)
+        queries = module.q_proj(query_hidden).view(len(rows), -1, d)[:, supervised]  # (N, h, d)
         q_cos, q_sin = cos[rows, query_positions][:, None], sin[rows, query_positions][:, None]
         queries = queries * q_cos + _rotate_half(queries) * q_sin
         scores = torch.einsum("nhd,nthd->nht", queries, keys[rows]) * module.scaling
         key_index = torch.arange(length, device=hidden.device)
         scores = scores.masked_fill(key_index[None, None] > query_positions[:, None, None], -1e9)
         log_attention = scores.float().log_softmax(dim=-1)  # (N, h, T)
+        target = masks[rows, slots][:, None]  # (N, 1, P or T)
+        if not self.over_patches:
+            masked = log_attention.masked_fill(~target[..., :length], float("-inf"))
+            return -self.weight * masked.logsumexp(dim=-1).mean()
         image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)
         patch_log_attention = log_attention.gather(
             2, image_positions[rows][:, None].expand(-1, h, -1)
         )  # (N, h, P)
-        target = masks[rows, slots][:, None]  # (N, 1, P)
         masked = patch_log_attention.masked_fill(~target, float("-inf"))
         log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the named patches
         return -self.weight * log_mass.mean()
@@ -122,6 +142,8 @@ __all__ = [
     "EVIDENCE_POSITIONS_KEY",
     "MASKS_KEY",
     "POSITIONS_KEY",
+    "READOUT_MASKS_KEY",
+    "READOUT_POSITIONS_KEY",
     "SIDE_KEYS",
     "GroundingLoss",
 ]

@@ -42,6 +42,8 @@ from recipes.grounding import EVIDENCE_MASKS_KEY as EVIDENCE_MASKS
 from recipes.grounding import EVIDENCE_POSITIONS_KEY as EVIDENCE_POSITIONS
 from recipes.grounding import MASKS_KEY as GROUNDING_MASKS
 from recipes.grounding import POSITIONS_KEY as GROUNDING_POSITIONS
+from recipes.grounding import READOUT_MASKS_KEY as READOUT_MASKS
+from recipes.grounding import READOUT_POSITIONS_KEY as READOUT_POSITIONS
 from recipes.grounding import SIDE_KEYS
 
 IGNORE_INDEX = -100
@@ -68,8 +70,10 @@ class ImageExample:
 
 
 # (prompt token ids, answer token ids + </s>, [(prompt token index, patch mask)], the patches
-# the answer rests on or None)
-EncodedTurn = tuple[list[int], list[int], list[tuple[int, np.ndarray]], np.ndarray | None]
+# the answer rests on or None, prompt indices of the question's grounded words)
+EncodedTurn = tuple[
+    list[int], list[int], list[tuple[int, np.ndarray]], np.ndarray | None, list[int]
+]
 
 
 def _strip_image_tag(text: str) -> str:
@@ -307,13 +311,15 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     raise ValueError(
                         f"out-of-vocabulary word in {turn.question!r} -> {turn.answer!r}"
                     )
-                grounds, evidence = [], None
+                grounds, evidence, readout = [], None, []
                 if patch_label_sets is not None:
                     words = tokenizer.convert_ids_to_tokens(prompt)
                     all_words = word_patch_targets(words, patch_label_sets[image_index], True)
                     grounds = [(i, mask) for i, mask in all_words if mask.any()]
                     evidence = evidence_mask(words, all_words)
-                encoded.append((prompt, target, grounds, evidence))
+                    options = words.index("(") if "(" in words else len(words)
+                    readout = [i for i, _ in grounds if i < options]
+                encoded.append((prompt, target, grounds, evidence, readout))
             if pack_per_image:
                 groups = [encoded]
                 if max_turns > 0:
@@ -335,13 +341,18 @@ class PackedVQADataset(torch.utils.data.Dataset):
         masks: list[np.ndarray] = []
         evidence_positions: list[int] = []
         evidence_masks: list[np.ndarray] = []
-        for prompt, target, grounds, evidence in turns:
+        readout_positions: list[int] = []
+        readout_words: list[list[int]] = []
+        for prompt, target, grounds, evidence, readout in turns:
             positions += [len(input_ids) + offset for offset, _ in grounds]
             masks += [mask for _, mask in grounds]
             if evidence is not None:
                 # The prompt's last token is the one that predicts the answer.
                 evidence_positions.append(len(input_ids) + len(prompt) - 1)
                 evidence_masks.append(evidence)
+            if readout:
+                readout_positions.append(len(input_ids) + len(prompt) - 1)
+                readout_words.append([len(input_ids) + i for i in readout])
             input_ids += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
         item = {
@@ -354,6 +365,11 @@ class PackedVQADataset(torch.utils.data.Dataset):
             item[GROUNDING_MASKS] = self._stack(masks)
             item[EVIDENCE_POSITIONS] = torch.tensor(evidence_positions, dtype=torch.long)
             item[EVIDENCE_MASKS] = self._stack(evidence_masks)
+            item[READOUT_POSITIONS] = torch.tensor(readout_positions, dtype=torch.long)
+            readout_masks = torch.zeros((len(readout_words), len(input_ids)), dtype=torch.bool)
+            for row, word_positions in enumerate(readout_words):
+                readout_masks[row, word_positions] = True
+            item[READOUT_MASKS] = readout_masks
         return item
 
     def _stack(self, masks: list[np.ndarray]) -> torch.Tensor:
@@ -412,17 +428,18 @@ class PixelNormalizingCollator:
         for positions_key, masks_key in (
             (GROUNDING_POSITIONS, GROUNDING_MASKS),
             (EVIDENCE_POSITIONS, EVIDENCE_MASKS),
+            (READOUT_POSITIONS, READOUT_MASKS),
         ):
             if positions_key not in batch[0]:
                 continue
             slots = max(1, max(len(item[positions_key]) for item in batch))
-            patches = batch[0][masks_key].shape[1]
+            width = max(item[masks_key].shape[1] for item in batch)
             positions = torch.full((len(batch), slots), -1, dtype=torch.long)
-            masks = torch.zeros((len(batch), slots, patches), dtype=torch.bool)
+            masks = torch.zeros((len(batch), slots, width), dtype=torch.bool)
             for row, item in enumerate(batch):
-                k = len(item[positions_key])
+                k, w = item[masks_key].shape
                 positions[row, :k] = item[positions_key]
-                masks[row, :k] = item[masks_key]
+                masks[row, :k, :w] = item[masks_key]
             collated[positions_key] = positions
             collated[masks_key] = masks
         return collated
@@ -713,7 +730,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="weight of the same loss at the position that predicts the answer, onto the "
-        "patches the answer rests on (head 0 of --evidence-layer); 0 = off",
+        "patches the answer rests on (head 1 of --evidence-layer); 0 = off",
+    )
+    ground.add_argument(
+        "--readout-weight",
+        type=float,
+        default=0.0,
+        help="weight of the same loss at the position that predicts the answer, onto the "
+        "question's grounded words (head 0 of --readout-layer); 0 = off",
+    )
+    ground.add_argument(
+        "--readout-layer",
+        type=int,
+        default=-1,
+        help="LLM layer for the readout loss (negative counts from the end)",
     )
     ground.add_argument(
         "--evidence-layer",
@@ -802,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.families:
         examples = select_families(examples, args.families.split(","))
     pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
-    grounded = args.grounding_weight > 0 or args.evidence_weight > 0
+    grounded = max(args.grounding_weight, args.evidence_weight, args.readout_weight) > 0
     dataset = PackedVQADataset(
         examples,
         pixels,
@@ -831,6 +861,19 @@ def main(argv: list[str] | None = None) -> int:
                     1,
                     EVIDENCE_POSITIONS,
                     EVIDENCE_MASKS,
+                    first_head=1,
+                )
+            )
+        if args.readout_weight > 0:
+            extra_losses.append(
+                GroundingLoss(
+                    model,
+                    args.readout_weight,
+                    args.readout_layer,
+                    1,
+                    READOUT_POSITIONS,
+                    READOUT_MASKS,
+                    over_patches=False,
                 )
             )
     if args.vision_pretrain_steps > 0:

@@ -18,6 +18,8 @@ from recipes.grounding import (
     EVIDENCE_POSITIONS_KEY,
     MASKS_KEY,
     POSITIONS_KEY,
+    READOUT_MASKS_KEY,
+    READOUT_POSITIONS_KEY,
     GroundingLoss,
 )
 
@@ -125,11 +127,43 @@ def test_grounding_loss_matches_eager_attention(layer: int, heads: int) -> None:
     term.remove()
 
 
+def test_readout_loss_matches_eager_attention() -> None:
+    """Targets over sequence positions (the question's words), on the last layer's head 1."""
+    torch.manual_seed(1)
+    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    tokenizer = processor.tokenizer
+    image_id = model.config.image_token_id
+    words = tokenizer.encode("USER: is there a red circle ? ASSISTANT:", add_special_tokens=False)
+    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words])
+    length = ids.shape[1]
+    positions = torch.tensor([[length - 1]])
+    masks = torch.zeros(1, 1, length, dtype=torch.bool)
+    masks[0, 0, [1 + N + 4, 1 + N + 5]] = True  # "red", "circle"
+    term = GroundingLoss(
+        model,
+        2.0,
+        layer=-1,
+        heads=1,
+        positions_key="p",
+        masks_key="m",
+        first_head=1,
+        over_patches=False,
+    )
+    out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), output_attentions=True)
+    got = term(model, {"input_ids": ids, "p": positions, "m": masks}, out)
+    attention = out.attentions[-1][0, 1, length - 1]
+    expected = -2.0 * torch.log(attention[masks[0, 0]].sum())
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    term.remove()
+
+
 def test_grounding_loss_rejects_bad_layer() -> None:
     model, _ = build_reference(size="cpu-tiny", image_size=56, seed=0)
     with pytest.raises(ValueError, match="out of range"):
         GroundingLoss(model, 1.0, layer=5)
-    with pytest.raises(ValueError, match="heads"):
+    with pytest.raises(ValueError, match="must lie in"):
         GroundingLoss(model, 1.0, heads=9)
 
 
@@ -179,6 +213,22 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
             answers += 1
         assert len(item[EVIDENCE_MASKS_KEY]) == len(item[EVIDENCE_POSITIONS_KEY])
     assert answers > 5
+    readouts = 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+        assert item[READOUT_MASKS_KEY].shape == (len(item[READOUT_POSITIONS_KEY]), len(tokens))
+        for position, mask in zip(
+            item[READOUT_POSITIONS_KEY].tolist(), item[READOUT_MASKS_KEY], strict=True
+        ):
+            assert tokens[position] == ":" and item["labels"][position + 1] != -100
+            question_start = max(i for i in range(position) if tokens[i] == "user")
+            for word_position in mask.nonzero().flatten().tolist():
+                assert question_start < word_position < position
+                assert tokens[word_position] in vocabulary
+                assert "(" not in tokens[question_start:word_position]  # not an option
+            readouts += 1
+    assert readouts > 5
     batch = collator_for(processor)([dataset[0], dataset[1]])
     assert batch[POSITIONS_KEY].shape[0] == 2 and batch[MASKS_KEY].shape[-1] == 256
     assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
@@ -194,7 +244,8 @@ def test_train_cli_with_grounding(tmp_path: Path) -> None:
     run = tmp_path / "run"
     argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
     argv += ["--output-dir", str(run), "--batch-size", "4", "--max-steps", "2"]
-    argv += ["--grounding-weight", "1.0", "--evidence-weight", "1.0", "--logging-steps", "1"]
+    argv += ["--grounding-weight", "1.0", "--evidence-weight", "1.0", "--readout-weight", "1.0"]
+    argv += ["--logging-steps", "1"]
     assert train_main(argv) == 0
     history = [r for r in json.loads((run / "loss.json").read_text())["history"] if "loss" in r]
     assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
@@ -203,6 +254,7 @@ def test_train_cli_with_grounding(tmp_path: Path) -> None:
     argv_plain = [a if a != str(run) else str(plain) for a in argv]
     argv_plain[argv_plain.index("--grounding-weight") + 1] = "0"
     argv_plain[argv_plain.index("--evidence-weight") + 1] = "0"
+    argv_plain[argv_plain.index("--readout-weight") + 1] = "0"
     assert train_main(argv_plain) == 0
     plain_history = [
         r for r in json.loads((plain / "loss.json").read_text())["history"] if "loss" in r
