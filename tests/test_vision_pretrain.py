@@ -27,6 +27,7 @@ from eval.testbed.data import (
 )
 from eval.testbed.model import build_reference, sincos_position_embedding
 from eval.testbed.patch_labels import (
+    GROUNDING_LABELS,
     INK_THRESHOLD,
     LABEL_CLASSES,
     MIN_INK_PIXELS,
@@ -101,7 +102,7 @@ def test_patch_labels_hand_built_scene() -> None:
     # Metadata as the generator stores it (a JSON string) and as a dict give the same labels.
     labels = patch_labels(json.dumps(meta), pixels)
     as_dict = patch_labels(meta, pixels)
-    assert labels.keys() == as_dict.keys() == LABEL_CLASSES.keys()
+    assert labels.keys() == as_dict.keys() == LABEL_CLASSES.keys() | set(GROUNDING_LABELS)
     for name in labels:
         assert np.array_equal(labels[name], as_dict[name])
         assert labels[name].dtype == np.int64
@@ -210,6 +211,9 @@ def test_patch_labels_text_boxes() -> None:
     expected_char[0, 3] = chars.index("5")
     assert np.array_equal(_grid(labels, "char"), expected_char)
     assert np.array_equal(_grid(labels, "digit"), _expected({(6, 6): 1 + DIGITS.index("7")}))
+    # The digit's grid cell (row 1, column 1 of the digit grid) marks exactly its patch.
+    assert np.array_equal(_grid(labels, "cell_row"), _expected({(6, 6): 1}))
+    assert np.array_equal(_grid(labels, "cell_column"), _expected({(6, 6): 1}))
     for name in ("colour", "shape", "centre"):
         assert (labels[name] == 0).all()
 

@@ -40,6 +40,9 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "row": (),  # filled in per grid size by label_sizes()
     "column": (),
 }
+# Returned by patch_labels() beside LABEL_CLASSES but not pretraining targets: the 1-based grid
+# cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3".
+GROUNDING_LABELS: tuple[str, ...] = ("cell_row", "cell_column")
 INK_THRESHOLD = 60  # grid lines (200 on 245) stay below it, shapes and ink are far above
 MIN_INK_PIXELS = 8  # of 196: a sliver at a patch border does not make the patch an object
 
@@ -116,10 +119,8 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         labels["centre"][_centre_patch(dot["box"], grid)] = 1
 
     best_digit = np.zeros(n, dtype=np.int64)
-    # Not pretraining targets (absent from LABEL_CLASSES): the grid cell a digit's ink sits in,
-    # 1-based as the questions count rows and columns, for grounding "row 2" / "column 3".
-    labels["cell_row"] = np.zeros(n, dtype=np.int64)
-    labels["cell_column"] = np.zeros(n, dtype=np.int64)
+    for name in GROUNDING_LABELS:
+        labels[name] = np.zeros(n, dtype=np.int64)
     for glyph in scene.get("digits", []):
         counts = _ink_per_patch(ink, glyph["box"], grid)
         before = best_digit.copy()
@@ -205,6 +206,7 @@ def evidence_mask(
 
 
 __all__ = [
+    "GROUNDING_LABELS",
     "LABEL_CLASSES",
     "evidence_mask",
     "label_sizes",
