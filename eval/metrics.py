@@ -31,6 +31,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------
 # Shared validation
@@ -726,6 +727,37 @@ def exact_match_per_item(predictions: Sequence[str], answers: Sequence[str]) -> 
         _exact_match_key(prediction) == _exact_match_key(answer)
         for prediction, answer in zip(predictions, answers, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two settings scored on the same questions: how many each got right alone, and the
+    exact two-sided McNemar p-value of that split (1.0 when they never disagree)."""
+
+    only_first: int
+    only_second: int
+    total: int
+    p_value: float
+
+    @property
+    def delta_points(self) -> float:
+        """Accuracy of the first minus the second, in percentage points."""
+        return 100.0 * (self.only_first - self.only_second) / self.total if self.total else 0.0
+
+
+def paired_comparison(
+    first_correct: Sequence[bool], second_correct: Sequence[bool]
+) -> PairedComparison:
+    """Compares two settings question by question. Questions both get right or both get wrong
+    say nothing about which is better; the discordant ones are a fair coin under "no
+    difference", which is far more sensitive than comparing two overall accuracies."""
+    _require_same_length("first_correct", first_correct, "second_correct", second_correct)
+    only_first = sum(1 for a, b in zip(first_correct, second_correct, strict=True) if a and not b)
+    only_second = sum(1 for a, b in zip(first_correct, second_correct, strict=True) if b and not a)
+    discordant = only_first + only_second
+    tail = sum(math.comb(discordant, k) for k in range(min(only_first, only_second) + 1))
+    p_value = min(1.0, 2.0 * tail / 2**discordant) if discordant else 1.0
+    return PairedComparison(only_first, only_second, len(first_correct), p_value)
 
 
 def score_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:

@@ -111,6 +111,63 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (first, second) setting names compared question by question; budgets must match.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("training-free", "full model"),
+    ("LoRA + alignment", "training-free"),
+    ("LoRA + alignment", "LoRA, no alignment"),
+    ("LoRA + alignment", "LoRA + alignment, query"),
+)
+
+
+def _per_question_correct(answers_dir: Path, gold: dict[str, str]) -> dict[str, bool]:
+    from eval.metrics import exact_match_per_item
+
+    records = []
+    for path in sorted(answers_dir.glob("*.jsonl")):
+        records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    ids = [r["id"] for r in records]
+    correct = exact_match_per_item([r["prediction"] for r in records], [gold[i] for i in ids])
+    return dict(zip(ids, correct, strict=True))
+
+
+def paired_table(results: Sequence[dict[str, Any]], eval_root: Path, gold: dict[str, str]) -> str:
+    """McNemar comparisons of the settings in `PAIRS` at every budget where both ran."""
+    from eval.metrics import paired_comparison
+
+    lines = [
+        "| comparison | budget | right only in first | right only in second | "
+        "difference (points) | McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["setting"], str(r["budget"])): r for r in results}
+    for first, second in PAIRS:
+        for (name, budget), row in by_key.items():
+            if name != first:
+                continue
+            other = by_key.get((second, budget)) or (
+                by_key.get((second, "full")) if second == "full model" else None
+            )
+            if other is None:
+                continue
+            a = _per_question_correct(eval_root / row["slug"] / "answers", gold)
+            b = _per_question_correct(eval_root / other["slug"] / "answers", gold)
+            shared = sorted(a.keys() & b.keys())
+            result = paired_comparison([a[i] for i in shared], [b[i] for i in shared])
+            lines.append(
+                f"| {first} vs {second} | {budget} | {result.only_first} | "
+                f"{result.only_second} | {result.delta_points:+.1f} | {result.p_value:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _gold_answers(data: Path, split: str) -> dict[str, str]:
+    from eval.testbed.data import load_split
+
+    dataset = load_split(data, split).remove_columns(["image"])
+    return dict(zip(dataset["id"], dataset["answer"], strict=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.recovery_study",
@@ -140,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("outputs/recovery"), help="runs, results.json/.md"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild results.md (table + paired McNemar comparisons) from an earlier run in "
+        "--out without training or evaluating anything",
+    )
     return parser
 
 
@@ -152,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             f"error: no testbed export at {args.data}; make one with "
             "`crossget data make --out data/testbed` (see Makefile reference-model)"
         )
+    if args.report_only:
+        saved = args.out / "results.json"
+        if not saved.is_file():
+            raise SystemExit(f"error: --report-only but no {saved}; run the study first")
+        results = json.loads(saved.read_text(encoding="utf-8"))["rows"]
+        for row in results:
+            row.setdefault("slug", _slug_of_row(row))
+        return _report(results, args)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     results: list[dict[str, Any]] = []
     for setting in settings_for(budgets, args.ablation_budget):
@@ -159,14 +230,28 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.out / "runs" / slug if setting.train else None
         train_seconds = _finetune(setting, args, run_dir) if run_dir is not None else None
         row = _evaluate(setting, args, run_dir, args.out / "eval" / slug)
-        row |= {"setting": setting.name, "guidance": setting.guidance,
+        row |= {"setting": setting.name, "guidance": setting.guidance, "slug": slug,
                 "train_seconds": train_seconds, "steps": args.steps if setting.train else 0}  # fmt: skip
         results.append(row)
         settings = {k: str(v) for k, v in vars(args).items()}
         write_json_atomic(args.out / "results.json", {"args": settings, "rows": results})
+    return _report(results, args)
+
+
+def _slug_of_row(row: dict[str, Any]) -> str:
+    """The slug of a row saved before rows carried one (same naming as `_slug`)."""
+    name = row["setting"]
+    weight = "0" if name == "LoRA, no alignment" else "default"
+    trained = name.startswith("LoRA")
+    return f"{row['budget']}-{row['guidance']}-align{weight}-{'ft' if trained else 'free'}"
+
+
+def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
     table = format_table(results)
-    atomic_write_text(args.out / "results.md", table)
-    print(table)
+    pairs = paired_table(results, args.out / "eval", _gold_answers(args.data, args.split))
+    text = f"{table}\nSame questions, compared one by one (exact McNemar test):\n\n{pairs}"
+    atomic_write_text(args.out / "results.md", text)
+    print(text)
     return 0
 
 

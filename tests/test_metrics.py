@@ -18,6 +18,7 @@ from eval.metrics import (
     mme_parse_answer,
     mme_scores,
     normalize_answer,
+    paired_comparison,
     per_group_accuracy,
     pope_metrics,
     pope_parse_answer,
@@ -451,3 +452,29 @@ def test_empty_inputs_raise() -> None:
         mme_scores([])
     with pytest.raises(ValueError, match="empty"):
         mmbench_circular_accuracy([])
+
+
+@pytest.mark.parametrize(
+    "only_first,only_second,expected_p",
+    [(10, 0, 2 / 1024), (1, 4, 12 / 32), (3, 3, 1.0), (0, 0, 1.0)],
+)
+def test_paired_comparison_exact_mcnemar(
+    only_first: int, only_second: int, expected_p: float
+) -> None:
+    both, neither = 7, 5
+    first = [True] * only_first + [False] * only_second + [True] * both + [False] * neither
+    second = [False] * only_first + [True] * only_second + [True] * both + [False] * neither
+    result = paired_comparison(first, second)
+    assert (result.only_first, result.only_second, result.total) == (
+        only_first,
+        only_second,
+        len(first),
+    )
+    assert result.p_value == pytest.approx(expected_p)
+    assert result.delta_points == pytest.approx(100 * (only_first - only_second) / len(first))
+    stats = pytest.importorskip("scipy.stats")
+    if only_first + only_second:
+        reference = stats.binomtest(only_first, only_first + only_second, 0.5).pvalue
+        assert result.p_value == pytest.approx(reference)
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])

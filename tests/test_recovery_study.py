@@ -1,0 +1,48 @@
+"""`python -m eval.recovery_study --report-only`: the table and the paired comparisons are
+rebuilt from a finished run's saved answers, scored against the split's gold answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.recovery_study import main
+from eval.testbed.data import load_split
+
+
+def _row(setting: str, budget: str, slug: str, accuracy: float) -> dict:
+    metrics = {"accuracy": accuracy, "accuracy/attribute": accuracy}
+    return {"setting": setting, "budget": budget, "visual_tokens": 256 if budget == "full" else 64,
+            "guidance": "cross", "slug": slug, "train_seconds": None, "metrics": metrics}  # fmt: skip
+
+
+def test_report_only_pairs_settings_question_by_question(
+    tmp_path: Path, testbed: Path, model_dir: Path, capsys
+) -> None:
+    gold = load_split(testbed, "test").remove_columns(["image"])
+    ids, answers = list(gold["id"]), list(gold["answer"])
+    assert len(ids) == 10
+    # full: all right; training-free: last 4 wrong; LoRA: last 1 wrong and 1 of the first wrong.
+    wrong = {"full": set(), "free": set(range(6, 10)), "ft": {0, 9}}
+    out = tmp_path / "study"
+    for slug, misses in wrong.items():
+        folder = out / "eval" / slug / "answers"
+        folder.mkdir(parents=True)
+        lines = [
+            json.dumps({"id": i, "prediction": "zzz" if k in misses else a})
+            for k, (i, a) in enumerate(zip(ids, answers, strict=True))
+        ]
+        (folder / "testbed-crossget.rank0.jsonl").write_text("\n".join(lines) + "\n")
+    rows = [
+        _row("full model", "full", "full", 100.0),
+        _row("training-free", "64", "free", 60.0),
+        _row("LoRA + alignment", "64", "ft", 80.0),
+    ]
+    (out / "results.json").write_text(json.dumps({"args": {}, "rows": rows}))
+    argv = ["--model", str(model_dir), "--data", str(testbed), "--out", str(out)]
+    assert main([*argv, "--report-only"]) == 0
+    text = (out / "results.md").read_text()
+    assert "McNemar" in capsys.readouterr().out
+    assert "| training-free vs full model | 64 | 0 | 4 | -40.0 | 0.125 |" in text
+    # LoRA right alone on 6, 7, 8; training-free right alone on 0: 3 vs 1 of 4 -> p = 0.625.
+    assert "| LoRA + alignment vs training-free | 64 | 3 | 1 | +20.0 | 0.625 |" in text
