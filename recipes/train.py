@@ -378,6 +378,24 @@ class PackedVQADataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack(masks))
 
 
+def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
+    """The attention losses switched on by their --*-weight flags (see recipes/grounding.py):
+    (weight, layer, heads, positions key, masks key, first head, targets are patches)."""
+    from recipes.grounding import GroundingLoss
+
+    specs = [
+        (args.grounding_weight, args.grounding_layer, args.grounding_heads,
+         GROUNDING_POSITIONS, GROUNDING_MASKS, 0, True),
+        (args.evidence_weight, args.evidence_layer, 1, EVIDENCE_POSITIONS, EVIDENCE_MASKS, 1, True),
+        (args.readout_weight, args.readout_layer, 1, READOUT_POSITIONS, READOUT_MASKS, 0, False),
+    ]  # fmt: skip
+    return [
+        GroundingLoss(model, weight, layer, heads, positions, masks, first, over_patches)
+        for weight, layer, heads, positions, masks, first, over_patches in specs
+        if weight > 0
+    ]
+
+
 def patch_label_sets_for(
     examples: Sequence[ImageExample], pixels: torch.Tensor
 ) -> list[dict[str, np.ndarray]]:
@@ -842,40 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         max_turns=args.max_turns,
         patch_label_sets=patch_label_sets_for(examples, pixels) if grounded else None,
     )
-    extra_losses = []
-    if grounded:
-        from recipes.grounding import GroundingLoss
-
-        if args.grounding_weight > 0:
-            extra_losses.append(
-                GroundingLoss(
-                    model, args.grounding_weight, args.grounding_layer, args.grounding_heads
-                )
-            )
-        if args.evidence_weight > 0:
-            extra_losses.append(
-                GroundingLoss(
-                    model,
-                    args.evidence_weight,
-                    args.evidence_layer,
-                    1,
-                    EVIDENCE_POSITIONS,
-                    EVIDENCE_MASKS,
-                    first_head=1,
-                )
-            )
-        if args.readout_weight > 0:
-            extra_losses.append(
-                GroundingLoss(
-                    model,
-                    args.readout_weight,
-                    args.readout_layer,
-                    1,
-                    READOUT_POSITIONS,
-                    READOUT_MASKS,
-                    over_patches=False,
-                )
-            )
+    extra_losses = grounding_losses(model, args) if grounded else []
     if args.vision_pretrain_steps > 0:
         from recipes.vision_pretrain import run_vision_pretrain
 
