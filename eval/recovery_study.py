@@ -141,17 +141,23 @@ def paired_table(results: Sequence[dict[str, Any]], eval_root: Path, gold: dict[
         "|---|---|---|---|---|---|",
     ]
     by_key = {(r["setting"], str(r["budget"])): r for r in results}
+    correct: dict[str, dict[str, bool]] = {}  # per slug, each answers file read once
+
+    def correct_of(row: dict[str, Any]) -> dict[str, bool]:
+        if row["slug"] not in correct:
+            answers = eval_root / row["slug"] / "answers"
+            correct[row["slug"]] = _per_question_correct(answers, gold)
+        return correct[row["slug"]]
+
     for first, second in PAIRS:
         for (name, budget), row in by_key.items():
             if name != first:
                 continue
-            other = by_key.get((second, budget)) or (
-                by_key.get((second, "full")) if second == "full model" else None
-            )
+            # Same budget, or the full model's single row.
+            other = by_key.get((second, budget)) or by_key.get((second, "full"))
             if other is None:
                 continue
-            a = _per_question_correct(eval_root / row["slug"] / "answers", gold)
-            b = _per_question_correct(eval_root / other["slug"] / "answers", gold)
+            a, b = correct_of(row), correct_of(other)
             shared = sorted(a.keys() & b.keys())
             result = paired_comparison([a[i] for i in shared], [b[i] for i in shared])
             lines.append(
@@ -220,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         if not saved.is_file():
             raise SystemExit(f"error: --report-only but no {saved}; run the study first")
         results = json.loads(saved.read_text(encoding="utf-8"))["rows"]
-        for row in results:
-            row.setdefault("slug", _slug_of_row(row))
         return _report(results, args)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     results: list[dict[str, Any]] = []
@@ -236,14 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = {k: str(v) for k, v in vars(args).items()}
         write_json_atomic(args.out / "results.json", {"args": settings, "rows": results})
     return _report(results, args)
-
-
-def _slug_of_row(row: dict[str, Any]) -> str:
-    """The slug of a row saved before rows carried one (same naming as `_slug`)."""
-    name = row["setting"]
-    weight = "0" if name == "LoRA, no alignment" else "default"
-    trained = name.startswith("LoRA")
-    return f"{row['budget']}-{row['guidance']}-align{weight}-{'ft' if trained else 'free'}"
 
 
 def _report(results: list[dict[str, Any]], args: argparse.Namespace) -> int:

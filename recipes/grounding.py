@@ -91,7 +91,7 @@ class GroundingLoss:
 
     def __call__(self, model: Any, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
         positions = inputs[self.positions_key]  # (B, K), -1 = padding
-        masks = inputs[self.masks_key]  # (B, K, P) bool over the image's patch tokens
+        masks = inputs[self.masks_key]  # (B, K, P) over patch tokens, or (B, K, T) positions
         hidden, rope = self._captured.get("hidden"), self._captured.get("rope")
         if hidden is None or rope is None:
             raise RuntimeError("grounding loss: the attention layer did not run in this forward")

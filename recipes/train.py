@@ -287,7 +287,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         max_turns: int = 0,
         patch_label_sets: Sequence[dict[str, np.ndarray]] | None = None,
     ) -> None:
-        from eval.testbed.patch_labels import evidence_mask, word_patch_targets
+        from eval.testbed.patch_labels import evidence_mask, question_end, word_patch_targets
 
         if patch_label_sets is not None and len(patch_label_sets) != len(examples):
             raise ValueError("patch_label_sets needs one entry per image")
@@ -317,8 +317,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     all_words = word_patch_targets(words, patch_label_sets[image_index], True)
                     grounds = [(i, mask) for i, mask in all_words if mask.any()]
                     evidence = evidence_mask(words, all_words)
-                    options = words.index("(") if "(" in words else len(words)
-                    readout = [i for i, _ in grounds if i < options]
+                    readout = [i for i, _ in grounds if i < question_end(words)]
                 encoded.append((prompt, target, grounds, evidence, readout))
             if pack_per_image:
                 groups = [encoded]
@@ -346,12 +345,12 @@ class PackedVQADataset(torch.utils.data.Dataset):
         for prompt, target, grounds, evidence, readout in turns:
             positions += [len(input_ids) + offset for offset, _ in grounds]
             masks += [mask for _, mask in grounds]
+            answer_position = len(input_ids) + len(prompt) - 1  # predicts the first answer token
             if evidence is not None:
-                # The prompt's last token is the one that predicts the answer.
-                evidence_positions.append(len(input_ids) + len(prompt) - 1)
+                evidence_positions.append(answer_position)
                 evidence_masks.append(evidence)
             if readout:
-                readout_positions.append(len(input_ids) + len(prompt) - 1)
+                readout_positions.append(answer_position)
                 readout_words.append([len(input_ids) + i for i in readout])
             input_ids += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
@@ -407,7 +406,7 @@ def patch_label_sets_for(
         raise ValueError(
             f"grounding needs testbed scene metadata; {len(missing)} images have none "
             f"(first: {missing[0]}). Train on a `crossget data make` export or drop "
-            "--grounding-weight."
+            "--grounding-weight, --evidence-weight and --readout-weight."
         )
     return [
         patch_labels(example.meta, pixels[i].permute(1, 2, 0).numpy())

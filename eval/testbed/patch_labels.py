@@ -76,11 +76,13 @@ def _centre_patch(box: list[int] | tuple[int, ...], grid: int) -> int:
 
 def _assign(
     labels: np.ndarray, best: np.ndarray, counts: np.ndarray, value: int, minimum: int
-) -> None:
-    """Writes `value` where this item has the most ink seen so far (and at least `minimum`)."""
+) -> np.ndarray:
+    """Writes `value` where this item has the most ink seen so far (and at least `minimum`);
+    returns where it wrote."""
     take = (counts >= minimum) & (counts > best)
     labels[take] = value
     best[take] = counts[take]
+    return take
 
 
 def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,9 +125,7 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         labels[name] = np.zeros(n, dtype=np.int64)
     for glyph in scene.get("digits", []):
         counts = _ink_per_patch(ink, glyph["box"], grid)
-        before = best_digit.copy()
-        _assign(labels["digit"], best_digit, counts, 1 + DIGITS.index(glyph["digit"]), 4)
-        won = best_digit != before
+        won = _assign(labels["digit"], best_digit, counts, 1 + DIGITS.index(glyph["digit"]), 4)
         labels["cell_row"][won] = int(glyph.get("row", 0))
         labels["cell_column"][won] = int(glyph.get("column", 0))
     best_char = np.zeros(n, dtype=np.int64)
@@ -136,6 +136,12 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
 
 
 SINGULAR_SHAPES: dict[str, str] = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
+
+
+def question_end(words: Sequence[str]) -> int:
+    """Index where a multiple-choice question's options "( a ) ..." start (else the length):
+    option words are candidates, not what the question is about."""
+    return words.index("(") if "(" in words else len(words)
 
 
 def word_patch_targets(
@@ -186,8 +192,7 @@ def evidence_mask(
     """
     if "nearest" in words or "farthest" in words:
         return None
-    options_start = words.index("(") if "(" in words else len(words)
-    kept = [(i, m) for i, m in targets if i < options_start]
+    kept = [(i, m) for i, m in targets if i < question_end(words)]
     if not kept:
         return None
     everything = np.logical_and.reduce([m for _, m in kept])
@@ -211,5 +216,6 @@ __all__ = [
     "evidence_mask",
     "label_sizes",
     "patch_labels",
+    "question_end",
     "word_patch_targets",
 ]
