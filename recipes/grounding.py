@@ -1,38 +1,90 @@
-"""Word-to-patch grounding loss for training the testbed reference model.
+"""Supervised attention for training the testbed reference model.
 
 A two-layer LLM trained from scratch sits on the answer-prior plateau for thousands of steps:
 nothing but the answer loss tells its attention which of 256 patches a question word is about,
 and that signal only arrives once the rest of the circuit already works. The testbed's scene
 metadata says which patches each colour, shape and digit word names, so one attention head of
-one early layer is trained to put its mass there: `-log(attention mass on the named patches)`
+the first layer is trained to put its mass there: `-log(attention mass on the named patches)`
 for every grounded word, the word-region alignment objective of grounded pretraining (MDETR,
-GLIP). The same loss, on a later layer at the position that predicts the answer, points
-that position at the patches the answer rests on (`evidence_mask`), or (readout) at the
-question's grounded words, which after the first layer carry what they found in the image. It
-shapes training only; inference is the unchanged LLaVA.
+GLIP). `SUPERVISIONS` lays out the rest of a circuit two layers can run, each on its own head:
+the position that predicts the answer gathers the question's words (first layer), then reads
+the words back, the patches of the first and second thing named, the things to count, and the
+right multiple-choice option (last layer). The targets come from train-split metadata only
+(eval/testbed/patch_labels.attention_targets); they shape training, and inference is the
+unchanged LLaVA.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-POSITIONS_KEY = "grounding_positions"
-MASKS_KEY = "grounding_masks"
-EVIDENCE_POSITIONS_KEY = "evidence_positions"
-EVIDENCE_MASKS_KEY = "evidence_masks"
-READOUT_POSITIONS_KEY = "readout_positions"
-READOUT_MASKS_KEY = "readout_masks"  # over sequence positions, not patches
+
+@dataclass(frozen=True)
+class Supervision:
+    """One supervised attention: which layer and head, at which positions (from the dataset's
+    `<name>_positions`), onto what (`<name>_masks`: patch masks, or sequence-position masks).
+
+    `uniform` spreads the head's attention evenly over the targets instead of only putting its
+    mass there, and `sink` adds the sequence's first token (BOS) to every target set: attention
+    spread evenly over n things and the sink gives the sink 1 / (n + 1), a count the head's
+    output keeps (a softmax over the things alone would normalise it away).
+    """
+
+    name: str
+    layer: int  # negative counts from the end
+    head: int
+    over_patches: bool
+    uniform: bool = False
+    sink: bool = False
+
+    @property
+    def positions_key(self) -> str:
+        return f"{self.name}_positions"
+
+    @property
+    def masks_key(self) -> str:
+        return f"{self.name}_masks"
+
+
+# The circuit a two-layer LLM is shown (targets: eval/testbed/patch_labels.attention_targets).
+SUPERVISIONS: dict[str, Supervision] = {
+    s.name: s
+    for s in (
+        Supervision("grounding", 0, 0, over_patches=True),  # word -> its patches
+        Supervision("question", 0, 1, over_patches=False),  # answer -> question words
+        Supervision("letter", 0, 2, over_patches=False),  # option word -> its letter
+        Supervision("question2", 0, 3, over_patches=False),  # answer -> the other words
+        Supervision("readout", -1, 0, over_patches=False),  # answer -> question words
+        Supervision("evidence", -1, 1, over_patches=True),  # answer -> first thing named
+        Supervision("count", -1, 1, over_patches=True, uniform=True, sink=True),  # -> each one
+        Supervision("second", -1, 2, over_patches=True),  # answer -> second thing named
+        Supervision("option", -1, 3, over_patches=False),  # answer -> the right option word
+        Supervision("neighbour", -2, 1, over_patches=True),  # anchor -> nearest/farthest one
+    )
+}
+POSITIONS_KEY = SUPERVISIONS["grounding"].positions_key
+MASKS_KEY = SUPERVISIONS["grounding"].masks_key
+# Which packed turn each token belongs to (0: BOS + image, -1: padding), when turns are isolated.
+TURN_IDS_KEY = "turn_ids"
 # Batch entries for these losses only; the trainer takes them out before the model's forward.
 SIDE_KEYS: tuple[str, ...] = (
-    POSITIONS_KEY,
-    MASKS_KEY,
-    EVIDENCE_POSITIONS_KEY,
-    EVIDENCE_MASKS_KEY,
-    READOUT_POSITIONS_KEY,
-    READOUT_MASKS_KEY,
+    *(key for s in SUPERVISIONS.values() for key in (s.positions_key, s.masks_key)),
+    TURN_IDS_KEY,
 )
+
+
+def turn_visibility(turn_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool, query x key: causal, and a token sees the shared prefix (turn 0) and its
+    own turn only; padding (-1) sees only padding (never an empty row), and nothing sees it."""
+    length = turn_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=turn_ids.device).tril()
+    query, key = turn_ids[:, :, None], turn_ids[:, None, :]
+    same = (key == query) | ((key == 0) & (query >= 0))
+    return causal[None] & same
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +109,8 @@ class GroundingLoss:
         masks_key: str = MASKS_KEY,
         first_head: int = 0,
         over_patches: bool = True,
+        uniform: bool = False,
+        sink: bool = False,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
@@ -77,6 +131,9 @@ class GroundingLoss:
         self.heads = heads
         self.positions_key, self.masks_key = positions_key, masks_key
         self.first_head, self.over_patches = first_head, over_patches
+        self.uniform, self.sink = uniform, sink
+        if sink and not over_patches:
+            raise ValueError("a sink target is for patch targets; add position 0 to the mask")
         self.attention = attention
         self.image_token_id = model.config.image_token_id
         self._captured: dict[str, Any] = {}
@@ -106,27 +163,47 @@ class GroundingLoss:
         if cos.shape[0] == 1:
             cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
         batch, length, _ = hidden.shape
-        keys = module.k_proj(hidden).view(batch, length, -1, d)[:, :, supervised]  # (B, T, h, d)
+        # Only the supervised heads' slices of the projections: the rest is not needed here.
+        keys = _head_projection(module.k_proj, hidden, supervised, d).view(batch, length, h, d)
         keys = keys * cos[:, :, None] + _rotate_half(keys) * sin[:, :, None]
         query_hidden = hidden[rows, query_positions]  # (N, D)
-        queries = module.q_proj(query_hidden).view(len(rows), -1, d)[:, supervised]  # (N, h, d)
+        queries = _head_projection(module.q_proj, query_hidden, supervised, d).view(-1, h, d)
         q_cos, q_sin = cos[rows, query_positions][:, None], sin[rows, query_positions][:, None]
         queries = queries * q_cos + _rotate_half(queries) * q_sin
         scores = torch.einsum("nhd,nthd->nht", queries, keys[rows]) * module.scaling
         key_index = torch.arange(length, device=hidden.device)
-        scores = scores.masked_fill(key_index[None, None] > query_positions[:, None, None], -1e9)
+        hidden_keys = key_index[None] > query_positions[:, None]  # (N, T)
+        if TURN_IDS_KEY in inputs:  # isolated packed turns: other turns are out of sight
+            turn_ids = inputs[TURN_IDS_KEY][rows]
+            own = turn_ids.gather(1, query_positions[:, None])
+            hidden_keys |= (turn_ids != own) & (turn_ids != 0)
+        scores = scores.masked_fill(hidden_keys[:, None], -1e9)
         log_attention = scores.float().log_softmax(dim=-1)  # (N, h, T)
         target = masks[rows, slots][:, None]  # (N, 1, P or T)
-        if not self.over_patches:
-            masked = log_attention.masked_fill(~target[..., :length], float("-inf"))
-            return -self.weight * masked.logsumexp(dim=-1).mean()
-        image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)
-        patch_log_attention = log_attention.gather(
-            2, image_positions[rows][:, None].expand(-1, h, -1)
-        )  # (N, h, P)
-        masked = patch_log_attention.masked_fill(~target, float("-inf"))
-        log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the named patches
+        if self.over_patches:
+            image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)
+            log_attention_on = log_attention.gather(
+                2, image_positions[rows][:, None].expand(-1, h, -1)
+            )  # (N, h, P)
+            if self.sink:
+                log_attention_on = torch.cat((log_attention[..., :1], log_attention_on), dim=-1)
+                target = F.pad(target, (1, 0), value=True)
+        else:
+            log_attention_on, target = log_attention, target[..., :length]
+        if self.uniform:  # cross-entropy against the uniform distribution over the targets
+            total = log_attention_on.masked_fill(~target, 0.0).sum(dim=-1)
+            return -self.weight * (total / target.sum(dim=-1).clamp_min(1)).mean()
+        masked = log_attention_on.masked_fill(~target, float("-inf"))
+        log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the targets
         return -self.weight * log_mass.mean()
+
+
+def _head_projection(
+    linear: torch.nn.Linear, hidden: torch.Tensor, heads: slice, head_dim: int
+) -> torch.Tensor:
+    rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    bias = None if linear.bias is None else linear.bias[rows]
+    return F.linear(hidden, linear.weight[rows], bias)
 
 
 def _image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -138,12 +215,12 @@ def _image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tens
 
 
 __all__ = [
-    "EVIDENCE_MASKS_KEY",
-    "EVIDENCE_POSITIONS_KEY",
     "MASKS_KEY",
     "POSITIONS_KEY",
-    "READOUT_MASKS_KEY",
-    "READOUT_POSITIONS_KEY",
     "SIDE_KEYS",
+    "SUPERVISIONS",
+    "TURN_IDS_KEY",
     "GroundingLoss",
+    "Supervision",
+    "turn_visibility",
 ]

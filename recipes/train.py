@@ -38,13 +38,7 @@ from eval.testbed.model import (
     build_reference,
     load_reference,
 )
-from recipes.grounding import EVIDENCE_MASKS_KEY as EVIDENCE_MASKS
-from recipes.grounding import EVIDENCE_POSITIONS_KEY as EVIDENCE_POSITIONS
-from recipes.grounding import MASKS_KEY as GROUNDING_MASKS
-from recipes.grounding import POSITIONS_KEY as GROUNDING_POSITIONS
-from recipes.grounding import READOUT_MASKS_KEY as READOUT_MASKS
-from recipes.grounding import READOUT_POSITIONS_KEY as READOUT_POSITIONS
-from recipes.grounding import SIDE_KEYS
+from recipes.grounding import SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
 
 IGNORE_INDEX = -100
 
@@ -275,7 +269,12 @@ def cache_pixels(
 class PackedVQADataset(torch.utils.data.Dataset):
     """Token ids, answer-only labels and cached pixels; one item per image (packed turns) or
     per question. With `patch_label_sets` (one per image, from the scene metadata) every item
-    also carries the grounding targets of its question words (see recipes/grounding.py)."""
+    also carries the grounding targets of its question words (see recipes/grounding.py).
+
+    With `isolate_turns`, every packed turn sees the image and itself only, at the positions
+    it would have alone (`turn_ids`, `position_ids`; the trainer turns them into a 4-D mask):
+    a turn then trains exactly what a single-question prompt is asked at evaluation, and
+    cannot lean on the answers of the image's other questions."""
 
     def __init__(
         self,
@@ -286,14 +285,16 @@ class PackedVQADataset(torch.utils.data.Dataset):
         pack_per_image: bool = True,
         max_turns: int = 0,
         patch_label_sets: Sequence[dict[str, np.ndarray]] | None = None,
+        isolate_turns: bool = False,
     ) -> None:
-        from eval.testbed.patch_labels import evidence_mask, question_end, word_patch_targets
+        from eval.testbed.patch_labels import attention_targets
 
         if patch_label_sets is not None and len(patch_label_sets) != len(examples):
             raise ValueError("patch_label_sets needs one entry per image")
         self.pixels = pixels
         self.image_seq_length = image_seq_length
         self.grounded = patch_label_sets is not None
+        self.isolate_turns = isolate_turns
         self.prefix = [tokenizer.convert_tokens_to_ids(BOS)] + [
             tokenizer.convert_tokens_to_ids(IMAGE)
         ] * image_seq_length
@@ -311,14 +312,13 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     raise ValueError(
                         f"out-of-vocabulary word in {turn.question!r} -> {turn.answer!r}"
                     )
-                grounds, evidence, readout = [], None, []
+                supervision = {}
                 if patch_label_sets is not None:
                     words = tokenizer.convert_ids_to_tokens(prompt)
-                    all_words = word_patch_targets(words, patch_label_sets[image_index], True)
-                    grounds = [(i, mask) for i, mask in all_words if mask.any()]
-                    evidence = evidence_mask(words, all_words)
-                    readout = [i for i, _ in grounds if i < question_end(words)]
-                encoded.append((prompt, target, grounds, evidence, readout))
+                    supervision = attention_targets(
+                        words, patch_label_sets[image_index], turn.answer
+                    )
+                encoded.append((prompt, target, supervision))
             if pack_per_image:
                 groups = [encoded]
                 if max_turns > 0:
@@ -336,22 +336,16 @@ class PackedVQADataset(torch.utils.data.Dataset):
         random.shuffle(turns)  # seeded by Trainer; no fixed order for the model to exploit
         input_ids = list(self.prefix)
         labels = [IGNORE_INDEX] * len(self.prefix)
-        positions: list[int] = []
-        masks: list[np.ndarray] = []
-        evidence_positions: list[int] = []
-        evidence_masks: list[np.ndarray] = []
-        readout_positions: list[int] = []
-        readout_words: list[list[int]] = []
-        for prompt, target, grounds, evidence, readout in turns:
-            positions += [len(input_ids) + offset for offset, _ in grounds]
-            masks += [mask for _, mask in grounds]
-            answer_position = len(input_ids) + len(prompt) - 1  # predicts the first answer token
-            if evidence is not None:
-                evidence_positions.append(answer_position)
-                evidence_masks.append(evidence)
-            if readout:
-                readout_positions.append(answer_position)
-                readout_words.append([len(input_ids) + i for i in readout])
+        rows: dict[str, list[tuple[int, Any]]] = {name: [] for name in SUPERVISIONS}
+        turn_ids = [0] * len(self.prefix)  # 0: BOS and the image, seen by every turn
+        for number, (prompt, target, supervision) in enumerate(turns, start=1):
+            start = len(input_ids)
+            turn_ids += [number] * (len(prompt) + len(target))
+            for name, targets in supervision.items():
+                for query, on in targets:
+                    # word indices are relative to the prompt; patch masks stay as they are
+                    on = on if isinstance(on, np.ndarray) else [start + i for i in on]
+                    rows[name].append((start + query, on))
             input_ids += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
         item = {
@@ -359,40 +353,73 @@ class PackedVQADataset(torch.utils.data.Dataset):
             "labels": torch.tensor(labels),
             "pixels": self.pixels[image_index],
         }
+        if self.isolate_turns:
+            turn_tensor = torch.tensor(turn_ids)
+            item[TURN_IDS_KEY] = turn_tensor
+            # each turn continues from the image as if it were the only one
+            starts = torch.tensor([0] + [turn_ids.index(n) for n in range(1, len(turns) + 1)])
+            offset = torch.where(turn_tensor > 0, starts[turn_tensor] - len(self.prefix), 0)
+            item["position_ids"] = torch.arange(len(turn_ids)) - offset
         if self.grounded:
-            item[GROUNDING_POSITIONS] = torch.tensor(positions, dtype=torch.long)
-            item[GROUNDING_MASKS] = self._stack(masks)
-            item[EVIDENCE_POSITIONS] = torch.tensor(evidence_positions, dtype=torch.long)
-            item[EVIDENCE_MASKS] = self._stack(evidence_masks)
-            item[READOUT_POSITIONS] = torch.tensor(readout_positions, dtype=torch.long)
-            readout_masks = torch.zeros((len(readout_words), len(input_ids)), dtype=torch.bool)
-            for row, word_positions in enumerate(readout_words):
-                readout_masks[row, word_positions] = True
-            item[READOUT_MASKS] = readout_masks
+            for name, supervision in SUPERVISIONS.items():
+                width = self.image_seq_length if supervision.over_patches else len(input_ids)
+                masks = torch.zeros((len(rows[name]), width), dtype=torch.bool)
+                for row, (_, on) in enumerate(rows[name]):
+                    masks[row, torch.as_tensor(on)] = True
+                item[supervision.positions_key] = torch.tensor(
+                    [query for query, _ in rows[name]], dtype=torch.long
+                )
+                item[supervision.masks_key] = masks
         return item
 
-    def _stack(self, masks: list[np.ndarray]) -> torch.Tensor:
-        if not masks:
-            return torch.zeros((0, self.image_seq_length), dtype=torch.bool)
-        return torch.from_numpy(np.stack(masks))
+
+# Which --*-weight / --*-layer flags set each supervision of recipes.grounding.SUPERVISIONS.
+SUPERVISION_FLAGS: dict[str, tuple[str, str | None]] = {
+    "grounding": ("grounding_weight", "grounding_layer"),
+    "question": ("question_weight", None),
+    "question2": ("question_weight", None),
+    "letter": ("letter_weight", None),
+    "readout": ("readout_weight", "readout_layer"),
+    "evidence": ("evidence_weight", "evidence_layer"),
+    "count": ("count_weight", "evidence_layer"),
+    "second": ("evidence_weight", "evidence_layer"),
+    "option": ("option_weight", "readout_layer"),
+    "neighbour": ("neighbour_weight", None),
+}
 
 
 def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
-    """The attention losses switched on by their --*-weight flags (see recipes/grounding.py):
-    (weight, layer, heads, positions key, masks key, first head, targets are patches)."""
+    """The attention losses switched on by their --*-weight flags (see recipes/grounding.py)."""
     from recipes.grounding import GroundingLoss
 
-    specs = [
-        (args.grounding_weight, args.grounding_layer, args.grounding_heads,
-         GROUNDING_POSITIONS, GROUNDING_MASKS, 0, True),
-        (args.evidence_weight, args.evidence_layer, 1, EVIDENCE_POSITIONS, EVIDENCE_MASKS, 1, True),
-        (args.readout_weight, args.readout_layer, 1, READOUT_POSITIONS, READOUT_MASKS, 0, False),
-    ]  # fmt: skip
-    return [
-        GroundingLoss(model, weight, layer, heads, positions, masks, first, over_patches)
-        for weight, layer, heads, positions, masks, first, over_patches in specs
-        if weight > 0
-    ]
+    losses = []
+    for name, supervision in SUPERVISIONS.items():
+        weight_flag, layer_flag = SUPERVISION_FLAGS[name]
+        weight = getattr(args, weight_flag)
+        if weight <= 0:
+            continue
+        heads = args.grounding_heads if name == "grounding" else 1
+        try:
+            loss = GroundingLoss(
+                model,
+                weight,
+                getattr(args, layer_flag) if layer_flag else supervision.layer,
+                heads,
+                supervision.positions_key,
+                supervision.masks_key,
+                supervision.head,
+                supervision.over_patches,
+                supervision.uniform,
+                supervision.sink,
+            )
+        except ValueError as error:
+            flag = "--" + weight_flag.replace("_", "-")
+            raise ValueError(
+                f"{flag} supervises the {name!r} attention (recipes.grounding.SUPERVISIONS) but "
+                f"this model cannot take it: {error}. Set {flag} 0 or use a larger LLM."
+            ) from error
+        losses.append(loss)
+    return losses
 
 
 def patch_label_sets_for(
@@ -406,7 +433,7 @@ def patch_label_sets_for(
         raise ValueError(
             f"grounding needs testbed scene metadata; {len(missing)} images have none "
             f"(first: {missing[0]}). Train on a `crossget data make` export or drop "
-            "--grounding-weight, --evidence-weight and --readout-weight."
+            "every --*-weight flag of the grounding group."
         )
     return [
         patch_labels(example.meta, pixels[i].permute(1, 2, 0).numpy())
@@ -425,6 +452,7 @@ class PixelNormalizingCollator:
 
     def __call__(self, batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(item["input_ids"]) for item in batch)
+        extra: dict[str, torch.Tensor] = {}
         input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -433,6 +461,12 @@ class PixelNormalizingCollator:
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
+        for key, fill in ((TURN_IDS_KEY, -1), ("position_ids", 0)):
+            if key in batch[0]:
+                padded = torch.full((len(batch), length), fill, dtype=torch.long)
+                for row, item in enumerate(batch):
+                    padded[row, : len(item[key])] = item[key]
+                extra[key] = padded
         pixels = torch.stack([item["pixels"] for item in batch])
         collated = {
             "input_ids": input_ids,
@@ -441,12 +475,10 @@ class PixelNormalizingCollator:
             "pixel_values": normalize_pixels(
                 pixels, self.image_mean, self.image_std, self.rescale_factor
             ),
+            **extra,
         }
-        for positions_key, masks_key in (
-            (GROUNDING_POSITIONS, GROUNDING_MASKS),
-            (EVIDENCE_POSITIONS, EVIDENCE_MASKS),
-            (READOUT_POSITIONS, READOUT_MASKS),
-        ):
+        for supervision in SUPERVISIONS.values():
+            positions_key, masks_key = supervision.positions_key, supervision.masks_key
             if positions_key not in batch[0]:
                 continue
             slots = max(1, max(len(item[positions_key]) for item in batch))
@@ -487,6 +519,19 @@ def collator_for(processor: Any) -> PixelNormalizingCollator:
 # ----------------------------------------------------------------------------- training
 
 
+def isolated_turns_mask(turn_ids: torch.Tensor, model: Any) -> torch.Tensor:
+    """(B, 1, T, T) mask from per-token turn ids (0 = shared prefix, -1 = padding): causal,
+    and a turn's tokens see the prefix and their own turn only. Boolean for sdpa; additive for
+    eager attention, which adds the mask to its scores."""
+    from recipes.grounding import turn_visibility
+
+    allowed = turn_visibility(turn_ids)[:, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
 
@@ -509,6 +554,8 @@ def _trainer_class() -> type:
         ) -> Any:
             # Side inputs for the extra terms only; the model's forward must not see them.
             side = {key: inputs.pop(key) for key in SIDE_KEYS if key in inputs}
+            if TURN_IDS_KEY in side:
+                inputs["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
@@ -675,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one sequence per question instead of packing all questions of an image together",
     )
     data.add_argument(
+        "--share-turns",
+        action="store_true",
+        help="let a packed question see the image's earlier questions and answers (default: "
+        "each sees the image and itself only, at the positions it has alone, as at evaluation)",
+    )
+    data.add_argument(
         "--max-turns",
         type=int,
         default=0,
@@ -734,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answer loss in the language stage; 0 = off",
     )
     ground.add_argument(
-        "--grounding-layer", type=int, default=0, help="LLM layer whose attention is supervised"
+        "--grounding-layer", type=int, default=0, help="LLM layer of the word-to-patch loss"
     )
     ground.add_argument(
         "--grounding-heads",
@@ -743,30 +796,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many heads (the first N) of that layer are supervised",
     )
     ground.add_argument(
-        "--evidence-weight",
+        "--question-weight",
         type=float,
         default=0.0,
-        help="weight of the same loss at the position that predicts the answer, onto the "
-        "patches the answer rests on (head 1 of --evidence-layer); 0 = off",
+        help="first layer, heads 1 and 3: the position that predicts the answer attends to the "
+        "question's first run of colour/shape/digit words and to the rest (it gathers what is "
+        "asked, in order); 0 = off",
+    )
+    ground.add_argument(
+        "--letter-weight",
+        type=float,
+        default=0.0,
+        help="first layer, head 2: each multiple-choice option word attends to its letter; 0 = off",
     )
     ground.add_argument(
         "--readout-weight",
         type=float,
         default=0.0,
-        help="weight of the same loss at the position that predicts the answer, onto the "
-        "question's grounded words (head 0 of --readout-layer); 0 = off",
+        help="head 0 of --readout-layer: the position that predicts the answer attends to the "
+        "question's grounded words, which now carry what they saw; 0 = off",
+    )
+    ground.add_argument(
+        "--evidence-weight",
+        type=float,
+        default=0.0,
+        help="heads 1 and 2 of --evidence-layer: the position that predicts the answer attends "
+        "to the patches of the first and of the second thing the question names (a code's "
+        "letter and digit); 0 = off",
+    )
+    ground.add_argument(
+        "--count-weight",
+        type=float,
+        default=0.0,
+        help="head 1 of --evidence-layer, for 'how many' questions: attention spread evenly "
+        "over BOS and the centre patch of every thing to count, so its share holds the count; "
+        "0 = off",
+    )
+    ground.add_argument(
+        "--option-weight",
+        type=float,
+        default=0.0,
+        help="head 3 of --readout-layer: the position that predicts the answer attends to the "
+        "right multiple-choice option word (which carries its letter); 0 = off",
+    )
+    ground.add_argument(
+        "--neighbour-weight",
+        type=float,
+        default=0.0,
+        help="head 1 of the second-to-last layer, for nearest/farthest questions: the anchor "
+        "object's last word attends to the object the answer names (useful with three or more "
+        "LLM layers, where a later layer can read it back); 0 = off",
     )
     ground.add_argument(
         "--readout-layer",
         type=int,
         default=-1,
-        help="LLM layer for the readout loss (negative counts from the end)",
+        help="LLM layer for the readout and option losses (negative counts from the end)",
     )
     ground.add_argument(
         "--evidence-layer",
         type=int,
         default=-1,
-        help="LLM layer for the evidence loss (negative counts from the end)",
+        help="LLM layer for the evidence and count losses (negative counts from the end)",
     )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
@@ -849,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.families:
         examples = select_families(examples, args.families.split(","))
     pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
-    grounded = max(args.grounding_weight, args.evidence_weight, args.readout_weight) > 0
+    grounded = any(getattr(args, flag) > 0 for flag, _ in SUPERVISION_FLAGS.values())
     dataset = PackedVQADataset(
         examples,
         pixels,
@@ -858,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         pack_per_image=not args.no_pack,
         max_turns=args.max_turns,
         patch_label_sets=patch_label_sets_for(examples, pixels) if grounded else None,
+        isolate_turns=not args.share_turns,
     )
     extra_losses = grounding_losses(model, args) if grounded else []
     if args.vision_pretrain_steps > 0:

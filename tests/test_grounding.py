@@ -12,16 +12,15 @@ import torch
 
 from eval.testbed import data
 from eval.testbed.model import build_reference
-from eval.testbed.patch_labels import LABEL_CLASSES, evidence_mask, word_patch_targets
-from recipes.grounding import (
-    EVIDENCE_MASKS_KEY,
-    EVIDENCE_POSITIONS_KEY,
-    MASKS_KEY,
-    POSITIONS_KEY,
-    READOUT_MASKS_KEY,
-    READOUT_POSITIONS_KEY,
-    GroundingLoss,
+from eval.testbed.patch_labels import (
+    LABEL_CLASSES,
+    attention_targets,
+    count_targets,
+    evidence_phrases,
+    option_words,
+    word_patch_targets,
 )
+from recipes.grounding import MASKS_KEY, POSITIONS_KEY, SUPERVISIONS, GroundingLoss
 
 N = 16
 
@@ -38,6 +37,9 @@ def _labels() -> dict[str, np.ndarray]:
     labels["cell_column"] = np.zeros(N, dtype=np.int64)
     labels["cell_row"][[9, 10]], labels["cell_column"][[9, 10]] = 1, 2
     labels["cell_row"][[13]], labels["cell_column"][[13]] = 2, 2
+    labels["digit_centre"] = np.zeros(N, dtype=np.int64)
+    labels["digit_centre"][[10]] = 1 + data.DIGITS.index("7")
+    labels["digit_centre"][[13]] = 1 + data.DIGITS.index("2")
     labels["char"][[14, 15]] = 1
     return labels
 
@@ -65,20 +67,84 @@ def test_word_patch_targets_names_the_right_patches() -> None:
 @pytest.mark.parametrize(
     "question,expected",
     [
-        ("what color is the circle ?", [1, 2]),
-        ("how many red circles are there ?", [1, 2]),
-        ("what digit is in row 2 column 2 ?", [13]),  # row and column intersect
-        ("where is the red circle relative to the blue dot ?", [1, 2, 5]),  # two things
-        ("what color is the circle ? ( a ) red ( b ) blue", [1, 2]),  # options ignored
-        ("how many green circles are there ?", None),  # zero: nothing to look at
-        ("is there a blue circle ?", None),  # absent conjunction
-        ("what color is the object nearest to the red circle ?", None),  # unnamed answer
+        ("what color is the circle ?", [[1, 2]]),
+        ("how many red circles are there ?", [[1, 2]]),
+        ("what digit is in row 2 column 2 ?", [[13]]),  # row and column intersect
+        ("where is the red circle relative to the blue dot ?", [[1, 2], [5]]),  # in order
+        ("what color is the circle ? ( a ) red ( b ) blue", [[1, 2]]),  # options ignored
+        ("how many green circles are there ?", []),  # zero: nothing to look at
+        ("is there a blue circle ?", []),  # absent conjunction
+        ("what color is the object nearest to the red circle ?", [[1, 2]]),  # the anchor
     ],
 )
-def test_evidence_mask(question: str, expected: list[int] | None) -> None:
+def test_evidence_phrases(question: str, expected: list[list[int]]) -> None:
     words = _words(question)
-    evidence = evidence_mask(words, word_patch_targets(words, _labels(), keep_absent=True))
-    assert (None if evidence is None else np.flatnonzero(evidence).tolist()) == expected
+    phrases = evidence_phrases(words, word_patch_targets(words, _labels(), keep_absent=True))
+    assert [np.flatnonzero(mask).tolist() for mask in phrases] == expected
+
+
+def test_count_targets_are_one_patch_per_thing() -> None:
+    labels = _labels()
+    labels["centre"][[1, 3, 5]] = 1  # a red circle at 1-2, a second one at 3, the blue dot at 5
+    labels["colour"][3] = 1 + data.COLOURS.index("red")
+    labels["shape"][3] = 1 + data.SHAPES.index("circle")
+
+    def count(question: str) -> list[int] | None:
+        found = count_targets(_words(question), labels)
+        return None if found is None else np.flatnonzero(found).tolist()
+
+    assert count("how many red circles are there ?") == [1, 3]  # centres, not every patch
+    assert count("how many green circles are there ?") == []  # zero: the sink alone
+    assert count("how many cells show the digit 7 ?") == [10]
+    assert count("how many red circles are there ? ( a ) 2 ( b ) 3") == [1, 3]
+    assert count("what color is the circle ?") is None
+
+
+def test_attention_targets_of_a_multiple_choice_question() -> None:
+    words = _words("user : what color is the circle ? ( a ) red ( b ) blue ( c ) green assistant :")
+    targets = attention_targets(words, _labels(), "a")
+    answer_at = len(words) - 1
+    assert option_words(words) == {"a": 11, "b": 15, "c": 19}
+    assert targets["letter"] == [(11, [9]), (15, [13]), (19, [17])]
+    assert targets["option"] == [(answer_at, [11])]  # "red", the option whose letter is "a"
+    assert targets["question"] == targets["readout"] == [(answer_at, [6])]  # not the options
+    grounded = {i: np.flatnonzero(m).tolist() for i, m in targets["grounding"]}
+    assert grounded == {6: [1, 2], 11: [1, 2], 15: [5]}  # absent "green" names nothing
+    assert [(i, np.flatnonzero(m).tolist()) for i, m in targets["evidence"]] == [
+        (answer_at, [1, 2])
+    ]
+    assert "second" not in targets and "count" not in targets and "question2" not in targets
+
+    relation = _words("user : where is the red circle relative to the blue dot ? assistant :")
+    targets = attention_targets(relation, _labels(), "left")
+    assert np.flatnonzero(targets["evidence"][0][1]).tolist() == [1, 2]
+    assert np.flatnonzero(targets["second"][0][1]).tolist() == [5]
+    assert targets["question"] == [(len(relation) - 1, [5, 6])]  # "red circle"
+    assert targets["question2"] == [(len(relation) - 1, [10, 11])]  # "blue dot"
+    assert "option" not in targets and "letter" not in targets
+
+    nearest = _words("user : what color is the object nearest to the red circle ? assistant :")
+    targets = attention_targets(nearest, _labels(), "blue")
+    ((anchor, found),) = targets["neighbour"]
+    assert nearest[anchor] == "circle" and np.flatnonzero(found).tolist() == [5]  # blue's patch
+
+    cell = _words("user : what digit is in row 2 column 2 ? assistant :")
+    targets = attention_targets(cell, _labels(), "2")
+    assert targets["question"] == [(len(cell) - 1, [7])] and targets["question2"][0][1] == [9]
+
+    code = _words("user : what is the code ? assistant :")
+    labels = _labels()
+    labels["char"][[14, 15]] = [
+        LABEL_CLASSES["char"].index(c) for c in (data.CODE_LETTERS[0], data.CODE_DIGITS[0])
+    ]
+    targets = attention_targets(code, labels, "k3")
+    assert np.flatnonzero(targets["evidence"][0][1]).tolist() == [14]  # the letter
+    assert np.flatnonzero(targets["second"][0][1]).tolist() == [15]  # then the digit
+
+    absent = _words("user : how many green circles are there ? assistant :")
+    targets = attention_targets(absent, _labels(), "0")
+    assert targets["question"] == [(len(absent) - 1, [4, 5])]  # absent "green" is still asked
+    assert not targets["count"][0][1].any() and "evidence" not in targets
 
 
 def _naive_loss(attentions: torch.Tensor, ids: torch.Tensor, positions, masks, heads, image_id):
@@ -159,6 +225,38 @@ def test_readout_loss_matches_eager_attention() -> None:
     term.remove()
 
 
+def test_count_loss_matches_eager_attention() -> None:
+    """Uniform target over BOS + the named patches: -mean(log attention) over that set."""
+    torch.manual_seed(2)
+    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)
+    model.config.text_config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    tokenizer = processor.tokenizer
+    image_id = model.config.image_token_id
+    words = tokenizer.encode(
+        "USER: how many red circles are there ? ASSISTANT:", add_special_tokens=False
+    )
+    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words] * 2)
+    answer_at = ids.shape[1] - 1
+    positions = torch.tensor([[answer_at], [answer_at]])
+    masks = torch.zeros(2, 1, N, dtype=torch.bool)
+    masks[0, 0, [2, 7, 11]] = True  # three things to count; the second row counts zero
+    count = SUPERVISIONS["count"]
+    term = GroundingLoss(
+        model, 1.5, -1, 1, "p", "m", count.head, count.over_patches, count.uniform, count.sink
+    )
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), output_attentions=True)
+    got = term(model, {"input_ids": ids, "p": positions, "m": masks}, out)
+    attention = out.attentions[-1][:, count.head, answer_at]  # (2, T)
+    three = torch.log(attention[0, [0, 1 + 2, 1 + 7, 1 + 11]]).mean()
+    zero = torch.log(attention[1, 0])
+    expected = -1.5 * (three + zero) / 2
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    term.remove()
+    with pytest.raises(ValueError, match="sink"):
+        GroundingLoss(model, 1.0, over_patches=False, sink=True)
+
+
 def test_grounding_loss_rejects_bad_layer() -> None:
     model, _ = build_reference(size="cpu-tiny", image_size=56, seed=0)
     with pytest.raises(ValueError, match="out of range"):
@@ -177,7 +275,7 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     )
 
     out = data.export(
-        data.make_dataset_dict(train=14, validation=0, test=0, seed=4, train_questions_per_image=3),
+        data.make_dataset_dict(train=21, validation=0, test=0, seed=4, train_questions_per_image=3),
         tmp_path / "data",
     )
     _, processor = build_reference(size="cpu-tiny", seed=0)
@@ -188,7 +286,7 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
         examples, pixels, processor.tokenizer, 256, patch_label_sets=label_sets
     )
     vocabulary = set(data.COLOURS + data.SHAPES + tuple(data.SHAPE_PLURALS.values()))
-    vocabulary |= {"dot", *data.DIGITS}
+    vocabulary |= {"dot", "code", *data.DIGITS}
     seen = 0
     for index in range(len(dataset)):
         item = dataset[index]
@@ -204,22 +302,39 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
             assert torch.equal(mask, torch.from_numpy(expected[1]))
             seen += 1
     assert seen > 10
+    evidence, count, readout, letter, option = (
+        SUPERVISIONS[name] for name in ("evidence", "count", "readout", "letter", "option")
+    )
     answers = 0
     for index in range(len(dataset)):
         item = dataset[index]
-        for position in item[EVIDENCE_POSITIONS_KEY].tolist():
-            # the prompt's last token, whose next token is the first answer token
-            assert item["labels"][position] == -100 and item["labels"][position + 1] != -100
-            answers += 1
-        assert len(item[EVIDENCE_MASKS_KEY]) == len(item[EVIDENCE_POSITIONS_KEY])
+        for supervision in (evidence, count, option):
+            for position in item[supervision.positions_key].tolist():
+                # the prompt's last token, whose next token is the first answer token
+                assert item["labels"][position] == -100 and item["labels"][position + 1] != -100
+                answers += 1
+            assert len(item[supervision.masks_key]) == len(item[supervision.positions_key])
     assert answers > 5
-    readouts = 0
+    readouts = options = 0
     for index in range(len(dataset)):
         item = dataset[index]
         tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
-        assert item[READOUT_MASKS_KEY].shape == (len(item[READOUT_POSITIONS_KEY]), len(tokens))
         for position, mask in zip(
-            item[READOUT_POSITIONS_KEY].tolist(), item[READOUT_MASKS_KEY], strict=True
+            item[letter.positions_key].tolist(), item[letter.masks_key], strict=True
+        ):
+            assert tokens[position - 1] == ")" and mask.nonzero().flatten().tolist() == [
+                position - 2
+            ]
+        for position, mask in zip(
+            item[option.positions_key].tolist(), item[option.masks_key], strict=True
+        ):
+            (word,) = mask.nonzero().flatten().tolist()
+            answer = processor.tokenizer.convert_ids_to_tokens([int(item["labels"][position + 1])])
+            assert answer == [tokens[word - 2]] and answer[0] in data.LETTERS
+            options += 1
+        assert item[readout.masks_key].shape == (len(item[readout.positions_key]), len(tokens))
+        for position, mask in zip(
+            item[readout.positions_key].tolist(), item[readout.masks_key], strict=True
         ):
             assert tokens[position] == ":" and item["labels"][position + 1] != -100
             question_start = max(i for i in range(position) if tokens[i] == "user")
@@ -228,7 +343,7 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
                 assert tokens[word_position] in vocabulary
                 assert "(" not in tokens[question_start:word_position]  # not an option
             readouts += 1
-    assert readouts > 5
+    assert readouts > 5 and options >= 1
     batch = collator_for(processor)([dataset[0], dataset[1]])
     assert batch[POSITIONS_KEY].shape[0] == 2 and batch[MASKS_KEY].shape[-1] == 256
     assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
@@ -242,25 +357,28 @@ def test_train_cli_with_grounding(tmp_path: Path) -> None:
         tmp_path / "data",
     )
     run = tmp_path / "run"
-    argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
+    # cpu-small: the supervisions use LLM heads 0-3 (cpu-tiny has two)
+    argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-small", "--no-progress"]
     argv += ["--output-dir", str(run), "--batch-size", "4", "--max-steps", "2"]
-    argv += ["--grounding-weight", "1.0", "--evidence-weight", "1.0", "--readout-weight", "1.0"]
     argv += ["--logging-steps", "1"]
-    assert train_main(argv) == 0
+    weights = [f"--{name}-weight" for name in ("grounding", "question", "letter", "readout")]
+    weights += [f"--{name}-weight" for name in ("evidence", "count", "option")]
+    assert train_main([*argv, *(x for flag in weights for x in (flag, "1.0"))]) == 0
     history = [r for r in json.loads((run / "loss.json").read_text())["history"] if "loss" in r]
     assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
 
     plain = tmp_path / "plain"
-    argv_plain = [a if a != str(run) else str(plain) for a in argv]
-    argv_plain[argv_plain.index("--grounding-weight") + 1] = "0"
-    argv_plain[argv_plain.index("--evidence-weight") + 1] = "0"
-    argv_plain[argv_plain.index("--readout-weight") + 1] = "0"
-    assert train_main(argv_plain) == 0
+    assert train_main([a if a != str(run) else str(plain) for a in argv]) == 0
     plain_history = [
         r for r in json.loads((plain / "loss.json").read_text())["history"] if "loss" in r
     ]
     # Same seed and data: the logged loss differs only by the grounding term.
     assert history[0]["loss"] > plain_history[0]["loss"]
+
+    tiny = [a if a != "cpu-small" else "cpu-tiny" for a in argv]
+    tiny[tiny.index(str(run))] = str(tmp_path / "tiny")
+    with pytest.raises(ValueError, match="--option-weight supervises the 'option' attention"):
+        train_main([*tiny, "--option-weight", "1.0"])
 
 
 def test_train_cli_grounding_needs_metadata(tmp_path: Path) -> None:

@@ -214,6 +214,7 @@ def test_patch_labels_text_boxes() -> None:
     # The digit's grid cell (row 1, column 1 of the digit grid) marks exactly its patch.
     assert np.array_equal(_grid(labels, "cell_row"), _expected({(6, 6): 1}))
     assert np.array_equal(_grid(labels, "cell_column"), _expected({(6, 6): 1}))
+    assert np.array_equal(_grid(labels, "digit_centre"), _expected({(6, 6): 1 + DIGITS.index("7")}))
     for name in ("colour", "shape", "centre"):
         assert (labels[name] == 0).all()
 
@@ -252,6 +253,11 @@ def test_patch_labels_on_generated_scenes() -> None:
         n_objects = len(meta.get("objects", [])) + len(meta.get("small_objects", []))
         if is_text:
             assert (labels["digit"] != 0).any() and (labels["char"] != 0).any(), family
+            # one centre patch per handwritten digit, labelled with that digit
+            centres = labels["digit_centre"]
+            assert sorted(centres[centres > 0].tolist()) == sorted(
+                1 + DIGITS.index(glyph["digit"]) for glyph in meta["digits"]
+            )
             assert (labels["colour"] == 0).all() and (labels["centre"] == 0).all()
         else:
             assert n_objects >= 1

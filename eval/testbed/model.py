@@ -57,6 +57,18 @@ MODEL_SIZES: dict[str, ModelSize] = {
         text_heads=4,
         text_mlp_ratio=2,
     ),
+    # cpu-small with a third LLM layer: room for a two-hop question (nearest to X, then its
+    # colour) before the answer is read out.
+    "cpu-small-3": ModelSize(
+        vision_width=128,
+        vision_layers=5,
+        vision_heads=2,
+        vision_mlp_ratio=4,
+        text_width=256,
+        text_layers=3,
+        text_heads=4,
+        text_mlp_ratio=2,
+    ),
     "cpu-base": ModelSize(
         vision_width=192,
         vision_layers=5,

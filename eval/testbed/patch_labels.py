@@ -41,8 +41,9 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "column": (),
 }
 # Returned by patch_labels() beside LABEL_CLASSES but not pretraining targets: the 1-based grid
-# cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3".
-GROUNDING_LABELS: tuple[str, ...] = ("cell_row", "cell_column")
+# cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3", and
+# the patch at each handwritten digit's centre (1 + digit), one per glyph for counting them.
+GROUNDING_LABELS: tuple[str, ...] = ("cell_row", "cell_column", "digit_centre")
 INK_THRESHOLD = 60  # grid lines (200 on 245) stay below it, shapes and ink are far above
 MIN_INK_PIXELS = 8  # of 196: a sliver at a patch border does not make the patch an object
 
@@ -128,6 +129,7 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         won = _assign(labels["digit"], best_digit, counts, 1 + DIGITS.index(glyph["digit"]), 4)
         labels["cell_row"][won] = int(glyph.get("row", 0))
         labels["cell_column"][won] = int(glyph.get("column", 0))
+        labels["digit_centre"][_centre_patch(glyph["box"], grid)] = 1 + DIGITS.index(glyph["digit"])
     best_char = np.zeros(n, dtype=np.int64)
     for char in scene.get("code_chars", []):
         counts = _ink_per_patch(ink, char["box"], grid)
@@ -150,8 +152,8 @@ def word_patch_targets(
     """Which patches each grounded word of a question names: `(word index, patch mask)`.
 
     Colour words name the patches of that colour, shape words (singular or plural) and "dot"
-    the patches of that shape, a digit right after the word "digit" the patches showing that
-    handwritten digit, a number after "row" / "column" the digits in that grid row / column, and
+    the patches of that shape, a digit right after the word "digit" (or a multiple-choice
+    option that is a digit) the patches showing that handwritten digit, a number after "row" / "column" the digits in that grid row / column, and
     "code" the printed code characters. Words whose referent is absent from the image (an
     adversarial existence question) get no target: there is nothing right to look at (with
     `keep_absent` they are kept with an empty mask, which `evidence_mask` needs).
@@ -168,7 +170,7 @@ def word_patch_targets(
         elif word in SHAPES or word in SINGULAR_SHAPES or word == SMALL_DOT:
             shape = SINGULAR_SHAPES.get(word, word)
             mask = labels["shape"] == LABEL_CLASSES["shape"].index(shape)
-        elif word in DIGITS and previous == "digit":
+        elif word in DIGITS and previous in ("digit", ")"):  # "the digit 7", option "(a) 7"
             mask = labels["digit"] == 1 + DIGITS.index(word)
         else:
             continue
@@ -177,27 +179,24 @@ def word_patch_targets(
     return targets
 
 
-def evidence_mask(
+def evidence_phrases(
     words: Sequence[str], targets: Sequence[tuple[int, np.ndarray]]
-) -> np.ndarray | None:
-    """The patches an answer rests on, from the question's grounded words (`targets`, taken
-    with `keep_absent=True`).
+) -> list[np.ndarray]:
+    """The patches of each thing the question names, in question order, from its grounded
+    words (`targets`, taken with `keep_absent=True`).
 
     Words that name one thing together ("red circle", "row 2 column 3") intersect; when the
     whole question's intersection is empty it names several things ("the red circle relative
     to the blue square"), and each run of adjacent grounded words is one of them. Multiple-choice
-    options are not part of the question. None when nothing in the image answers it (a count
-    of zero, an absent object), and for "nearest"/"farthest" questions, whose answer is an
-    object the question does not name.
+    options are not part of the question, and things absent from the image (a count of zero, an
+    adversarial existence question) are left out.
     """
-    if "nearest" in words or "farthest" in words:
-        return None
     kept = [(i, m) for i, m in targets if i < question_end(words)]
     if not kept:
-        return None
+        return []
     everything = np.logical_and.reduce([m for _, m in kept])
     if everything.any():
-        return everything
+        return [everything]
     phrases: list[list[np.ndarray]] = []
     last = -2
     for index, mask in kept:
@@ -206,15 +205,108 @@ def evidence_mask(
         else:
             phrases.append([mask])
         last = index
-    union = np.logical_or.reduce([np.logical_and.reduce(p) for p in phrases])
-    return union if union.any() else None
+    return [m for m in (np.logical_and.reduce(p) for p in phrases) if m.any()]
+
+
+def count_targets(words: Sequence[str], labels: dict[str, np.ndarray]) -> np.ndarray | None:
+    """For a "how many" question, the one patch at the centre of each thing to count (an
+    object of the named colour and shape, or a handwritten digit); None for other questions.
+
+    One patch per thing, so attention spread evenly over them and a fixed sink holds the count
+    in the sink's share, 1 / (n + 1), which a softmax over the things alone would lose.
+    """
+    question = list(words[: question_end(words)])
+    if "how" not in question or "many" not in question:
+        return None
+    for index, word in enumerate(question):
+        if word in DIGITS and index > 0 and question[index - 1] == "digit":
+            return labels["digit_centre"] == 1 + DIGITS.index(word)
+    colours = [w for w in question if w in COLOURS]
+    shapes = [SINGULAR_SHAPES[w] for w in question if w in SINGULAR_SHAPES]
+    if len(colours) != 1 or len(shapes) != 1:
+        return None
+    return (
+        (labels["centre"] == 1)
+        & (labels["colour"] == 1 + COLOURS.index(colours[0]))
+        & (labels["shape"] == LABEL_CLASSES["shape"].index(shapes[0]))
+    )
+
+
+def option_words(words: Sequence[str]) -> dict[str, int]:
+    """Multiple-choice option letter -> index of its option word ("( a ) red" -> "a": 3)."""
+    found = {}
+    for index in range(3, len(words)):
+        if words[index - 3] == "(" and words[index - 1] == ")":
+            found[words[index - 2]] = index
+    return found
+
+
+# A supervised attention row: (query word index, patch mask) or (query word index, word indices).
+Target = tuple[int, "np.ndarray | list[int]"]
+
+
+def attention_targets(
+    words: Sequence[str], labels: dict[str, np.ndarray], answer: str
+) -> dict[str, list[Target]]:
+    """Every attention target of one question (a prompt ending in the token that predicts the
+    answer), by the name of the supervision that uses it (recipes/grounding.SUPERVISIONS).
+
+    First layer: each grounded word -> its patches ("grounding"); the answer position -> the
+    question's first run of colour/shape/digit/... words, present in the image or not
+    ("question"), and the rest ("question2"); each option word -> its letter ("letter"). Last
+    layer, all at the answer position: the question's words again, which now carry what they
+    saw ("readout"); the first thing named ("evidence") or, for a count, the things to count
+    ("count"); the second thing named ("second"); the option word that is right ("option").
+    A code's letter and digit are its first and second thing. A middle layer (three or more
+    layers): the nearest / farthest object, from the anchor's last word ("neighbour").
+    """
+    all_words = word_patch_targets(words, labels, keep_absent=True)
+    grounds = [(i, m) for i, m in all_words if m.any()]
+    answer_at = len(words) - 1
+    targets: dict[str, list[Target]] = {"grounding": list(grounds)}
+    # Absent words too: "how many yellow triangles" must ask for triangles even with none there.
+    question_words = [i for i, _ in all_words if i < question_end(words)]
+    if question_words:
+        # Two heads keep the first run of adjacent words apart from the rest, so the answer
+        # position knows which of "red circle" / "blue square" (row 2 / column 3) came first.
+        first_run = [i for n, i in enumerate(question_words) if i == question_words[0] + n]
+        targets["question"] = [(answer_at, first_run)]
+        if len(first_run) < len(question_words):
+            targets["question2"] = [(answer_at, question_words[len(first_run) :])]
+        targets["readout"] = [(answer_at, question_words)]
+    phrases = evidence_phrases(words, all_words)
+    count = count_targets(words, labels)
+    if count is not None:
+        targets["count"] = [(answer_at, count)]
+    elif "code" in words[: question_end(words)]:
+        # A code is a letter then a digit: read the two apart.
+        letters = [1 + CODE_CHARS.index(c) for c in CODE_LETTERS]
+        digits = [1 + CODE_CHARS.index(c) for c in CODE_DIGITS]
+        targets["evidence"] = [(answer_at, np.isin(labels["char"], letters))]
+        targets["second"] = [(answer_at, np.isin(labels["char"], digits))]
+    else:
+        targets["evidence"] = [(answer_at, m) for m in phrases[:1]]
+        targets["second"] = [(answer_at, m) for m in phrases[1:2]]
+    if phrases and answer in COLOURS and ("nearest" in words or "farthest" in words):
+        # The anchor's last word, which knows where the anchor is after the first layer, finds
+        # the nearest / farthest object (the one of the answer's colour); needs three layers.
+        anchor_at = max(i for i in question_words)
+        targets["neighbour"] = [(anchor_at, labels["colour"] == 1 + COLOURS.index(answer))]
+    options = option_words(words)
+    targets["letter"] = [(index, [index - 2]) for index in options.values()]
+    if answer in options:
+        targets["option"] = [(answer_at, [options[answer]])]
+    return {name: rows for name, rows in targets.items() if rows}
 
 
 __all__ = [
     "GROUNDING_LABELS",
     "LABEL_CLASSES",
-    "evidence_mask",
+    "attention_targets",
+    "count_targets",
+    "evidence_phrases",
     "label_sizes",
+    "option_words",
     "patch_labels",
     "question_end",
     "word_patch_targets",

@@ -1,0 +1,157 @@
+"""Isolated packed turns: a question packed with the image's other questions gets exactly the
+logits (and grounding-loss rows) it gets alone, the single-question prompt of evaluation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.testbed import data
+from eval.testbed.model import build_reference
+from recipes.grounding import (
+    SIDE_KEYS,
+    SUPERVISIONS,
+    TURN_IDS_KEY,
+    GroundingLoss,
+    turn_visibility,
+)
+
+
+def test_turn_visibility() -> None:
+    turn_ids = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    seen = turn_visibility(turn_ids)[0].int().tolist()
+    assert seen == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # turn 2 skips turn 1
+        [1, 1, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],  # padding sees only itself (no empty softmax row)
+    ]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory):
+    from recipes.train import (
+        PackedVQADataset,
+        cache_pixels,
+        load_examples,
+        patch_label_sets_for,
+    )
+
+    out = data.export(
+        data.make_dataset_dict(train=12, validation=0, test=0, seed=5, train_questions_per_image=3),
+        tmp_path_factory.mktemp("packing") / "data",
+    )
+    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
+    model.eval()
+    examples = load_examples(out, "train")
+    pixels = cache_pixels(examples, processor.image_processor, progress=False)
+    dataset = PackedVQADataset(
+        examples,
+        pixels,
+        processor.tokenizer,
+        model.config.image_seq_length,
+        patch_label_sets=patch_label_sets_for(examples, pixels),
+        isolate_turns=True,
+    )
+    return model, processor, dataset
+
+
+def _alone(dataset, index: int) -> list[dict[str, torch.Tensor]]:
+    """The item's turns, each as its own one-turn item, in the item's order."""
+    item = dataset[index]
+    turn_ids = item[TURN_IDS_KEY]
+    singles = []
+    for number in range(1, int(turn_ids.max()) + 1):
+        keep = (turn_ids == 0) | (turn_ids == number)
+        singles.append({"input_ids": item["input_ids"][keep], "keep": keep})
+    return item, singles
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_turn_logits_equal_the_turn_alone(packed, implementation: str) -> None:
+    from recipes.train import collator_for, isolated_turns_mask
+
+    model, processor, dataset = packed
+    model.config._attn_implementation = implementation
+    model.model.language_model.config._attn_implementation = implementation
+    item, singles = _alone(dataset, 0)
+    assert len(singles) == 3
+    batch = collator_for(processor)([item])
+    turn_ids = batch.pop(TURN_IDS_KEY)
+    positions = batch["position_ids"][0]
+    prefix = int((turn_ids[0] == 0).sum())
+    for single in singles:  # every turn restarts right after the image
+        assert positions[single["keep"]].tolist() == list(range(len(single["input_ids"])))
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=isolated_turns_mask(turn_ids, model),
+            position_ids=batch["position_ids"],
+        ).logits[0]
+        for single in singles:
+            alone = model(
+                input_ids=single["input_ids"][None], pixel_values=batch["pixel_values"]
+            ).logits[0]
+            own = single["keep"].nonzero().flatten()[prefix:]
+            assert torch.allclose(logits[own], alone[prefix:], atol=1e-4)
+    # Without isolation the later turns see the earlier ones: the logits differ.
+    with torch.no_grad():
+        shared = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits[0]
+    last = singles[-1]["keep"].nonzero().flatten()[prefix:]
+    assert not torch.allclose(shared[last], logits[last], atol=1e-4)
+    model.config._attn_implementation = "sdpa"
+    model.model.language_model.config._attn_implementation = "sdpa"
+
+
+def test_grounding_loss_rows_of_packed_turns_equal_the_turn_alone(packed) -> None:
+    from recipes.train import collator_for, isolated_turns_mask
+
+    model, processor, dataset = packed
+    supervision = SUPERVISIONS["readout"]
+    term = GroundingLoss(
+        model, 1.0, supervision.layer, 1, supervision.positions_key, supervision.masks_key,
+        supervision.head, supervision.over_patches,
+    )  # fmt: skip
+    collate = collator_for(processor)
+    index = next(i for i in range(len(dataset)) if len(dataset[i][supervision.positions_key]) > 1)
+    item = dataset[index]
+    batch = collate([item])
+    side = {key: batch.pop(key) for key in SIDE_KEYS}
+    batch["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
+    with torch.no_grad():
+        out = model(**batch)
+        packed_loss = term(model, {**batch, **side}, out)
+    # The same rows, one turn at a time without any packing.
+    alone = copy.copy(dataset)
+    image_index, turns = dataset.items[index]
+    totals, rows = 0.0, 0
+    for turn in turns:
+        alone.items = [(image_index, [turn])]
+        single = collate([alone[0]])
+        single_side = {key: single.pop(key) for key in SIDE_KEYS}
+        n = int((single_side[supervision.positions_key] >= 0).sum())
+        if n == 0:
+            continue
+        with torch.no_grad():
+            single_out = model(**single)
+            totals += float(term(model, {**single, **single_side}, single_out)) * n
+        rows += n
+    term.remove()
+    assert rows > 1
+    assert abs(float(packed_loss) - totals / rows) < 1e-4
+
+
+def test_train_cli_shares_turns_on_request(tmp_path: Path) -> None:
+    from recipes.train import build_parser
+
+    args = build_parser().parse_args(["--data", "x", "--output-dir", str(tmp_path)])
+    assert not args.share_turns
+    args = build_parser().parse_args(["--data", "x", "--output-dir", "y", "--share-turns"])
+    assert args.share_turns
