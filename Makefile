@@ -33,10 +33,12 @@ bench: $(STAMP)
 reference-model: $(STAMP)
 	$(PY) -m eval.testbed.data make --out data/testbed --train 48000 --validation 700 \
 		--test 1400 --seed 0 --train-questions-per-image 16
-	$(PY) -m recipes.train --data data/testbed --init-reference --model-size cpu-small \
+	$(PY) -m recipes.train --data data/testbed --init-reference --model-size cpu-small-3 \
 		--vision-pretrain-steps 900 --vision-pretrain-batch-size 32 --vision-pretrain-lr 2e-3 \
-		--freeze-vision --grounding-weight 1.0 --readout-weight 1.0 \
-		--max-steps 2900 --batch-size 16 --lr 1e-3 --warmup 50 \
+		--freeze-vision --grounding-weight 1.0 --question-weight 1.0 --letter-weight 1.0 \
+		--readout-weight 1.0 --evidence-weight 1.0 --count-weight 1.0 --option-weight 1.0 \
+		--neighbour-weight 1.0 --evidence-layer 1 \
+		--max-steps 1900 --batch-size 16 --lr 1e-3 --warmup 50 \
 		--save-steps 200 --logging-steps 25 --threads 2 --output-dir runs/reference \
 		--final-dir eval/testbed/reference_model --eval-split validation
 

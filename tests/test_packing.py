@@ -59,7 +59,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory):
         patch_label_sets=patch_label_sets_for(examples, pixels),
         isolate_turns=True,
     )
-    return model, processor, dataset
+    return model, processor, dataset, examples
 
 
 def _alone(dataset, index: int) -> list[dict[str, torch.Tensor]]:
@@ -77,7 +77,7 @@ def _alone(dataset, index: int) -> list[dict[str, torch.Tensor]]:
 def test_packed_turn_logits_equal_the_turn_alone(packed, implementation: str) -> None:
     from recipes.train import collator_for, isolated_turns_mask
 
-    model, processor, dataset = packed
+    model, processor, dataset, _ = packed
     model.config._attn_implementation = implementation
     model.model.language_model.config._attn_implementation = implementation
     item, singles = _alone(dataset, 0)
@@ -113,7 +113,7 @@ def test_packed_turn_logits_equal_the_turn_alone(packed, implementation: str) ->
 def test_grounding_loss_rows_of_packed_turns_equal_the_turn_alone(packed) -> None:
     from recipes.train import collator_for, isolated_turns_mask
 
-    model, processor, dataset = packed
+    model, processor, dataset, _ = packed
     supervision = SUPERVISIONS["readout"]
     term = GroundingLoss(
         model, 1.0, supervision.layer, 1, supervision.positions_key, supervision.masks_key,
@@ -155,3 +155,27 @@ def test_train_cli_shares_turns_on_request(tmp_path: Path) -> None:
     assert not args.share_turns
     args = build_parser().parse_args(["--data", "x", "--output-dir", "y", "--share-turns"])
     assert args.share_turns
+
+
+def test_attention_report_scores_every_supervised_row(packed) -> None:
+    from eval.testbed.attention_report import attention_report, format_report
+
+    model, processor, dataset, examples = packed
+    report = attention_report(model, processor, examples, {"evidence": 1}, progress=False)
+    counts = {name: 0 for name in SUPERVISIONS}
+    floor = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        for name, supervision in SUPERVISIONS.items():
+            counts[name] += len(item[supervision.positions_key])
+        floor += torch.log1p(item[SUPERVISIONS["count"].masks_key].sum(-1).float()).tolist()
+    for name, row in report.items():
+        assert row["rows"] == counts[name], name
+        if counts[name]:
+            assert row["loss"] >= row["floor"] >= 0, name
+    assert report["evidence"]["layer"] == 1 and report["readout"]["layer"] == 1  # 2 layers
+    assert report["count"]["floor"] == pytest.approx(sum(floor) / len(floor), abs=1e-5)
+    assert all(f"| {name} |" in format_report(report) for name in report)
+    assert not model.training and not any(
+        layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers
+    )

@@ -1,0 +1,168 @@
+"""How closely a trained testbed model's heads meet the supervised attention targets.
+
+The reference recipe supervises one head per role (recipes/grounding.SUPERVISIONS). When a
+question family stays weak, this tells whether its heads fail to find what they should look at
+or whether they find it and the layers after them fail to use it. Each row is scored with the
+training loss itself on isolated single-question turns, as the model is asked at evaluation.
+
+    python -m eval.testbed.attention_report --model eval/testbed/reference_model \
+        --data data/testbed --evidence-layer 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def attention_report(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Any],
+    layer_overrides: dict[str, int],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
+    the targets"; log of the target-set size for a uniform target such as counting)."""
+    from recipes.grounding import SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY, GroundingLoss
+    from recipes.train import (
+        PackedVQADataset,
+        cache_pixels,
+        collator_for,
+        isolated_turns_mask,
+        patch_label_sets_for,
+    )
+
+    pixels = cache_pixels(examples, processor.image_processor, progress=progress)
+    dataset = PackedVQADataset(
+        examples,
+        pixels,
+        processor.tokenizer,
+        model.config.image_seq_length,
+        patch_label_sets=patch_label_sets_for(examples, pixels),
+        isolate_turns=True,
+    )
+    n_layers = len(model.model.language_model.layers)
+    n_heads = model.model.language_model.config.num_attention_heads
+    terms = {}
+    for name, supervision in SUPERVISIONS.items():
+        layer = layer_overrides.get(name, supervision.layer)
+        if supervision.head >= n_heads or not -n_layers <= layer < n_layers:
+            continue
+        terms[name] = GroundingLoss(
+            model, 1.0, layer, 1, supervision.positions_key, supervision.masks_key,
+            supervision.head, supervision.over_patches, supervision.uniform, supervision.sink,
+        )  # fmt: skip
+    totals = {name: [0.0, 0, 0.0] for name in terms}  # loss sum, rows, floor sum
+    collate = collator_for(processor)
+    batches = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="attention report")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in batches:
+                batch = collate(
+                    [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+                )
+                side = {key: batch.pop(key) for key in SIDE_KEYS if key in batch}
+                batch["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
+                outputs = model(**batch)
+                for name, term in terms.items():
+                    supervision = SUPERVISIONS[name]
+                    used = side[supervision.positions_key] >= 0
+                    rows = int(used.sum())
+                    if rows == 0:
+                        continue
+                    total = totals[name]
+                    total[0] += float(term(model, {**batch, **side}, outputs)) * rows
+                    total[1] += rows
+                    if supervision.uniform:
+                        sizes = side[supervision.masks_key][used].sum(dim=-1) + supervision.sink
+                        total[2] += float(torch.log(sizes.float()).sum())
+    finally:
+        for term in terms.values():
+            term.remove()
+        model.train(was_training)
+    return {
+        name: {
+            "layer": float(layer_overrides.get(name, SUPERVISIONS[name].layer) % n_layers),
+            "head": float(SUPERVISIONS[name].head),
+            "rows": float(rows),
+            "loss": loss / rows if rows else math.nan,
+            "floor": floor / rows if rows else math.nan,
+        }
+        for name, (loss, rows, floor) in totals.items()
+    }
+
+
+def format_report(report: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| supervision | layer | head | rows | loss | floor | attention on target |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in report.items():
+        on_target = "-" if row["floor"] > 0 else f"{100 * math.exp(-row['loss']):.1f} %"
+        lines.append(
+            f"| {name} | {int(row['layer'])} | {int(row['head'])} | {int(row['rows'])} | "
+            f"{row['loss']:.3f} | {row['floor']:.3f} | {on_target} |"
+        )
+    return "\n".join(lines)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.testbed.attention_report",
+        description="Score a testbed model's heads against the supervised attention targets "
+        "(recipes/grounding.SUPERVISIONS) on single-question turns.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--data", type=Path, required=True, help="testbed export root")
+    parser.add_argument("--split", default="validation", help="split whose images are used")
+    parser.add_argument("--images", type=int, default=200, help="use the first N images")
+    parser.add_argument(
+        "--grounding-layer", type=int, default=0, help="layer of the word-to-patch head"
+    )
+    parser.add_argument(
+        "--readout-layer", type=int, default=-1, help="layer of the readout and option heads"
+    )
+    parser.add_argument(
+        "--evidence-layer",
+        type=int,
+        default=-1,
+        help="layer of the evidence, second and count heads (the reference recipe uses 1)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from eval.testbed.model import load_reference
+    from recipes.train import load_examples
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, processor = load_reference(args.model)
+    examples = list(load_examples(args.data, args.split))[: args.images]
+    overrides = {"grounding": args.grounding_layer}
+    overrides |= dict.fromkeys(("readout", "option"), args.readout_layer)
+    overrides |= dict.fromkeys(("evidence", "second", "count"), args.evidence_layer)
+    report = attention_report(model, processor, examples, overrides, progress=not args.no_progress)
+    print(f"attention targets of {args.model} on {len(examples)} {args.split} images")
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
