@@ -441,6 +441,26 @@ def patch_label_sets_for(
     ]
 
 
+def grounded_dataset(
+    examples: Sequence[ImageExample],
+    processor: Any,
+    image_seq_length: int,
+    progress: bool = False,
+    isolate_turns: bool = True,
+) -> PackedVQADataset:
+    """Packed turns with every attention target of recipes/grounding.SUPERVISIONS, from the
+    testbed scene metadata (for inspecting a trained model's heads, or tests)."""
+    pixels = cache_pixels(examples, processor.image_processor, progress=progress)
+    return PackedVQADataset(
+        examples,
+        pixels,
+        processor.tokenizer,
+        image_seq_length,
+        patch_label_sets=patch_label_sets_for(examples, pixels),
+        isolate_turns=isolate_turns,
+    )
+
+
 @dataclass
 class PixelNormalizingCollator:
     """Right-pads tokens and turns cached uint8 pixels into normalised `pixel_values`."""
@@ -1027,6 +1047,7 @@ __all__ = [
     "Turn",
     "build_parser",
     "cache_pixels",
+    "grounded_dataset",
     "load_examples",
     "main",
 ]

@@ -160,20 +160,25 @@ def _naive_loss(attentions: torch.Tensor, ids: torch.Tensor, positions, masks, h
     return torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("layer,heads", [(0, 1), (0, 2)])
-def test_grounding_loss_matches_eager_attention(layer: int, heads: int) -> None:
-    torch.manual_seed(0)
-    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)  # 16 patches
+def _eager_tiny_and_ids(question: str, rows: int = 1) -> tuple[object, torch.Tensor]:
+    """The 16-patch cpu-tiny LLaVA with eager attention (so it returns attention weights) and
+    BOS + image + `question` token ids, `rows` times."""
+    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)
     model.config.text_config._attn_implementation = "eager"
     model.model.language_model.config._attn_implementation = "eager"
     tokenizer = processor.tokenizer
-    image_id = model.config.image_token_id
-    words = tokenizer.encode(
-        "USER: what color is the red circle ? ASSISTANT:", add_special_tokens=False
-    )
-    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words] * 2)
-    ids[1, -1] = tokenizer.pad_token_id
-    attention_mask = (ids != tokenizer.pad_token_id).long()
+    words = tokenizer.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False)
+    image = [model.config.image_token_id] * N
+    return model, torch.tensor([[tokenizer.bos_token_id] + image + words] * rows)
+
+
+@pytest.mark.parametrize("layer,heads", [(0, 1), (0, 2)])
+def test_grounding_loss_matches_eager_attention(layer: int, heads: int) -> None:
+    torch.manual_seed(0)
+    model, ids = _eager_tiny_and_ids("what color is the red circle ?", rows=2)
+    image_id, pad_id = model.config.image_token_id, model.config.pad_token_id
+    ids[1, -1] = pad_id
+    attention_mask = (ids != pad_id).long()
     positions = torch.tensor([[1 + N + 5, 1 + N + 6], [1 + N + 6, -1]])
     masks = torch.rand(2, 2, N) > 0.5
     masks[..., 0] = True
@@ -196,13 +201,7 @@ def test_grounding_loss_matches_eager_attention(layer: int, heads: int) -> None:
 def test_readout_loss_matches_eager_attention() -> None:
     """Targets over sequence positions (the question's words), on the last layer's head 1."""
     torch.manual_seed(1)
-    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)
-    model.config.text_config._attn_implementation = "eager"
-    model.model.language_model.config._attn_implementation = "eager"
-    tokenizer = processor.tokenizer
-    image_id = model.config.image_token_id
-    words = tokenizer.encode("USER: is there a red circle ? ASSISTANT:", add_special_tokens=False)
-    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words])
+    model, ids = _eager_tiny_and_ids("is there a red circle ?")
     length = ids.shape[1]
     positions = torch.tensor([[length - 1]])
     masks = torch.zeros(1, 1, length, dtype=torch.bool)
@@ -228,15 +227,7 @@ def test_readout_loss_matches_eager_attention() -> None:
 def test_count_loss_matches_eager_attention() -> None:
     """Uniform target over BOS + the named patches: -mean(log attention) over that set."""
     torch.manual_seed(2)
-    model, processor = build_reference(size="cpu-tiny", image_size=56, seed=0)
-    model.config.text_config._attn_implementation = "eager"
-    model.model.language_model.config._attn_implementation = "eager"
-    tokenizer = processor.tokenizer
-    image_id = model.config.image_token_id
-    words = tokenizer.encode(
-        "USER: how many red circles are there ? ASSISTANT:", add_special_tokens=False
-    )
-    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * N + words] * 2)
+    model, ids = _eager_tiny_and_ids("how many red circles are there ?", rows=2)
     answer_at = ids.shape[1] - 1
     positions = torch.tensor([[answer_at], [answer_at]])
     masks = torch.zeros(2, 1, N, dtype=torch.bool)

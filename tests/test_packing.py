@@ -36,12 +36,7 @@ def test_turn_visibility() -> None:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory):
-    from recipes.train import (
-        PackedVQADataset,
-        cache_pixels,
-        load_examples,
-        patch_label_sets_for,
-    )
+    from recipes.train import grounded_dataset, load_examples
 
     out = data.export(
         data.make_dataset_dict(train=12, validation=0, test=0, seed=5, train_questions_per_image=3),
@@ -50,15 +45,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory):
     model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
     model.eval()
     examples = load_examples(out, "train")
-    pixels = cache_pixels(examples, processor.image_processor, progress=False)
-    dataset = PackedVQADataset(
-        examples,
-        pixels,
-        processor.tokenizer,
-        model.config.image_seq_length,
-        patch_label_sets=patch_label_sets_for(examples, pixels),
-        isolate_turns=True,
-    )
+    dataset = grounded_dataset(examples, processor, model.config.image_seq_length)
     return model, processor, dataset, examples
 
 

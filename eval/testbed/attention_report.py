@@ -31,23 +31,9 @@ def attention_report(
     """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
     the targets"; log of the target-set size for a uniform target such as counting)."""
     from recipes.grounding import SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY, GroundingLoss
-    from recipes.train import (
-        PackedVQADataset,
-        cache_pixels,
-        collator_for,
-        isolated_turns_mask,
-        patch_label_sets_for,
-    )
+    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask
 
-    pixels = cache_pixels(examples, processor.image_processor, progress=progress)
-    dataset = PackedVQADataset(
-        examples,
-        pixels,
-        processor.tokenizer,
-        model.config.image_seq_length,
-        patch_label_sets=patch_label_sets_for(examples, pixels),
-        isolate_turns=True,
-    )
+    dataset = grounded_dataset(examples, processor, model.config.image_seq_length, progress)
     n_layers = len(model.model.language_model.layers)
     n_heads = model.model.language_model.config.num_attention_heads
     terms = {}
