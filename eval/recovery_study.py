@@ -3,7 +3,8 @@
 One run, one question set, one table: the full model, CrossGET training-free at each budget,
 and CrossGET after `recipes.llava_finetune` at the same budgets; then two ablations at the most
 aggressive budget with the same number of steps: LoRA without the cross-token alignment loss,
-and `query` instead of `cross` guidance. Every number comes from the project's own entry
+and `query` instead of `cross` guidance. Every fine-tune sees one question per sequence (as
+evaluation does, and as `query` guidance requires), so the settings differ in nothing else. Every number comes from the project's own entry
 points (`recipes.llava_finetune.main`, `eval.run.main`), exactly as a user would run them.
 
     python -m eval.recovery_study                       # defaults below, ~15 min on 2 CPU cores
@@ -60,6 +61,9 @@ def _finetune(setting: Setting, args: argparse.Namespace, run_dir: Path) -> floa
         "--lr", str(args.lr), "--lora-r", str(args.lora_r), "--seed", str(args.seed),
         "--output-dir", str(run_dir), "--save-steps", str(args.steps), "--logging-steps", "10",
         "--threads", str(args.threads),
+        # One question per sequence for every setting: what evaluation asks, and what `query`
+        # guidance needs anyway. Packed turns for `cross` only would confound the ablation.
+        "--no-pack",
     ]  # fmt: skip
     if setting.alignment_weight is not None:
         argv += ["--alignment-weight", str(setting.alignment_weight)]

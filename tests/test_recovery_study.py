@@ -46,3 +46,20 @@ def test_report_only_pairs_settings_question_by_question(
     assert "| training-free vs full model | 64 | 0 | 4 | -40.0 | 0.125 |" in text
     # LoRA right alone on 6, 7, 8; training-free right alone on 0: 3 vs 1 of 4 -> p = 0.625.
     assert "| LoRA + alignment vs training-free | 64 | 3 | 1 | +20.0 | 0.625 |" in text
+
+
+def test_every_fine_tune_sees_one_question_per_sequence(tmp_path: Path, monkeypatch) -> None:
+    """`query` guidance cannot pack turns; `cross` must not either, or the ablation compares
+    data layouts instead of guidance."""
+    import recipes.llava_finetune
+    from eval.recovery_study import _finetune, build_parser, settings_for
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(recipes.llava_finetune, "main", lambda argv: seen.append(argv) or 0)
+    args = build_parser().parse_args(["--out", str(tmp_path), "--no-progress"])
+    trained = [s for s in settings_for([128, 64], 64) if s.train]
+    for setting in trained:
+        _finetune(setting, args, tmp_path / setting.name)
+    assert len(seen) == len(trained) == 4
+    assert all("--no-pack" in argv for argv in seen)
+    assert {argv[argv.index("--guidance") + 1] for argv in seen} == {"cross", "query"}
