@@ -77,14 +77,17 @@ SIDE_KEYS: tuple[str, ...] = (
 )
 
 
+def _turn_sees(query_turn: torch.Tensor, key_turn: torch.Tensor) -> torch.Tensor:
+    """The shared prefix (turn 0) and the query's own turn; padding (-1) sees only padding."""
+    return (key_turn == query_turn) | ((key_turn == 0) & (query_turn >= 0))
+
+
 def turn_visibility(turn_ids: torch.Tensor) -> torch.Tensor:
     """(B, T, T) bool, query x key: causal, and a token sees the shared prefix (turn 0) and its
     own turn only; padding (-1) sees only padding (never an empty row), and nothing sees it."""
     length = turn_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=turn_ids.device).tril()
-    query, key = turn_ids[:, :, None], turn_ids[:, None, :]
-    same = (key == query) | ((key == 0) & (query >= 0))
-    return causal[None] & same
+    return causal[None] & _turn_sees(turn_ids[:, :, None], turn_ids[:, None, :])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,24 @@ class GroundingLoss:
         self._captured: dict[str, Any] = {}
         self._handle = attention.register_forward_pre_hook(self._capture, with_kwargs=True)
 
+    @classmethod
+    def for_supervision(
+        cls, model: Any, supervision: Supervision, weight: float, layer: int, heads: int = 1
+    ) -> GroundingLoss:
+        """The loss of one `SUPERVISIONS` entry, on `layer` (the recipe may move it)."""
+        return cls(
+            model,
+            weight,
+            layer,
+            heads,
+            supervision.positions_key,
+            supervision.masks_key,
+            supervision.head,
+            supervision.over_patches,
+            supervision.uniform,
+            supervision.sink,
+        )
+
     def _capture(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         self._captured = {"hidden": hidden, "rope": kwargs.get("position_embeddings")}
@@ -175,8 +196,7 @@ class GroundingLoss:
         hidden_keys = key_index[None] > query_positions[:, None]  # (N, T)
         if TURN_IDS_KEY in inputs:  # isolated packed turns: other turns are out of sight
             turn_ids = inputs[TURN_IDS_KEY][rows]
-            own = turn_ids.gather(1, query_positions[:, None])
-            hidden_keys |= (turn_ids != own) & (turn_ids != 0)
+            hidden_keys |= ~_turn_sees(turn_ids.gather(1, query_positions[:, None]), turn_ids)
         scores = scores.masked_fill(hidden_keys[:, None], -1e9)
         log_attention = scores.float().log_softmax(dim=-1)  # (N, h, T)
         target = masks[rows, slots][:, None]  # (N, 1, P or T)

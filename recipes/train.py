@@ -338,9 +338,12 @@ class PackedVQADataset(torch.utils.data.Dataset):
         labels = [IGNORE_INDEX] * len(self.prefix)
         rows: dict[str, list[tuple[int, Any]]] = {name: [] for name in SUPERVISIONS}
         turn_ids = [0] * len(self.prefix)  # 0: BOS and the image, seen by every turn
+        # each turn continues from the image as if it were the only one
+        position_ids = list(range(len(self.prefix)))
         for number, (prompt, target, supervision) in enumerate(turns, start=1):
             start = len(input_ids)
             turn_ids += [number] * (len(prompt) + len(target))
+            position_ids += range(len(self.prefix), len(self.prefix) + len(prompt) + len(target))
             for name, targets in supervision.items():
                 for query, on in targets:
                     # word indices are relative to the prompt; patch masks stay as they are
@@ -354,12 +357,8 @@ class PackedVQADataset(torch.utils.data.Dataset):
             "pixels": self.pixels[image_index],
         }
         if self.isolate_turns:
-            turn_tensor = torch.tensor(turn_ids)
-            item[TURN_IDS_KEY] = turn_tensor
-            # each turn continues from the image as if it were the only one
-            starts = torch.tensor([0] + [turn_ids.index(n) for n in range(1, len(turns) + 1)])
-            offset = torch.where(turn_tensor > 0, starts[turn_tensor] - len(self.prefix), 0)
-            item["position_ids"] = torch.arange(len(turn_ids)) - offset
+            item[TURN_IDS_KEY] = torch.tensor(turn_ids)
+            item["position_ids"] = torch.tensor(position_ids)
         if self.grounded:
             for name, supervision in SUPERVISIONS.items():
                 width = self.image_seq_length if supervision.over_patches else len(input_ids)
@@ -399,19 +398,9 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
         if weight <= 0:
             continue
         heads = args.grounding_heads if name == "grounding" else 1
+        layer = getattr(args, layer_flag) if layer_flag else supervision.layer
         try:
-            loss = GroundingLoss(
-                model,
-                weight,
-                getattr(args, layer_flag) if layer_flag else supervision.layer,
-                heads,
-                supervision.positions_key,
-                supervision.masks_key,
-                supervision.head,
-                supervision.over_patches,
-                supervision.uniform,
-                supervision.sink,
-            )
+            loss = GroundingLoss.for_supervision(model, supervision, weight, layer, heads)
         except ValueError as error:
             flag = "--" + weight_flag.replace("_", "-")
             raise ValueError(

@@ -102,10 +102,7 @@ def test_grounding_loss_rows_of_packed_turns_equal_the_turn_alone(packed) -> Non
 
     model, processor, dataset, _ = packed
     supervision = SUPERVISIONS["readout"]
-    term = GroundingLoss(
-        model, 1.0, supervision.layer, 1, supervision.positions_key, supervision.masks_key,
-        supervision.head, supervision.over_patches,
-    )  # fmt: skip
+    term = GroundingLoss.for_supervision(model, supervision, 1.0, supervision.layer)
     collate = collator_for(processor)
     index = next(i for i in range(len(dataset)) if len(dataset[i][supervision.positions_key]) > 1)
     item = dataset[index]

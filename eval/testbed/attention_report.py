@@ -41,10 +41,7 @@ def attention_report(
         layer = layer_overrides.get(name, supervision.layer)
         if supervision.head >= n_heads or not -n_layers <= layer < n_layers:
             continue
-        terms[name] = GroundingLoss(
-            model, 1.0, layer, 1, supervision.positions_key, supervision.masks_key,
-            supervision.head, supervision.over_patches, supervision.uniform, supervision.sink,
-        )  # fmt: skip
+        terms[name] = GroundingLoss.for_supervision(model, supervision, 1.0, layer)
     totals = {name: [0.0, 0, 0.0] for name in terms}  # loss sum, rows, floor sum
     collate = collator_for(processor)
     batches = range(0, len(dataset), batch_size)
@@ -135,15 +132,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from eval.testbed.model import load_reference
-    from recipes.train import load_examples
+    from recipes.train import SUPERVISION_FLAGS, load_examples
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, processor = load_reference(args.model)
     examples = list(load_examples(args.data, args.split))[: args.images]
-    overrides = {"grounding": args.grounding_layer}
-    overrides |= dict.fromkeys(("readout", "option"), args.readout_layer)
-    overrides |= dict.fromkeys(("evidence", "second", "count"), args.evidence_layer)
+    # the same --*-layer flags as recipes.train, moving the same heads
+    overrides = {
+        name: getattr(args, layer_flag)
+        for name, (_, layer_flag) in SUPERVISION_FLAGS.items()
+        if layer_flag
+    }
     report = attention_report(model, processor, examples, overrides, progress=not args.no_progress)
     print(f"attention targets of {args.model} on {len(examples)} {args.split} images")
     print(format_report(report))

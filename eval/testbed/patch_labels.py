@@ -153,10 +153,11 @@ def word_patch_targets(
 
     Colour words name the patches of that colour, shape words (singular or plural) and "dot"
     the patches of that shape, a digit right after the word "digit" (or a multiple-choice
-    option that is a digit) the patches showing that handwritten digit, a number after "row" / "column" the digits in that grid row / column, and
-    "code" the printed code characters. Words whose referent is absent from the image (an
-    adversarial existence question) get no target: there is nothing right to look at (with
-    `keep_absent` they are kept with an empty mask, which `evidence_mask` needs).
+    option that is a digit) the patches showing that handwritten digit, a number after "row" /
+    "column" the digits in that grid row / column, and "code" the printed code characters.
+    Words whose referent is absent from the image (an adversarial existence question) get no
+    target: there is nothing right to look at (with `keep_absent` they are kept with an empty
+    mask, which `evidence_phrases` needs).
     """
     targets = []
     for index, word in enumerate(words):
@@ -290,8 +291,8 @@ def attention_targets(
     if phrases and answer in COLOURS and ("nearest" in words or "farthest" in words):
         # The anchor's last word, which knows where the anchor is after the first layer, finds
         # the nearest / farthest object (the one of the answer's colour); needs three layers.
-        anchor_at = max(i for i in question_words)
-        targets["neighbour"] = [(anchor_at, labels["colour"] == 1 + COLOURS.index(answer))]
+        colour = labels["colour"] == 1 + COLOURS.index(answer)
+        targets["neighbour"] = [(question_words[-1], colour)]
     options = option_words(words)
     targets["letter"] = [(index, [index - 2]) for index in options.values()]
     if answer in options:
