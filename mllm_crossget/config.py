@@ -13,10 +13,17 @@ from .peers import MERGING_METHODS, METHOD_NAMES
 from .peers.tome import TOME_SETTINGS
 from .schedule import SCHEDULE_MODES
 
-__all__ = ["CONFIG_NAME", "CrossGETConfig", "GUIDANCE_MODES", "MATCHING_MODES"]
+__all__ = [
+    "CONFIG_NAME",
+    "CrossGETConfig",
+    "GUIDANCE_MODES",
+    "LLM_POSITION_MODES",
+    "MATCHING_MODES",
+]
 
 CONFIG_NAME = "crossget_config.json"
 GUIDANCE_MODES: tuple[str, ...] = ("cross", "attention", "query", "none")
+LLM_POSITION_MODES: tuple[str, ...] = ("original", "compact")
 MATCHING_MODES: tuple[str, ...] = ("complete_graph", "bipartite")
 
 
@@ -91,6 +98,15 @@ class CrossGETConfig:
         metadata={"help": "fastv: LLM layer from which only the kept visual tokens remain (K=2)."},
     )
     seed: int = field(default=0, metadata={"help": "random: seed of the kept patch positions."})
+    llm_positions: Literal["original", "compact"] = field(
+        default="original",
+        metadata={
+            "help": "LLaVA: rotary positions of the reduced visual tokens in the LLM. original = "
+            "each token sits where its first patch sat and text keeps its distance to the "
+            "image, as in the unreduced prompt; compact = consecutive positions (the "
+            "authors' code). Every encoder-side method follows it; FastV keeps its own."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method == "tome":
@@ -152,6 +168,10 @@ class CrossGETConfig:
             raise ValueError(
                 f"r (tokens merged per encoder layer) applies to the merging methods "
                 f"{MERGING_METHODS}; give method={self.method!r} visual_tokens=K or keep_ratio"
+            )
+        if self.llm_positions not in LLM_POSITION_MODES:
+            raise ValueError(
+                f"llm_positions must be one of {LLM_POSITION_MODES}, got {self.llm_positions!r}"
             )
         if self.fastv_layer < 1:
             raise ValueError(f"fastv_layer must be >= 1, got {self.fastv_layer}")

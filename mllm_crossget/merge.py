@@ -124,6 +124,20 @@ class Matching:
         hit.scatter_(1, self.dst_idx, True)
         return hit.gather(1, self.kept_idx)
 
+    def merge_first_patch(self, first_patch: Tensor) -> Tensor:
+        """[B, N] -> [B, N - r]: the lowest original patch index each survivor now holds.
+
+        A merged token stands for several patches; the LLM gives it the position of the
+        first of them, so that positions depend only on which patches a token holds (the
+        same rule as a peer's assignment, ``peers.reduction.first_patch_of_tokens``).
+        """
+        if self.r == 0:
+            return first_patch
+        dst_kept = self._kept_position().gather(1, self.dst_idx)
+        return self.keep(first_patch).scatter_reduce(
+            1, dst_kept, first_patch.gather(1, self.src_idx), reduce="amin"
+        )
+
     def merge_source(self, source: Tensor) -> Tensor:
         """Track which original patches each token holds: rows of a [B, N, N0] map add."""
         if self.r == 0:

@@ -93,6 +93,10 @@ class TowerPlanner:
     def plan(self, height: int, width: int, visual_tokens: int | None = None) -> EncoderPlan:
         return self.plan_for_length(self.input_tokens(height, width), visual_tokens)
 
+    def unreduced_tokens(self, height: int, width: int) -> int:
+        """Visual tokens one image of this size yields without any reduction."""
+        return self.input_tokens(height, width) - self.dropped_tokens
+
     def visual_tokens(self, height: int, width: int, visual_tokens: int | None = None) -> int:
         """Exact number of visual tokens one image of this size yields (what the LLM receives)."""
         from .schedule import output_tokens
@@ -100,7 +104,7 @@ class TowerPlanner:
         if not self.config.merges_in_encoder:
             kept = self.kept_tokens(height, width, visual_tokens)
             # FastV gives the LLM every visual token and prunes inside it.
-            full = self.input_tokens(height, width) - self.dropped_tokens
+            full = self.unreduced_tokens(height, width)
             return full if self.config.method == "fastv" else kept
         num_tokens = self.input_tokens(height, width)
         schedule = self.layer_r(num_tokens, visual_tokens)
@@ -114,7 +118,7 @@ class TowerPlanner:
         """
         if self.config.merges_in_encoder:
             return self.visual_tokens(height, width, visual_tokens)
-        full = self.input_tokens(height, width) - self.dropped_tokens
+        full = self.unreduced_tokens(height, width)
         patches = self.input_tokens(height, width) - self.num_protected
         kept_cls = full - patches
         if visual_tokens is None:

@@ -950,3 +950,84 @@ def test_query_mask_keeps_the_answer_out_of_the_image_features(
     torch.testing.assert_close(masked[:16], masked[16:], atol=0, rtol=0)
     unmasked = forward(model, inputs).image_hidden_states
     assert not torch.allclose(unmasked[:16], unmasked[16:], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ 6. LLM positions
+
+
+def test_original_position_ids_by_hand() -> None:
+    from mllm_crossget.adapters.llava import original_position_ids
+
+    base = torch.arange(10)[None]
+    # Tokens 2..4 are an image reduced from 8 tokens to 3 (first patches 0, 2 and 5).
+    got = original_position_ids(base, [0], [2], [torch.tensor([0, 2, 5])], [8])
+    # Unreduced: text 0-1, image 2-9 (kept ones at 2, 4, 7), text 10-14; all shifted by -5
+    # so that the last token keeps position 9.
+    assert got.tolist() == [[-5, -4, -3, -1, 2, 5, 6, 7, 8, 9]]
+    two = original_position_ids(
+        torch.arange(8)[None], [0, 0], [1, 4], [torch.tensor([1, 3]), torch.tensor([0])], [4, 2]
+    )
+    # Unreduced: 0 | image 1-4 (kept 2, 4) | 5 | image 6-7 (kept 6) | 8 9; shift -3.
+    assert two.tolist() == [[-3, -1, 1, 2, 3, 5, 6, 7]]
+    with pytest.raises(ValueError, match="first patch"):
+        original_position_ids(base, [0], [2], [torch.tensor([0, 8])], [8])
+
+
+def _masked_full_model_logits(
+    image: Image.Image, prompt: str, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpatched model, every visual token but ``kept`` hidden from every query."""
+    reference = tiny_llava()
+    inputs = encode(tiny_processor(), [image], [prompt])
+    ids = inputs["input_ids"][0]
+    visual = (ids == IMAGE_TOKEN_ID).nonzero().flatten()
+    length = ids.shape[0]
+    allowed = torch.ones(length, length).tril().bool()
+    allowed[:, visual[~torch.isin(torch.arange(NUM_PATCHES), kept)]] = False
+    allowed |= torch.eye(length, dtype=torch.bool)  # every query sees itself (no empty rows)
+    inputs["attention_mask"] = allowed[None, None]
+    out = forward(reference, inputs)
+    keep_rows = torch.ones(length, dtype=torch.bool)
+    keep_rows[visual] = False
+    keep_rows[visual[kept]] = True
+    return out.logits[0, keep_rows], keep_rows
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_dropping_with_original_positions_equals_masking_the_full_model(
+    positions: str, images: list[Image.Image]
+) -> None:
+    """Rotary attention sees only position differences: keeping the kept tokens' positions
+    makes a pruned prompt the full prompt with the dropped tokens masked out, exactly."""
+    from mllm_crossget.peers.random_drop import random_indices
+
+    prompt = "w1 <image> w2 w3 w4 w5"
+    kept = random_indices(NUM_PATCHES, 16, seed=0)
+    want, _ = _masked_full_model_logits(images[0], prompt, kept)
+    model, processor = build(
+        CrossGETConfig(method="random", visual_tokens=16, llm_positions=positions)
+    )
+    got = logits(model, encode(processor, images[:1], [prompt]))[0]
+    assert got.shape == want.shape
+    if positions == "original":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:  # compact positions move the image and the text: the answer changes
+        assert not torch.allclose(got[-5:], want[-5:], atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_generate_with_cache_equals_without_cache_for_both_position_rules(
+    positions: str, images: list[Image.Image]
+) -> None:
+    model, processor = build(CrossGETConfig(visual_tokens=16, llm_positions=positions))
+    fill_cross_tokens(model)
+    inputs = encode(processor, images, PROMPTS)
+    cached = greedy(model, inputs, new_tokens=5, use_cache=True)
+    uncached = greedy(model, inputs, new_tokens=5, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert_scores_close(cached, uncached)
+
+
+def test_unknown_llm_positions_is_rejected() -> None:
+    with pytest.raises(ValueError, match="llm_positions must be one of"):
+        CrossGETConfig(visual_tokens=16, llm_positions="absolute")  # type: ignore[arg-type]

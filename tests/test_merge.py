@@ -882,3 +882,22 @@ def test_bad_importance_raises() -> None:
         complete_graph_matching(metric, 1, torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"importance must be \[B, N\]"):
         complete_graph_matching(metric, 1, torch.zeros(6))
+
+
+def test_first_patch_is_the_lowest_patch_a_token_holds() -> None:
+    """Chained over layers, ``merge_first_patch`` equals the first column of the source map."""
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        batch, n = 2, 17
+        first = torch.arange(n).expand(batch, n)
+        source = torch.eye(n, dtype=torch.float64).expand(batch, n, n)
+        for layer in range(3):
+            metric = torch.randn(batch, first.shape[1], 4, generator=gen)
+            r = int(torch.randint(0, first.shape[1] // 2 + 1, (1,), generator=gen))
+            if (seed + layer) % 2:
+                m = bipartite_matching(metric, r)
+            else:
+                m = complete_graph_matching(metric, r, torch.randn(metric.shape[:2], generator=gen))
+            first, source = m.merge_first_patch(first), m.merge_source(source)
+        lowest = (source > 0).to(torch.int64).argmax(dim=-1)
+        assert torch.equal(first, lowest), seed

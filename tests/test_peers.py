@@ -34,6 +34,7 @@ from mllm_crossget.peers.encoder import reduce_after_encoder
 from mllm_crossget.peers.fastv import STATE_ATTR, run_keeps
 from mllm_crossget.peers.pool import pool_grid_shape, pool_tokens
 from mllm_crossget.peers.random_drop import random_indices
+from mllm_crossget.peers.reduction import first_patch_of_tokens
 from mllm_crossget.peers.visionzip import contextual_count, visionzip_tokens
 
 PEERS = ("visionzip", "divprune", "pool", "random", "fastv")
@@ -510,3 +511,21 @@ def test_run_keeps_follows_rows_repeated_by_generate() -> None:
 def test_methods_registry_is_complete() -> None:
     assert set(METHOD_NAMES) == set(ALL)
     assert set(FEATURE_METHODS) == {"visionzip", "divprune", "pool", "random"}
+
+
+@pytest.mark.parametrize("k", [40, 16, 7, 1])
+def test_first_patch_of_every_peer_token_is_its_lowest_patch(k: int) -> None:
+    """The LLM position rule of peers: a token sits at the lowest patch it holds."""
+    generator = torch.Generator().manual_seed(k)
+    features = torch.randn(2, 64, 6, generator=generator)
+    inputs = FeatureInputs(
+        features, (8, 8), torch.rand(2, 64, generator=generator), torch.randn(2, 64, 4)
+    )
+    for reduction in (visionzip_tokens(inputs, k), pool_tokens(inputs, k)):
+        got = first_patch_of_tokens(reduction.assignment, reduction.tokens.shape[1])
+        for row in range(2):
+            assignment = reduction.assignment[row].tolist()
+            want = [assignment.index(token) for token in range(reduction.tokens.shape[1])]
+            assert got[row].tolist() == want
+    with pytest.raises(RuntimeError, match="holds no patch"):
+        first_patch_of_tokens(torch.tensor([[0, 0, -1]]), 2)

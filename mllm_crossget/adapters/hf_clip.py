@@ -71,9 +71,14 @@ class EncoderPlan:
 
 @dataclass
 class MergingEncoderOutput(BaseModelOutput):
-    """The encoder's output plus what merging produced (sizes, cross states, source map)."""
+    """The encoder's output plus what merging produced (sizes, cross states, source map).
+
+    ``first_patch`` [B, T]: for every output token, the lowest input index it holds (CLS is
+    index 0), which the LLaVA adapter turns into the token's position in the LLM.
+    """
 
     token_size: Tensor | None = None
+    first_patch: Tensor | None = None
     cross_states: tuple[Tensor, ...] | None = None
     source_map: Tensor | None = None
 
@@ -266,6 +271,7 @@ def _merging_encoder_forward(
     source = None
     if plan.track_source:
         source = torch.eye(n, device=hidden.device, dtype=torch.float32).expand(batch, n, n)
+    first_patch = torch.arange(n, device=hidden.device).expand(batch, n)
     cross_states: list[Tensor] = []
     for index, layer in enumerate(self.layers[: plan.num_layers]):
         offset = None
@@ -288,11 +294,15 @@ def _merging_encoder_forward(
         )
         if cross_state is not None:
             cross_states.append(cross_state[:, 0])
-        if source is not None and src.shape[1]:
-            source = Matching(src, dst, kept).merge_source(source)
+        if src.shape[1]:
+            matching = Matching(src, dst, kept)
+            first_patch = matching.merge_first_patch(first_patch)
+            if source is not None:
+                source = matching.merge_source(source)
     return MergingEncoderOutput(
         last_hidden_state=hidden,
         token_size=token_size,
+        first_patch=first_patch,
         cross_states=tuple(cross_states),
         source_map=source,
     )

@@ -23,9 +23,17 @@ from ..cross_tokens import unwrap_cross_tokens
 from ..loss import symmetric_js_divergence
 from ..peers import FEATURE_METHODS, fastv
 from ..peers.encoder import reduce_after_encoder
+from ..peers.reduction import first_patch_of_tokens
 from .hf_clip import ClipRuntime, patch_clip_encoder, unpatch_clip_encoder
 
-__all__ = ["LlavaRuntime", "patch_llava", "unpatch_llava", "BUDGET_OVERRIDE"]
+__all__ = [
+    "BUDGET_OVERRIDE",
+    "LlavaRuntime",
+    "MergedImageFeatures",
+    "original_position_ids",
+    "patch_llava",
+    "unpatch_llava",
+]
 
 # Per-call budgets (one per image, or one for all), set by ``crossget.budget(...)``.
 BUDGET_OVERRIDE: contextvars.ContextVar[Sequence[int] | int | None] = contextvars.ContextVar(
@@ -41,6 +49,18 @@ class LastForward:
     text_cross: list[Tensor] = field(default_factory=list)  # per LLM layer [B, C_llm]
     image_rows: Tensor | None = None  # row of each image in the batch
     visual_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MergedImageFeatures(BaseModelOutputWithPooling):
+    """LLaVA's image features (``pooler_output``, one tensor per image) and their origin.
+
+    ``first_patch[i]`` [K_i]: for each visual token, the index of the first token of the
+    unreduced feature sequence (``unreduced[i]`` tokens) it stands for.
+    """
+
+    first_patch: list[Tensor] | None = None
+    unreduced: list[int] | None = None
 
 
 @dataclass
@@ -66,20 +86,67 @@ _TEXT_CONTEXT: contextvars.ContextVar[_TextCrossContext | None] = contextvars.Co
 )
 
 
-def _image_runs(input_ids: Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
-    """(row, length) of each contiguous run of image placeholders, in reading order."""
+def _image_runs(input_ids: Tensor, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
+    """(row, start, length) of each contiguous run of image placeholders, in reading order."""
     rows: list[int] = []
+    starts: list[int] = []
     lengths: list[int] = []
     is_image = (input_ids == image_token_id).to(torch.int8)
     padded = torch.nn.functional.pad(is_image, (1, 1))
     edges = padded[:, 1:] - padded[:, :-1]
     for row in range(input_ids.shape[0]):
-        starts = (edges[row] == 1).nonzero().flatten().tolist()
-        ends = (edges[row] == -1).nonzero().flatten().tolist()
-        for start, end in zip(starts, ends, strict=True):
+        run_starts = (edges[row] == 1).nonzero().flatten().tolist()
+        run_ends = (edges[row] == -1).nonzero().flatten().tolist()
+        for start, end in zip(run_starts, run_ends, strict=True):
             rows.append(row)
+            starts.append(start)
             lengths.append(end - start)
-    return rows, lengths
+    return rows, starts, lengths
+
+
+def original_position_ids(
+    base: Tensor,
+    rows: Sequence[int],
+    starts: Sequence[int],
+    first_patch: Sequence[Tensor],
+    unreduced: Sequence[int],
+) -> Tensor:
+    """LLM positions under which reduced images sit where the unreduced ones sat.
+
+    Each visual token of an image whose run starts at ``starts[i]`` in row ``rows[i]`` takes
+    the position of its first patch in the unreduced run (``first_patch[i]``, indices into the
+    ``unreduced[i]`` tokens), and everything after the run keeps its unreduced distance to it.
+    Every row is then shifted by the tokens it lost, so its last token keeps the position it
+    has in ``base``: rotary attention only sees differences of positions, so the shift is
+    invisible to the model, and generate()'s next position (last + 1) needs no stored state.
+    """
+    positions = base.clone()
+    removed = torch.zeros(base.shape[0], dtype=base.dtype, device=base.device)
+    for row, start, first, full in zip(rows, starts, first_patch, unreduced, strict=True):
+        length = first.shape[0]
+        if length and int(first.max()) >= full:
+            raise ValueError(f"a visual token's first patch {int(first.max())} is >= {full}")
+        anchor = positions[row, start].clone()
+        positions[row, start : start + length] = anchor + first.to(positions)
+        positions[row, start + length :] += full - length
+        removed[row] += full - length
+    return positions - removed[:, None]
+
+
+def _base_position_ids(input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """The positions the LLM would use: the caller's, else arange after the cache (as Llama)."""
+    given = kwargs.get("position_ids")
+    batch, length = input_ids.shape
+    if given is not None:
+        if given.dim() != 2:
+            raise ValueError(
+                f"llm_positions='original' needs 2-D position_ids, got shape {tuple(given.shape)};"
+                " use CrossGETConfig(llm_positions='compact') for multi-axis positions"
+            )
+        return given.expand(batch, -1)
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    return (torch.arange(length, device=input_ids.device) + past).expand(batch, -1)
 
 
 def _pooled_prompt(
@@ -134,30 +201,39 @@ def _llava_get_image_features(
     for index, budget in enumerate(budgets):
         groups.setdefault(budget, []).append(index)
     features: list[Tensor | None] = [None] * num_images
+    first_patches: list[Tensor | None] = [None] * num_images
+    unreduced: list[int] = [0] * num_images
     cross_states: list[list[Tensor]] = []
     order: list[int] = []
     for budget, indices in groups.items():
         pixels = pixel_values[indices]
         plan = runtime.planner.plan(pixels.shape[-2], pixels.shape[-1], budget)
+        for index in indices:
+            unreduced[index] = runtime.planner.unreduced_tokens(*pixels.shape[-2:])
         hidden = tower.pre_layrnorm(tower.embeddings(pixels))
         query = crossget_query_offset[indices] if crossget_query_offset is not None else None
+        keep_cls = strategy != "default"
         if runtime.config.method in FEATURE_METHODS:
             # --- peers (mllm_crossget/peers): the unmerged tower, then exactly K tokens ---
             height, width = pixels.shape[-2:]
             patch = tower.config.patch_size
-            selected, _ = reduce_after_encoder(
+            selected, assignment = reduce_after_encoder(
                 tower,
                 hidden,
                 plan,
                 grid=(height // patch, width // patch),
-                keep_cls=strategy != "default",
+                keep_cls=keep_cls,
                 k=runtime.planner.visual_tokens(height, width, budget),
                 method=runtime.config.method,
                 seed=runtime.config.seed,
             )
             projected = self.multi_modal_projector(selected)
+            first = first_patch_of_tokens(assignment, selected.shape[1] - int(keep_cls))
+            if keep_cls:  # CLS stays first, patches count after it
+                first = torch.cat([torch.zeros_like(first[:, :1]), first + 1], dim=1)
             for position, index in enumerate(indices):
                 features[index] = projected[position]
+                first_patches[index] = first[position]
             continue
             # --- end of peers ---
         encoded = tower.encoder(
@@ -167,11 +243,15 @@ def _llava_get_image_features(
             crossget_query_offset=query,
         )
         selected = encoded.last_hidden_state
-        if strategy == "default":
-            selected = selected[:, 1:]
+        first = encoded.first_patch
+        if first is None:  # nothing merged: every token is its own patch
+            first = torch.arange(selected.shape[1], device=selected.device).expand(len(indices), -1)
+        if not keep_cls:
+            selected, first = selected[:, 1:], first[:, 1:] - 1
         projected = self.multi_modal_projector(selected)
         for position, index in enumerate(indices):
             features[index] = projected[position]
+            first_patches[index] = first[position]
         if encoded.cross_states:
             cross_states.append(torch.stack(encoded.cross_states, dim=0))  # [L, I_g, C]
             order.extend(indices)
@@ -183,7 +263,12 @@ def _llava_get_image_features(
         runtime.last.vision_cross = list(stacked[:, inverse.to(stacked.device)])
     runtime.last.visual_tokens = [f.shape[0] for f in features]  # type: ignore[union-attr]
     # `pooler_output` as a list is what LLaVA's forward concatenates into placeholders.
-    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=features)
+    return MergedImageFeatures(
+        last_hidden_state=None,
+        pooler_output=features,
+        first_patch=first_patches,  # type: ignore[arg-type]
+        unreduced=unreduced,
+    )
 
 
 def _resolve_budgets(explicit: Sequence[int] | None, num_images: int) -> list[int | None]:
@@ -221,7 +306,7 @@ def _llava_forward(
             "pass input_ids rather than inputs_embeds"
         )
     image_token_id = self.config.image_token_id
-    rows, lengths = _image_runs(input_ids, image_token_id)
+    rows, starts, lengths = _image_runs(input_ids, image_token_id)
     if len(lengths) != pixel_values.shape[0]:
         raise ValueError(
             f"found {len(lengths)} runs of image placeholders for {pixel_values.shape[0]} images"
@@ -259,6 +344,16 @@ def _llava_forward(
         )
     runtime.last.image_rows = torch.tensor(rows)
     kwargs["mm_encoder_outputs"] = {"image": outputs}
+    if runtime.config.llm_positions == "original" and runtime.config.method != "fastv":
+        kwargs["position_ids"] = original_position_ids(
+            _base_position_ids(input_ids, kwargs),
+            rows,
+            starts,
+            outputs.first_patch,
+            outputs.unreduced,
+        )
+        if attention_mask is None:  # masks must not be inferred from (shifted) positions
+            attention_mask = torch.ones_like(input_ids)
     if runtime.config.method == "fastv":
         # --- peers (mllm_crossget/peers/fastv.py): the LLM drops visual tokens after layer K ---
         height, width = pixel_values.shape[-2:]

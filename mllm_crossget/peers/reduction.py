@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FeatureInputs", "Reduction", "Reducer", "check_reduction", "keep_indices"]
+__all__ = [
+    "FeatureInputs",
+    "Reduction",
+    "Reducer",
+    "check_reduction",
+    "first_patch_of_tokens",
+    "keep_indices",
+]
 
 
 @dataclass(frozen=True)
@@ -68,3 +75,22 @@ def check_reduction(reduction: Reduction, inputs: FeatureInputs, k: int, method:
     if tuple(reduction.assignment.shape) != (batch, n):
         raise RuntimeError(f"peer {method!r} returned a malformed assignment (a bug)")
     return reduction
+
+
+def first_patch_of_tokens(assignment: Tensor, k: int) -> Tensor:
+    """[I, K] long: the lowest patch index assigned to each output token.
+
+    That index is where the LLaVA adapter places the token in the LLM (``llm_positions=
+    "original"``); a kept patch keeps its own place, a pooled or merged token takes its first
+    patch's.  A token with no patch at all would have no place: that is a bug in the peer.
+    """
+    batch, n = assignment.shape
+    patch = torch.arange(n, device=assignment.device).expand(batch, n)
+    assigned = assignment >= 0
+    first = torch.full((batch, k + 1), n, dtype=torch.long, device=assignment.device)
+    slot = torch.where(assigned, assignment, torch.full_like(assignment, k))
+    first.scatter_reduce_(1, slot, patch, reduce="amin")
+    first = first[:, :k]
+    if bool((first == n).any()):
+        raise RuntimeError("a reduced token holds no patch in its assignment (a bug in the peer)")
+    return first
