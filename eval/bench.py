@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import mllm_crossget as crossget
 from eval.timing import DTYPES
-from mllm_crossget.config import atomic_write_text
+from mllm_crossget.config import LLM_POSITION_MODES, atomic_write_text
 from mllm_crossget.flops import FlopsReport
 from mllm_crossget.merge import bipartite_matching, complete_graph_matching
 from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
@@ -73,20 +73,39 @@ class Setting:
         return "full" if self.method == "full" else f"{self.method}/{self.budget}"
 
 
-def parse_budget(method: str, text: str, fastv_layer: int) -> crossget.CrossGETConfig:
+def add_llm_positions_argument(parser: argparse.ArgumentParser) -> None:
+    """``--llm-positions`` for every harness that builds LLaVA configs (one help text)."""
+    parser.add_argument(
+        "--llm-positions",
+        choices=LLM_POSITION_MODES,
+        default="original",
+        help="rotary positions of reduced visual tokens in the LLM: original = where their "
+        "first patch sat, text keeps its distance to the image; compact = consecutive (the "
+        "authors' code). Applies to every encoder-side method; FastV keeps its own",
+    )
+
+
+def parse_budget(
+    method: str, text: str, fastv_layer: int, llm_positions: str = "original"
+) -> crossget.CrossGETConfig:
     """``rN`` -> r=N (merging methods), ``K`` -> visual_tokens=K, ``0.25`` -> keep_ratio."""
     extra: dict[str, Any] = {"fastv_layer": fastv_layer} if method == "fastv" else {}
+    extra["llm_positions"] = llm_positions
     if text.startswith("r"):
         if method not in MERGING_METHODS:
             raise ValueError(f"r applies to the merging methods {', '.join(MERGING_METHODS)}")
-        return crossget.CrossGETConfig(r=int(text[1:]), method=method)
+        return crossget.CrossGETConfig(r=int(text[1:]), method=method, **extra)
     if "." in text:
         return crossget.CrossGETConfig(keep_ratio=float(text), method=method, **extra)
     return crossget.CrossGETConfig(visual_tokens=int(text), method=method, **extra)
 
 
 def build_settings(
-    model: nn.Module, methods: Sequence[str], budgets: Sequence[str], fastv_layer: int
+    model: nn.Module,
+    methods: Sequence[str],
+    budgets: Sequence[str],
+    fastv_layer: int,
+    llm_positions: str = "original",
 ) -> tuple[list[Setting], list[str]]:
     """Valid settings (full first) and a note for each skipped combination.
 
@@ -110,7 +129,7 @@ def build_settings(
                 )
                 continue
             try:
-                config = parse_budget(method, budget, fastv_layer)
+                config = parse_budget(method, budget, fastv_layer, llm_positions)
                 crossget.remove(model)
                 crossget.apply(model, config)
             except ValueError as error:
@@ -673,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
     )
+    add_llm_positions_argument(parser)
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
@@ -730,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     pixels = torch.randn(args.batch, 3, size, size, generator=generator)
     pixels = pixels.to(args.device, DTYPES[args.dtype])
 
-    settings, skipped = build_settings(model, methods, budgets, args.fastv_layer)
+    settings, skipped = build_settings(
+        model, methods, budgets, args.fastv_layer, args.llm_positions
+    )
     for setting in settings:
         prepare(model, setting, text, config.image_token_id, args.prompt_tokens)
     time_round_robin(

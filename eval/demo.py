@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
     )
+    bench.add_llm_positions_argument(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
     parser.add_argument(
         "--max-new-tokens",
@@ -378,7 +379,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if len(items) < args.questions:
         print(f"note: {data} holds only {len(items)} test questions", file=sys.stderr)
 
-    settings, skipped = bench.build_settings(model, methods, budgets, args.fastv_layer)
+    settings, skipped = bench.build_settings(
+        model, methods, budgets, args.fastv_layer, args.llm_positions
+    )
     threads = torch.get_num_threads() if args.device == "cpu" else None
     print(
         f"{len(items)} questions ({len(items) // len(FAMILIES)} per family) x {len(settings)} "

@@ -36,14 +36,36 @@ class Setting:
     alignment_weight: float | None = None  # None: the recipe's default (the design doc's)
 
 
-def settings_for(budgets: Sequence[int], ablation_budget: int) -> list[Setting]:
+CONTROL = "LoRA, all tokens (control)"
+
+
+def settings_for(
+    budgets: Sequence[int], ablation_budget: int, unreduced: int | None = None
+) -> list[Setting]:
+    """Every row of the study; ``unreduced`` (the model's visual tokens) adds the control.
+
+    The control fine-tunes the same steps with nothing merged. The base model is trained
+    for under an hour, so extra steps on the train split may raise accuracy by themselves,
+    and "recovery" must be read against that (no alignment: without merging there is no
+    cross token to align).
+    """
     rows = [Setting("full model", "full", train=False)]
     for budget in budgets:
         rows.append(Setting("training-free", str(budget), train=False))
         rows.append(Setting("LoRA + alignment", str(budget), train=True))
     rows.append(Setting("LoRA, no alignment", str(ablation_budget), True, alignment_weight=0.0))
     rows.append(Setting("LoRA + alignment, query", str(ablation_budget), True, guidance="query"))
+    if unreduced is not None:
+        rows.append(Setting(CONTROL, str(unreduced), True, alignment_weight=0.0))
     return rows
+
+
+def unreduced_visual_tokens(model: Path) -> int:
+    """Visual tokens per image of a LLaVA folder without any reduction (from its config)."""
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    vision = config["vision_config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    return patches + int(config.get("vision_feature_select_strategy", "default") == "full")
 
 
 def _slug(setting: Setting) -> str:
@@ -182,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.recovery_study",
         description="Training-free vs LoRA-recovered CrossGET accuracy on the testbed, plus the "
-        "no-alignment and query-guidance ablations, in one table.",
+        "no-alignment and query-guidance ablations and a no-merging LoRA control, in one table.",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_PATH, help="base model folder")
     parser.add_argument(
@@ -205,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/recovery"), help="runs, results.json/.md"
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control row (the same LoRA steps with all visual tokens, no merging)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument(
@@ -233,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(results, args)
     budgets = [int(b) for b in args.budgets.split(",") if b]
     results: list[dict[str, Any]] = []
-    for setting in settings_for(budgets, args.ablation_budget):
+    unreduced = None if args.no_control else unreduced_visual_tokens(args.model)
+    for setting in settings_for(budgets, args.ablation_budget, unreduced):
         slug = _slug(setting)
         run_dir = args.out / "runs" / slug if setting.train else None
         train_seconds = _finetune(setting, args, run_dir) if run_dir is not None else None

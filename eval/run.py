@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
+from eval.bench import add_llm_positions_argument
 from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="cross",
         help="CrossGET guidance: cross, attention (eager only), query, none",
     )
+    add_llm_positions_argument(parser)
     parser.add_argument(
         "--crossget-state",
         type=Path,
@@ -131,14 +133,22 @@ def merge_adapter(model: Any, adapter: Path, state: Path | None) -> Any:
 
 
 def method_config(
-    method: str, budget: int, guidance: str, llm_layers: int | None = None
+    method: str,
+    budget: int,
+    guidance: str,
+    llm_layers: int | None = None,
+    llm_positions: str = "original",
 ) -> crossget.CrossGETConfig:
     """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
     except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
     (the testbed model has 2), as `crossget bench` does."""
     if method == "crossget":
-        return crossget.CrossGETConfig(visual_tokens=budget, guidance=guidance)
-    config = crossget.CrossGETConfig(visual_tokens=budget, method=method)
+        return crossget.CrossGETConfig(
+            visual_tokens=budget, guidance=guidance, llm_positions=llm_positions
+        )
+    config = crossget.CrossGETConfig(
+        visual_tokens=budget, method=method, llm_positions=llm_positions
+    )
     if method == "fastv" and llm_layers is not None and config.fastv_layer >= llm_layers:
         config = crossget.CrossGETConfig(
             visual_tokens=budget, method=method, fastv_layer=max(1, llm_layers - 1)
@@ -147,7 +157,13 @@ def method_config(
 
 
 def configure(
-    model: Any, processor: Any, method: str, budget: str, guidance: str, state: Path | None
+    model: Any,
+    processor: Any,
+    method: str,
+    budget: str,
+    guidance: str,
+    state: Path | None,
+    llm_positions: str = "original",
 ) -> Any:
     """Put ``model``/``processor`` into the (method, budget) setting; 'full' = unmodified."""
     crossget.remove(model, processor)
@@ -155,12 +171,14 @@ def configure(
         return processor
     if state is not None:
         saved = crossget.CrossGETConfig.from_pretrained(state).to_dict()
-        saved.update(visual_tokens=int(budget), keep_ratio=None, r=None)
+        saved.update(
+            visual_tokens=int(budget), keep_ratio=None, r=None, llm_positions=llm_positions
+        )
         model, processor = crossget.from_pretrained(model, state, processor)
         _, processor = crossget.apply(model, crossget.CrossGETConfig(**saved), processor)
         return processor
     llm_layers = model.config.get_text_config().num_hidden_layers
-    config = method_config(method, int(budget), guidance, llm_layers)
+    config = method_config(method, int(budget), guidance, llm_layers, llm_positions)
     _, processor = crossget.apply(model, config, processor)
     return processor
 
@@ -307,7 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(m, b) for m in methods for b in budgets if b != "full"]
     rows = []
     for method, budget in runs:
-        processor = configure(model, processor, method, budget, args.guidance, args.crossget_state)
+        processor = configure(
+            model,
+            processor,
+            method,
+            budget,
+            args.guidance,
+            args.crossget_state,
+            args.llm_positions,
+        )
         stem = f"{args.task}-{method}-{budget}"
         answers_file = args.out / "answers" / f"{stem}.rank{state.process_index}.jsonl"
         start = time.perf_counter()

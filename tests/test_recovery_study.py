@@ -57,9 +57,22 @@ def test_every_fine_tune_sees_one_question_per_sequence(tmp_path: Path, monkeypa
     seen: list[list[str]] = []
     monkeypatch.setattr(recipes.llava_finetune, "main", lambda argv: seen.append(argv) or 0)
     args = build_parser().parse_args(["--out", str(tmp_path), "--no-progress"])
-    trained = [s for s in settings_for([128, 64], 64) if s.train]
+    trained = [s for s in settings_for([128, 64], 64, unreduced=256) if s.train]
     for setting in trained:
         _finetune(setting, args, tmp_path / setting.name)
-    assert len(seen) == len(trained) == 4
+    assert len(seen) == len(trained) == 5
     assert all("--no-pack" in argv for argv in seen)
     assert {argv[argv.index("--guidance") + 1] for argv in seen} == {"cross", "query"}
+
+
+def test_control_fine_tunes_all_visual_tokens_without_alignment(model_dir: Path) -> None:
+    from eval.recovery_study import CONTROL, settings_for, unreduced_visual_tokens
+
+    config = json.loads((model_dir / "config.json").read_text())
+    vision = config["vision_config"]
+    unreduced = unreduced_visual_tokens(model_dir)
+    assert unreduced == (vision["image_size"] // vision["patch_size"]) ** 2
+    control = settings_for([64], 64, unreduced)[-1]
+    assert (control.name, control.budget, control.train) == (CONTROL, str(unreduced), True)
+    assert control.alignment_weight == 0.0
+    assert all(s.name != CONTROL for s in settings_for([64], 64))
