@@ -1,14 +1,16 @@
 """What a short LoRA recovery fine-tune buys back, measured on the testbed reference model.
 
 One run, one question set, one table: the full model, CrossGET training-free at each budget,
-and CrossGET after `recipes.llava_finetune` at the same budgets; then two ablations at the most
-aggressive budget with the same number of steps: LoRA without the cross-token alignment loss,
-and `query` instead of `cross` guidance. Every fine-tune sees one question per sequence (as
-evaluation does, and as `query` guidance requires), so the settings differ in nothing else. Every number comes from the project's own entry
-points (`recipes.llava_finetune.main`, `eval.run.main`), exactly as a user would run them.
+and CrossGET after `recipes.llava_finetune` at the same budgets; then two ablations at the
+most aggressive budget with the same number of steps: LoRA without the cross-token alignment
+loss, and `query` instead of `cross` guidance; last, a control that fine-tunes the same steps
+with nothing merged. Every fine-tune sees one question per sequence (as evaluation does, and
+as `query` guidance requires), so the settings differ in nothing else. Every number comes
+from the project's own entry points (`recipes.llava_finetune.main`, `eval.run.main`), exactly
+as a user would run them.
 
-    python -m eval.recovery_study --limit 1400          # 8.6 min on 2 CPU cores
-    python -m eval.recovery_study --budgets 64 --steps 50 --limit 140 --out /tmp/quick
+    python -m eval.recovery_study --limit 1400 --steps 600   # 29 min on 2 CPU cores
+    python -m eval.recovery_study --budgets 64 --steps 50 --limit 140 --no-control --out /tmp/q
 """
 
 from __future__ import annotations
@@ -137,13 +139,17 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# (first, second) setting names compared question by question; budgets must match.
+# (first, second) setting names compared question by question at the same budget; the
+# references in ANY_BUDGET (one row each) are compared with the first at every budget.
 PAIRS: tuple[tuple[str, str], ...] = (
     ("training-free", "full model"),
     ("LoRA + alignment", "training-free"),
+    ("LoRA + alignment", "full model"),
+    ("LoRA + alignment", CONTROL),
     ("LoRA + alignment", "LoRA, no alignment"),
     ("LoRA + alignment", "LoRA + alignment, query"),
 )
+ANY_BUDGET = ("full model", CONTROL)
 
 
 def _per_question_correct(answers_dir: Path, gold: dict[str, str]) -> dict[str, bool]:
@@ -167,6 +173,7 @@ def paired_table(results: Sequence[dict[str, Any]], eval_root: Path, gold: dict[
         "|---|---|---|---|---|---|",
     ]
     by_key = {(r["setting"], str(r["budget"])): r for r in results}
+    reference = {name: row for (name, _), row in by_key.items() if name in ANY_BUDGET}
     correct: dict[str, dict[str, bool]] = {}  # per slug, each answers file read once
 
     def correct_of(row: dict[str, Any]) -> dict[str, bool]:
@@ -179,8 +186,7 @@ def paired_table(results: Sequence[dict[str, Any]], eval_root: Path, gold: dict[
         for (name, budget), row in by_key.items():
             if name != first:
                 continue
-            # Same budget, or the full model's single row.
-            other = by_key.get((second, budget)) or by_key.get((second, "full"))
+            other = by_key.get((second, budget)) or reference.get(second)
             if other is None:
                 continue
             a, b = correct_of(row), correct_of(other)

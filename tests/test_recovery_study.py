@@ -46,6 +46,8 @@ def test_report_only_pairs_settings_question_by_question(
     assert "| training-free vs full model | 64 | 0 | 4 | -40.0 | 0.125 |" in text
     # LoRA right alone on 6, 7, 8; training-free right alone on 0: 3 vs 1 of 4 -> p = 0.625.
     assert "| LoRA + alignment vs training-free | 64 | 3 | 1 | +20.0 | 0.625 |" in text
+    # Against the full model's single row: right only in LoRA on none, only in full on 0 and 9.
+    assert "| LoRA + alignment vs full model | 64 | 0 | 2 | -20.0 | 0.500 |" in text
 
 
 def test_every_fine_tune_sees_one_question_per_sequence(tmp_path: Path, monkeypatch) -> None:
