@@ -142,16 +142,13 @@ def method_config(
     """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
     except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
     (the testbed model has 2), as `crossget bench` does."""
+    common = {"visual_tokens": budget, "llm_positions": llm_positions}
     if method == "crossget":
-        return crossget.CrossGETConfig(
-            visual_tokens=budget, guidance=guidance, llm_positions=llm_positions
-        )
-    config = crossget.CrossGETConfig(
-        visual_tokens=budget, method=method, llm_positions=llm_positions
-    )
+        return crossget.CrossGETConfig(guidance=guidance, **common)
+    config = crossget.CrossGETConfig(method=method, **common)
     if method == "fastv" and llm_layers is not None and config.fastv_layer >= llm_layers:
         config = crossget.CrossGETConfig(
-            visual_tokens=budget, method=method, fastv_layer=max(1, llm_layers - 1)
+            method=method, fastv_layer=max(1, llm_layers - 1), **common
         )
     return config
 
