@@ -16,6 +16,7 @@ unchanged LLaVA.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ class Supervision:
     `uniform` spreads the head's attention evenly over the targets instead of only putting its
     mass there, and `sink` adds the sequence's first token (BOS) to every target set: attention
     spread evenly over n things and the sink gives the sink 1 / (n + 1), a count the head's
-    output keeps (a softmax over the things alone would normalise it away).
+    output keeps (a softmax over the things alone would normalise it away). `coordinates`
+    also asks the head's output to carry where its targets are (see `GroundingLoss`).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Supervision:
     over_patches: bool
     uniform: bool = False
     sink: bool = False
+    coordinates: bool = False
 
     @property
     def positions_key(self) -> str:
@@ -59,9 +62,9 @@ SUPERVISIONS: dict[str, Supervision] = {
         Supervision("letter", 0, 2, over_patches=False),  # option word -> its letter
         Supervision("question2", 0, 3, over_patches=False),  # answer -> the other words
         Supervision("readout", -1, 0, over_patches=False),  # answer -> question words
-        Supervision("evidence", -1, 1, over_patches=True),  # answer -> first thing named
+        Supervision("evidence", -1, 1, over_patches=True, coordinates=True),  # -> first thing
         Supervision("count", -1, 1, over_patches=True, uniform=True, sink=True),  # -> each one
-        Supervision("second", -1, 2, over_patches=True),  # answer -> second thing named
+        Supervision("second", -1, 2, over_patches=True, coordinates=True),  # -> second thing
         Supervision("option", -1, 3, over_patches=False),  # answer -> the right option word
         Supervision("neighbour", -2, 1, over_patches=True),  # anchor -> nearest/farthest one
     )
@@ -100,6 +103,13 @@ class GroundingLoss:
 
     It reads the layer's input through a forward pre-hook and recomputes only the supervised
     heads' attention rows, so the model keeps its fast (sdpa) attention.
+
+    With `coordinate_weight`, the first two channels of each supervised head's output (its
+    attention-weighted values, before `o_proj`) must also give the row and column of the
+    target's centre, scaled to [-1, 1] (squared error). A head that finds both objects of
+    "where is A relative to B?" is not enough: the answer needs their positions as numbers
+    that can be subtracted, and the answer loss alone did not put them there (a probe found
+    the relation at 48 % before the last layer).
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class GroundingLoss:
         over_patches: bool = True,
         uniform: bool = False,
         sink: bool = False,
+        coordinate_weight: float = 0.0,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
@@ -137,6 +148,9 @@ class GroundingLoss:
         self.uniform, self.sink = uniform, sink
         if sink and not over_patches:
             raise ValueError("a sink target is for patch targets; add position 0 to the mask")
+        if coordinate_weight and not over_patches:
+            raise ValueError("coordinates are those of patch targets; over_patches must be set")
+        self.coordinate_weight = coordinate_weight
         self.attention = attention
         self.image_token_id = model.config.image_token_id
         self._captured: dict[str, Any] = {}
@@ -144,9 +158,16 @@ class GroundingLoss:
 
     @classmethod
     def for_supervision(
-        cls, model: Any, supervision: Supervision, weight: float, layer: int, heads: int = 1
+        cls,
+        model: Any,
+        supervision: Supervision,
+        weight: float,
+        layer: int,
+        heads: int = 1,
+        coordinate_weight: float = 0.0,
     ) -> GroundingLoss:
-        """The loss of one `SUPERVISIONS` entry, on `layer` (the recipe may move it)."""
+        """The loss of one `SUPERVISIONS` entry, on `layer` (the recipe may move it);
+        `coordinate_weight` applies to entries with `coordinates` only."""
         return cls(
             model,
             weight,
@@ -158,6 +179,7 @@ class GroundingLoss:
             supervision.over_patches,
             supervision.uniform,
             supervision.sink,
+            coordinate_weight if supervision.coordinates else 0.0,
         )
 
     def _capture(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -212,10 +234,35 @@ class GroundingLoss:
             log_attention_on, target = log_attention, target[..., :length]
         if self.uniform:  # cross-entropy against the uniform distribution over the targets
             total = log_attention_on.masked_fill(~target, 0.0).sum(dim=-1)
-            return -self.weight * (total / target.sum(dim=-1).clamp_min(1)).mean()
-        masked = log_attention_on.masked_fill(~target, float("-inf"))
-        log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the targets
-        return -self.weight * log_mass.mean()
+            loss = -self.weight * (total / target.sum(dim=-1).clamp_min(1)).mean()
+        else:
+            masked = log_attention_on.masked_fill(~target, float("-inf"))
+            log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the targets
+            loss = -self.weight * log_mass.mean()
+        if self.coordinate_weight:
+            values = _head_projection(module.v_proj, hidden, supervised, d).view(
+                batch, length, h, d
+            )
+            read = torch.einsum("nht,nthd->nhd", log_attention.exp().to(values.dtype), values[rows])
+            centres = patch_centres(masks[rows, slots]).to(read.dtype)  # (N, 2)
+            error = (read[..., :2] - centres[:, None]).float().pow(2).sum(dim=-1)
+            loss = loss + self.coordinate_weight * error.mean()
+        return loss
+
+
+def patch_centres(masks: torch.Tensor) -> torch.Tensor:
+    """(N, P) square-grid patch masks -> (N, 2) row and column of each mask's centre, scaled so
+    the grid spans [-1, 1] (an empty mask gives the grid's centre, 0)."""
+    grid = math.isqrt(masks.shape[-1])
+    if grid * grid != masks.shape[-1]:
+        raise ValueError(f"patch masks must cover a square grid, got {masks.shape[-1]} patches")
+    index = torch.arange(masks.shape[-1], device=masks.device)
+    scale = 2.0 / max(1, grid - 1)
+    rows = (index // grid).float() * scale - 1.0
+    columns = (index % grid).float() * scale - 1.0
+    weights = masks.float()
+    total = weights.sum(dim=-1).clamp_min(1.0)
+    return torch.stack((weights @ rows, weights @ columns), dim=-1) / total[:, None]
 
 
 def _head_projection(
@@ -241,6 +288,7 @@ __all__ = [
     "SUPERVISIONS",
     "TURN_IDS_KEY",
     "GroundingLoss",
+    "patch_centres",
     "Supervision",
     "turn_visibility",
 ]

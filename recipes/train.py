@@ -400,7 +400,9 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
         heads = args.grounding_heads if name == "grounding" else 1
         layer = getattr(args, layer_flag) if layer_flag else supervision.layer
         try:
-            loss = GroundingLoss.for_supervision(model, supervision, weight, layer, heads)
+            loss = GroundingLoss.for_supervision(
+                model, supervision, weight, layer, heads, args.coordinate_weight
+            )
         except ValueError as error:
             flag = "--" + weight_flag.replace("_", "-")
             raise ValueError(
@@ -857,6 +859,14 @@ def build_parser() -> argparse.ArgumentParser:
         "LLM layers, where a later layer can read it back); 0 = off",
     )
     ground.add_argument(
+        "--coordinate-weight",
+        type=float,
+        default=0.0,
+        help="with --evidence-weight: the first two channels of the evidence and second heads' "
+        "output must give the row and column of the thing they read (squared error), so that "
+        "'where is A relative to B?' can subtract two positions; 0 = off",
+    )
+    ground.add_argument(
         "--readout-layer",
         type=int,
         default=-1,
@@ -884,6 +894,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=float, default=0.05, help="warmup: ratio of total steps if < 1, else steps"
     )
     optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    optim.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast for the forward of both stages (weights, gradients and optimizer "
+        "stay fp32): on a CPU with AVX512-BF16 (or AMX) about 1.4x the steps per second of the "
+        "reference model's language stage; also on GPUs",
+    )
     optim.add_argument(
         "--seed", type=int, default=0, help="seed for init, shuffling and turn order"
     )
@@ -975,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=args.vision_pretrain_lr,
             seed=args.seed,
             progress=not args.no_progress,
+            bf16=args.bf16,
         )
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
@@ -983,7 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(examples)} images, {n_questions} questions, {len(dataset)} sequences; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
-    training_args = trainer_arguments(args, args.output_dir)
+    training_args = trainer_arguments(
+        args, args.output_dir, bf16=args.bf16, use_cpu=not torch.cuda.is_available()
+    )
     resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
     trainer: Trainer = _trainer_class()(
         model=model,

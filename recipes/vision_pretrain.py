@@ -166,6 +166,7 @@ def run_vision_pretrain(
     learning_rate: float,
     seed: int,
     progress: bool = True,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Trains `model`'s vision tower in place on patch labels, or reloads a finished stage.
 
@@ -208,6 +209,8 @@ def run_vision_pretrain(
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not progress,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
     )
     collator = PatchLabelCollator(
         list(image_processor.image_mean),

@@ -20,7 +20,13 @@ from eval.testbed.patch_labels import (
     option_words,
     word_patch_targets,
 )
-from recipes.grounding import MASKS_KEY, POSITIONS_KEY, SUPERVISIONS, GroundingLoss
+from recipes.grounding import (
+    MASKS_KEY,
+    POSITIONS_KEY,
+    SUPERVISIONS,
+    GroundingLoss,
+    patch_centres,
+)
 
 N = 16
 
@@ -107,11 +113,16 @@ def test_attention_targets_of_a_multiple_choice_question() -> None:
     assert option_words(words) == {"a": 11, "b": 15, "c": 19}
     assert targets["letter"] == [(11, [9]), (15, [13]), (19, [17])]
     assert targets["option"] == [(answer_at, [11])]  # "red", the option whose letter is "a"
-    assert targets["question"] == targets["readout"] == [(answer_at, [6])]  # not the options
+    assert targets["readout"] == [(answer_at, [6])]  # the question, not the options
+    # Each option word gathers the question and reads its evidence, as the answer position does.
+    assert targets["question"] == [(answer_at, [6]), (11, [6]), (15, [6]), (19, [6])]
     grounded = {i: np.flatnonzero(m).tolist() for i, m in targets["grounding"]}
     assert grounded == {6: [1, 2], 11: [1, 2], 15: [5]}  # absent "green" names nothing
     assert [(i, np.flatnonzero(m).tolist()) for i, m in targets["evidence"]] == [
-        (answer_at, [1, 2])
+        (answer_at, [1, 2]),
+        (11, [1, 2]),
+        (15, [1, 2]),
+        (19, [1, 2]),
     ]
     assert "second" not in targets and "count" not in targets and "question2" not in targets
 
@@ -248,6 +259,58 @@ def test_count_loss_matches_eager_attention() -> None:
         GroundingLoss(model, 1.0, over_patches=False, sink=True)
 
 
+def test_coordinate_loss_matches_the_heads_output_before_o_proj() -> None:
+    """The attention term plus the squared error between the head's first two output channels
+    (read from o_proj's input in an eager forward) and the targets' centre, by a naive loop."""
+    torch.manual_seed(3)
+    model, ids = _eager_tiny_and_ids("where is the red circle relative to the blue square ?", 2)
+    answer_at = ids.shape[1] - 1
+    positions = torch.tensor([[answer_at, answer_at - 2], [answer_at, -1]])
+    masks = torch.zeros(2, 2, N, dtype=torch.bool)
+    masks[0, 0, [0, 1, 4, 5]] = True  # rows 0-1, columns 0-1 of the 4x4 grid
+    masks[0, 1, [15]] = True
+    masks[1, 0, [6, 10]] = True  # column 2, rows 1-2
+    evidence = SUPERVISIONS["evidence"]
+    attention = model.model.language_model.layers[-1].self_attn
+    captured = {}
+    hook = attention.o_proj.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    term = GroundingLoss.for_supervision(model, evidence, 0.5, -1, coordinate_weight=2.0)
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), output_attentions=True)
+    inputs = {"input_ids": ids, evidence.positions_key: positions, evidence.masks_key: masks}
+    got = term(model, inputs, out)
+    hook.remove()
+    image_id = model.config.image_token_id
+    attention_term = _naive_loss(
+        out.attentions[-1][:, evidence.head : evidence.head + 1],
+        ids,
+        positions,
+        masks,
+        1,
+        image_id,
+    )
+    d = attention.head_dim
+    errors = []
+    for b in range(2):
+        for k in range(2):
+            if positions[b, k] < 0:
+                continue
+            patches = masks[b, k].nonzero().flatten().tolist()
+            mean = torch.tensor([sum(p // 4 for p in patches), sum(p % 4 for p in patches)])
+            centre = mean / len(patches) * (2 / 3) - 1  # grid rows/columns 0..3 -> -1..1
+            read = captured["x"][b, positions[b, k], evidence.head * d : evidence.head * d + 2]
+            errors.append(((read - centre) ** 2).sum())
+    expected = 0.5 * attention_term + 2.0 * torch.stack(errors).mean()
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    got.backward()
+    assert attention.v_proj.weight.grad.abs().sum() > 0  # the values learn to carry positions
+    term.remove()
+    assert patch_centres(torch.zeros(1, 16, dtype=torch.bool)).tolist() == [[0.0, 0.0]]
+    with pytest.raises(ValueError, match="square grid"):
+        patch_centres(torch.ones(1, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="over_patches"):
+        GroundingLoss(model, 1.0, over_patches=False, coordinate_weight=1.0)
+
+
 def test_grounding_loss_rejects_bad_layer() -> None:
     model, _ = build_reference(size="cpu-tiny", image_size=56, seed=0)
     with pytest.raises(ValueError, match="out of range"):
@@ -299,8 +362,11 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     answers = 0
     for index in range(len(dataset)):
         item = dataset[index]
+        tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
         for supervision in (evidence, count, option):
             for position in item[supervision.positions_key].tolist():
+                if supervision is not option and tokens[position - 1] == ")":
+                    continue  # a multiple-choice option word reads the evidence too
                 # the prompt's last token, whose next token is the first answer token
                 assert item["labels"][position] == -100 and item["labels"][position + 1] != -100
                 answers += 1

@@ -411,3 +411,31 @@ def test_train_cli_with_vision_pretraining(
     resumed, _ = load_reference(run / "final")
     assert all(torch.equal(v, stage1[k]) for k, v in _tower_tensors(resumed).items())
     assert not all(torch.equal(v, language[k]) for k, v in _language_tensors(resumed).items())
+
+
+def test_train_cli_bf16_autocasts_both_stages_and_keeps_fp32_weights(tmp_path: Path) -> None:
+    """--bf16 changes the arithmetic (the trained weights differ from an fp32 run's by bf16
+    rounding) but not what is stored: both stages' weights stay fp32 and close to fp32's."""
+    from eval.testbed.model import load_reference
+    from recipes.train import main as train_main
+
+    out = data.export(
+        data.make_dataset_dict(train=6, validation=0, test=0, seed=4, train_questions_per_image=2),
+        tmp_path / "data",
+    )
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny"]
+        argv += ["--output-dir", str(tmp_path / precision), "--batch-size", "3", "--no-progress"]
+        argv += ["--vision-pretrain-steps", "2", "--vision-pretrain-batch-size", "3"]
+        argv += ["--max-steps", "2", "--lr", "1e-3"]
+        assert train_main(argv + (["--bf16"] if precision == "bf16" else [])) == 0
+        model, _ = load_reference(tmp_path / precision / "final")
+        trained[precision] = dict(model.named_parameters())
+    for name, weight in trained["bf16"].items():
+        assert weight.dtype == torch.float32, name
+        assert torch.allclose(weight, trained["fp32"][name], atol=5e-2), name
+    tower = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    language = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained["bf16"][tower], trained["fp32"][tower])  # stage 1 autocast
+    assert not torch.equal(trained["bf16"][language], trained["fp32"][language])  # stage 2 too
