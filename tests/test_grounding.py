@@ -113,16 +113,11 @@ def test_attention_targets_of_a_multiple_choice_question() -> None:
     assert option_words(words) == {"a": 11, "b": 15, "c": 19}
     assert targets["letter"] == [(11, [9]), (15, [13]), (19, [17])]
     assert targets["option"] == [(answer_at, [11])]  # "red", the option whose letter is "a"
-    assert targets["readout"] == [(answer_at, [6])]  # the question, not the options
-    # Each option word gathers the question and reads its evidence, as the answer position does.
-    assert targets["question"] == [(answer_at, [6]), (11, [6]), (15, [6]), (19, [6])]
+    assert targets["question"] == targets["readout"] == [(answer_at, [6])]  # not the options
     grounded = {i: np.flatnonzero(m).tolist() for i, m in targets["grounding"]}
     assert grounded == {6: [1, 2], 11: [1, 2], 15: [5]}  # absent "green" names nothing
     assert [(i, np.flatnonzero(m).tolist()) for i, m in targets["evidence"]] == [
-        (answer_at, [1, 2]),
-        (11, [1, 2]),
-        (15, [1, 2]),
-        (19, [1, 2]),
+        (answer_at, [1, 2])
     ]
     assert "second" not in targets and "count" not in targets and "question2" not in targets
 
@@ -362,11 +357,8 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     answers = 0
     for index in range(len(dataset)):
         item = dataset[index]
-        tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
         for supervision in (evidence, count, option):
             for position in item[supervision.positions_key].tolist():
-                if supervision is not option and tokens[position - 1] == ")":
-                    continue  # a multiple-choice option word reads the evidence too
                 # the prompt's last token, whose next token is the first answer token
                 assert item["labels"][position] == -100 and item["labels"][position + 1] != -100
                 answers += 1

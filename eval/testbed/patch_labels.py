@@ -242,9 +242,6 @@ def option_words(words: Sequence[str]) -> dict[str, int]:
     return found
 
 
-# The answer position's rows that every multiple-choice option word gets as well.
-OPTION_ALSO_ASKS: tuple[str, ...] = ("question", "question2", "evidence", "second", "count")
-
 # A supervised attention row: (query word index, patch mask) or (query word index, word indices).
 Target = tuple[int, "np.ndarray | list[int]"]
 
@@ -300,14 +297,6 @@ def attention_targets(
     targets["letter"] = [(index, [index - 2]) for index in options.values()]
     if answer in options:
         targets["option"] = [(answer_at, [options[answer]])]
-    # Each option word also gathers the question and looks at its evidence, as the answer
-    # position does: it can then check itself against what it saw (the check an existence
-    # question makes), and the answer position's option head only has to find the option that
-    # passed, a query that no longer depends on the question.
-    for name in OPTION_ALSO_ASKS:
-        rows = targets.get(name, [])
-        if rows:
-            targets[name] = rows + [(index, rows[0][1]) for index in options.values()]
     return {name: rows for name, rows in targets.items() if rows}
 
 
