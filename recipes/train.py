@@ -391,6 +391,11 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
     """The attention losses switched on by their --*-weight flags (see recipes/grounding.py)."""
     from recipes.grounding import GroundingLoss
 
+    if args.coordinate_weight > 0 and args.evidence_weight <= 0:
+        raise ValueError(
+            "--coordinate-weight asks the evidence heads for positions, but --evidence-weight "
+            "is 0, so there are no evidence heads; pass --evidence-weight > 0 as well"
+        )
     losses = []
     for name, supervision in SUPERVISIONS.items():
         weight_flag, layer_flag = SUPERVISION_FLAGS[name]

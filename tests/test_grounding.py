@@ -441,3 +441,17 @@ def test_train_cli_grounding_needs_metadata(tmp_path: Path) -> None:
     argv += ["--max-steps", "1", "--grounding-weight", "1.0"]
     with pytest.raises(ValueError, match="scene metadata"):
         train_main(argv)
+
+
+def test_coordinate_weight_without_evidence_heads_is_refused() -> None:
+    from recipes.train import build_parser, grounding_losses
+
+    model, _ = build_reference(size="cpu-small", image_size=56, seed=0)  # 4 heads: room for both
+    args = build_parser().parse_args(
+        ["--data", "d", "--output-dir", "o", "--coordinate-weight", "1"]
+    )
+    with pytest.raises(ValueError, match="pass --evidence-weight > 0"):
+        grounding_losses(model, args)
+    args.evidence_weight = 1.0
+    losses = grounding_losses(model, args)
+    assert sorted(loss.coordinate_weight for loss in losses) == [1.0, 1.0]  # evidence, second
