@@ -141,7 +141,7 @@ class GroundingLoss:
             )
         if language_model.config.num_key_value_heads != n_heads:
             raise ValueError("grounding supervision assumes one key head per query head")
-        self.weight = weight
+        self.weight, self.layer = weight, layer
         self.heads = heads
         self.positions_key, self.masks_key = positions_key, masks_key
         self.first_head, self.over_patches = first_head, over_patches

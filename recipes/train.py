@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +403,8 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
         if weight <= 0:
             continue
         heads = args.grounding_heads if name == "grounding" else 1
+        if name == "count":
+            supervision = replace(supervision, head=args.count_head)
         layer = getattr(args, layer_flag) if layer_flag else supervision.layer
         try:
             loss = GroundingLoss.for_supervision(
@@ -844,9 +846,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--count-weight",
         type=float,
         default=0.0,
-        help="head 1 of --evidence-layer, for 'how many' questions: attention spread evenly "
-        "over BOS and the centre patch of every thing to count, so its share holds the count; "
-        "0 = off",
+        help="head --count-head of --evidence-layer, for 'how many' questions: attention spread "
+        "evenly over BOS and the centre patch of every thing to count, so its share holds the "
+        "count; 0 = off",
+    )
+    ground.add_argument(
+        "--count-head",
+        type=int,
+        default=SUPERVISIONS["count"].head,
+        help="which head of --evidence-layer the count loss trains (default: %(default)s, the "
+        "first-thing evidence head, which reads other questions' answers; a free head keeps "
+        "the count share apart from --coordinate-weight's position channels)",
     )
     ground.add_argument(
         "--option-weight",

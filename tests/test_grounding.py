@@ -455,3 +455,16 @@ def test_coordinate_weight_without_evidence_heads_is_refused() -> None:
     args.evidence_weight = 1.0
     losses = grounding_losses(model, args)
     assert sorted(loss.coordinate_weight for loss in losses) == [1.0, 1.0]  # evidence, second
+
+
+def test_count_head_moves_the_count_loss() -> None:
+    from recipes.train import build_parser, grounding_losses
+
+    model, _ = build_reference(size="cpu-small", image_size=56, seed=0)  # 4 heads
+    flags = ["--data", "d", "--output-dir", "o", "--count-weight", "1", "--evidence-layer", "1"]
+    (default,) = grounding_losses(model, build_parser().parse_args(flags))
+    assert (default.layer, default.first_head) == (1, SUPERVISIONS["count"].head)
+    (moved,) = grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "0"]))
+    assert (moved.layer, moved.first_head, moved.uniform, moved.sink) == (1, 0, True, True)
+    with pytest.raises(ValueError, match=r"--count-weight supervises.*0\.\.3"):
+        grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
