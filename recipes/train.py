@@ -587,6 +587,21 @@ def _trainer_class() -> type:
                 loss = loss + extra
             return (loss, outputs) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            """transformers' own version loads a checkpoint's weights with a non-strict
+            `load_state_dict` and without the key renaming `save_pretrained` applied (LLaVA is
+            saved under its legacy `language_model.model.*` names), so `--resume` would go on
+            silently from freshly initialised weights. `from_pretrained` undoes the renaming, and
+            the strict copy fails loudly on anything that still does not match."""
+            from transformers import PreTrainedModel
+
+            target = self.model if model is None else model
+            if not isinstance(target, PreTrainedModel):  # e.g. a peft model: its own adapter path
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            dtype = next(target.parameters()).dtype
+            restored = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+            target.load_state_dict(restored.state_dict(), strict=True)
+
         def _lm_loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
             """The Trainer's own rule (training_step) for "loss already scaled for GA"."""
             if self.loss_is_scaled_for_ga is not None:
