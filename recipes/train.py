@@ -38,10 +38,7 @@ from eval.testbed.model import (
     build_reference,
     load_reference,
 )
-from recipes.grounding import SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
-
-IGNORE_INDEX = -100
-
+from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
 
@@ -897,6 +894,22 @@ def build_parser() -> argparse.ArgumentParser:
         "'where is A relative to B?' can subtract two positions; 0 = off",
     )
     ground.add_argument(
+        "--early-answer-weight",
+        type=float,
+        default=0.0,
+        help="the LM head read off the residual after --early-answer-layer must already give "
+        "the answer word (for a multiple-choice question, with --option-weight, the right "
+        "option's word), so the last layer's option head has an answer to match; needs no scene "
+        "metadata; 0 = off",
+    )
+    ground.add_argument(
+        "--early-answer-layer",
+        type=int,
+        default=-2,
+        help="LLM layer whose output --early-answer-weight reads (negative counts from the end; "
+        "any layer before the last)",
+    )
+    ground.add_argument(
         "--readout-layer",
         type=int,
         default=-1,
@@ -1008,6 +1021,15 @@ def main(argv: list[str] | None = None) -> int:
         isolate_turns=not args.share_turns,
     )
     extra_losses = grounding_losses(model, args) if grounded else []
+    if args.early_answer_weight > 0:
+        from recipes.grounding import EarlyAnswerLoss
+
+        try:
+            extra_losses.append(
+                EarlyAnswerLoss(model, args.early_answer_weight, args.early_answer_layer)
+            )
+        except ValueError as error:
+            raise ValueError(f"--early-answer-layer: {error}") from error
     if args.vision_pretrain_steps > 0:
         from recipes.vision_pretrain import run_vision_pretrain
 

@@ -468,3 +468,54 @@ def test_count_head_moves_the_count_loss() -> None:
     assert (moved.layer, moved.first_head, moved.uniform, moved.sink) == (1, 0, True, True)
     with pytest.raises(ValueError, match=r"--count-weight supervises.*0\.\.3"):
         grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
+
+
+def test_early_answer_loss_matches_a_naive_logit_lens(tmp_path: Path) -> None:
+    """Cross-entropy of the LM head on the residual after layer -2, at every answer position,
+    against the answer word; for a multiple-choice question, the right option's word."""
+    from recipes.grounding import SIDE_KEYS, EarlyAnswerLoss
+    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+
+    out = data.export(
+        data.make_dataset_dict(train=70, validation=0, test=0, seed=6, train_questions_per_image=4),
+        tmp_path / "data",
+    )
+    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
+    model.eval()
+    dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
+    batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
+    term = EarlyAnswerLoss(model, weight=0.5)
+    side = {key: batch.pop(key) for key in SIDE_KEYS}
+    batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
+    with torch.no_grad():
+        outputs = model(**batch, output_hidden_states=True)
+        loss = term(model, {**batch, **side}, outputs)
+    term.remove()
+
+    language_model = model.model.language_model
+    after = outputs.hidden_states[len(language_model.layers) - 1]  # output of layer -2
+    tokenizer = processor.tokenizer
+    logits, wanted, multiple_choice = [], [], 0
+    for row in range(batch["input_ids"].shape[0]):
+        labels = batch["labels"][row].tolist()
+        words = tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+        for t in range(len(labels) - 1):
+            if labels[t] != -100 or labels[t + 1] == -100:
+                continue
+            answer = tokenizer.convert_ids_to_tokens([labels[t + 1]])[0]
+            target = labels[t + 1]
+            # this turn's options: "( a ) red" just before t
+            start = max(i for i in range(t) if words[i] == "?")
+            options = {words[i + 1]: i + 3 for i in range(start, t) if words[i] == "("}
+            if answer in options:
+                target = int(batch["input_ids"][row, options[answer]])
+                multiple_choice += 1
+            with torch.no_grad():
+                logits.append(model.lm_head(language_model.norm(after[row, t])))
+            wanted.append(target)
+    assert multiple_choice >= 4 and len(wanted) == 70
+    expected = 0.5 * torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(wanted))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="before the last"):
+        EarlyAnswerLoss(model, weight=1.0, layer=-1)
