@@ -260,7 +260,7 @@ class EarlyAnswerLoss:
     A multiple-choice answer is a lookup in the last layer: the answer position finds the option
     word that is right (`SUPERVISIONS["option"]`), and a query can only match what the residual
     already holds. A model trained without this loss chose options largely by position (it
-    answered "a" to 9 % of the test questions, where "a" was right for 25 %), and scored 42 % on
+    answered "a" to 9 % of the multiple-choice test questions, where "a" was right for 25 %), and scored 42 % on
     multiple-choice colour questions against 100 % on the open ones.
     """
 
@@ -269,8 +269,8 @@ class EarlyAnswerLoss:
         model: Any,
         weight: float,
         layer: int = -2,
-        option_positions_key: str = "option_positions",
-        option_masks_key: str = "option_masks",
+        option_positions_key: str = SUPERVISIONS["option"].positions_key,
+        option_masks_key: str = SUPERVISIONS["option"].masks_key,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
