@@ -260,8 +260,8 @@ class EarlyAnswerLoss:
     A multiple-choice answer is a lookup in the last layer: the answer position finds the option
     word that is right (`SUPERVISIONS["option"]`), and a query can only match what the residual
     already holds. A model trained without this loss chose options largely by position (it
-    answered "a" to 9 % of the multiple-choice test questions, where "a" was right for 25 %), and scored 42 % on
-    multiple-choice colour questions against 100 % on the open ones.
+    answered "a" to 9 % of the multiple-choice test questions, where "a" was right for 25 %),
+    and scored 42 % on multiple-choice colour questions against 100 % on the open ones.
     """
 
     def __init__(
@@ -302,12 +302,10 @@ class EarlyAnswerLoss:
         rows, positions = starts.nonzero(as_tuple=True)
         tokens = labels[rows, positions + 1].clone()
         option_positions = inputs.get(self.option_positions_key)
-        option_rows, slots = (
-            (option_positions >= 0).nonzero(as_tuple=True)
-            if option_positions is not None
-            else (rows[:0], rows[:0])
-        )
-        if rows.numel() and option_rows.numel():
+        if option_positions is None or rows.numel() == 0:
+            return rows, positions, tokens
+        option_rows, slots = (option_positions >= 0).nonzero(as_tuple=True)
+        if option_rows.numel():
             asked_at = option_positions[option_rows, slots]
             word_at = inputs[self.option_masks_key][option_rows, slots].float().argmax(dim=-1)
             words = inputs["input_ids"][option_rows, word_at]
