@@ -556,9 +556,18 @@ def _trainer_class() -> type:
 
         extra_losses: list[Callable[[Any, dict[str, Any], Any], torch.Tensor]]
 
-        def __init__(self, *args: Any, extra_losses: Sequence[Callable] = (), **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            extra_losses: Sequence[Callable] = (),
+            forcings: Sequence[Any] = (),
+            **kwargs: Any,
+        ):
             super().__init__(*args, **kwargs)
             self.extra_losses = list(extra_losses)
+            # Training-time teacher forcing (e.g. OptionHeadForcing): `prepare(inputs)` before
+            # a training forward, `release()` after it; evaluation forwards run unforced.
+            self.forcings = list(forcings)
 
         def compute_loss(
             self,
@@ -571,9 +580,16 @@ def _trainer_class() -> type:
             side = {key: inputs.pop(key) for key in SIDE_KEYS if key in inputs}
             if TURN_IDS_KEY in side:
                 inputs["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+            forced = self.forcings if model.training else []
+            for forcing in forced:
+                forcing.prepare({**inputs, **side})
+            try:
+                loss, outputs = super().compute_loss(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            finally:
+                for forcing in forced:
+                    forcing.release()
             if self.extra_losses:
                 full_inputs = {**inputs, **side}
                 extra = sum(term(model, full_inputs, outputs) for term in self.extra_losses)
@@ -802,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision-pretrain-batch-size", type=int, default=32, help="images per step of that stage"
     )
     stage.add_argument(
+        "--vision-count-label",
+        action="store_true",
+        help="that stage also teaches every patch of a shape how many shapes in the image share "
+        "its colour and shape (of a handwritten digit: how many cells show that digit), so a "
+        "counting question can read the count where it reads a colour",
+    )
+    stage.add_argument(
         "--freeze-vision",
         action="store_true",
         help="keep the vision tower frozen in the language stage (as LLaVA keeps CLIP frozen)",
@@ -908,6 +931,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=-2,
         help="LLM layer whose output --early-answer-weight reads (negative counts from the end; "
         "any layer before the last)",
+    )
+    ground.add_argument(
+        "--force-option-head",
+        action="store_true",
+        help="with --option-weight: in training, the option head's output at a multiple-choice "
+        "answer is the value of the right option word (its attention made one-hot there), so "
+        "the answer loss learns to read the letter from that head; inference is unchanged",
     )
     ground.add_argument(
         "--readout-layer",
@@ -1030,6 +1060,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ValueError as error:
             raise ValueError(f"--early-answer-layer: {error}") from error
+    forcings = []
+    if args.force_option_head:
+        from recipes.grounding import OptionHeadForcing
+
+        if args.option_weight <= 0:
+            raise ValueError(
+                "--force-option-head forces the option head onto the right option, which needs "
+                "the option supervision's targets; pass --option-weight > 0 as well"
+            )
+        forcings.append(OptionHeadForcing(model, args.readout_layer))
     if args.vision_pretrain_steps > 0:
         from recipes.vision_pretrain import run_vision_pretrain
 
@@ -1045,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             bf16=args.bf16,
+            optional_labels=("like_count",) if args.vision_count_label else (),
         )
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
@@ -1063,6 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=dataset,
         data_collator=collator_for(processor),
         extra_losses=extra_losses,
+        forcings=forcings,
         callbacks=[
             _loss_logger(args.output_dir / "loss.json", args.output_dir / "loss.png", resume_step)
         ],

@@ -93,7 +93,7 @@ class PatchLabelModel(nn.Module):
     LLaVA weights in place. Layers after the feature layer get no gradient and stay as they are.
     """
 
-    def __init__(self, llava: Any) -> None:
+    def __init__(self, llava: Any, optional_labels: Sequence[str] = ()) -> None:
         super().__init__()
         self.vision_tower = llava.model.vision_tower
         self.feature_layer = llava.config.vision_feature_layer
@@ -102,7 +102,10 @@ class PatchLabelModel(nn.Module):
         grid = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
         self.norm = nn.LayerNorm(width)
         self.heads = nn.ModuleDict(
-            {name: nn.Linear(width, classes) for name, classes in label_sizes(grid).items()}
+            {
+                name: nn.Linear(width, classes)
+                for name, classes in label_sizes(grid, optional_labels).items()
+            }
         )
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,7 @@ def run_vision_pretrain(
     seed: int,
     progress: bool = True,
     bf16: bool = False,
+    optional_labels: Sequence[str] = (),
 ) -> dict[str, float]:
     """Trains `model`'s vision tower in place on patch labels, or reloads a finished stage.
 
@@ -189,7 +193,7 @@ def run_vision_pretrain(
         return {}
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset = PatchLabelDataset(pixels, metas)
-    wrapper = PatchLabelModel(model)
+    wrapper = PatchLabelModel(model, optional_labels)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,

@@ -519,3 +519,65 @@ def test_early_answer_loss_matches_a_naive_logit_lens(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="before the last"):
         EarlyAnswerLoss(model, weight=1.0, layer=-1)
+
+
+def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
+    """While prepared, the model's logits are those of eager attention whose option head (last
+    layer, head 3) is one-hot on the right option word at each multiple-choice answer; after
+    `release()` they are the unforced model's, bit for bit."""
+    from transformers import AttentionInterface
+
+    from recipes.grounding import SIDE_KEYS, SUPERVISIONS, OptionHeadForcing
+    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+
+    out = data.export(
+        data.make_dataset_dict(train=40, validation=0, test=0, seed=6, train_questions_per_image=4),
+        tmp_path / "data",
+    )
+    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
+    model.eval()
+    dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
+    batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
+    side = {key: batch.pop(key) for key in SIDE_KEYS}
+    batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
+    option = SUPERVISIONS["option"]
+    rows, slots = (side[option.positions_key] >= 0).nonzero(as_tuple=True)
+    answer_at = side[option.positions_key][rows, slots]
+    word_at = side[option.masks_key][rows, slots].float().argmax(dim=-1)
+    assert rows.numel() >= 3
+    with torch.no_grad():
+        plain = model(**batch).logits
+
+    last = len(model.model.language_model.layers) - 1
+
+    def one_hot_option(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        scores = query @ key.transpose(2, 3) * scaling
+        if attention_mask is not None:  # the isolated-turns mask is boolean (built for sdpa)
+            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], float("-inf"))
+        weights = scores.float().softmax(dim=-1).to(query.dtype)
+        if getattr(module, "layer_idx", None) == last:
+            weights = weights.clone()
+            weights[rows, option.head, answer_at] = 0.0
+            weights[rows, option.head, answer_at, word_at] = 1.0
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+
+    AttentionInterface.register("test_one_hot_option", one_hot_option)
+    model.set_attn_implementation("test_one_hot_option")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.set_attn_implementation("sdpa")
+
+    forcing = OptionHeadForcing(model)
+    forcing.prepare({**batch, **side})
+    with torch.no_grad():
+        forced = model(**batch).logits
+    forcing.release()
+    with torch.no_grad():
+        released = model(**batch).logits
+    forcing.remove()
+    torch.testing.assert_close(forced, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(forced, plain, atol=1e-3)
+    assert torch.equal(released, plain)
+
+    with pytest.raises(RuntimeError, match="--option-weight"):
+        OptionHeadForcing(model).prepare(batch)

@@ -31,7 +31,9 @@ from eval.testbed.patch_labels import (
     GROUNDING_LABELS,
     INK_THRESHOLD,
     LABEL_CLASSES,
+    MAX_LIKE_COUNT,
     MIN_INK_PIXELS,
+    OPTIONAL_LABEL_CLASSES,
     label_sizes,
     patch_labels,
 )
@@ -103,7 +105,11 @@ def test_patch_labels_hand_built_scene() -> None:
     # Metadata as the generator stores it (a JSON string) and as a dict give the same labels.
     labels = patch_labels(json.dumps(meta), pixels)
     as_dict = patch_labels(meta, pixels)
-    assert labels.keys() == as_dict.keys() == LABEL_CLASSES.keys() | set(GROUNDING_LABELS)
+    assert (
+        labels.keys()
+        == as_dict.keys()
+        == LABEL_CLASSES.keys() | OPTIONAL_LABEL_CLASSES.keys() | set(GROUNDING_LABELS)
+    )
     for name in labels:
         assert np.array_equal(labels[name], as_dict[name])
         assert labels[name].dtype == np.int64
@@ -138,6 +144,11 @@ def test_patch_labels_hand_built_scene() -> None:
     assert np.array_equal(_grid(labels, "row")[7], np.full(GRID, 7))
     assert np.array_equal(_grid(labels, "column")[7], np.arange(GRID))
     assert label_sizes(GRID)["row"] == label_sizes(GRID)["column"] == GRID
+    # Three squares of three colours: each is the only one of its kind; the dot counts nothing.
+    assert np.array_equal(
+        _grid(labels, "like_count"),
+        _expected(dict.fromkeys(red_cells + green_cells + blue_cells, 1)),
+    )
     assert label_sizes(GRID)["shape"] == len(SHAPES) + 2  # none, 4 shapes, dot
 
 
@@ -266,6 +277,47 @@ def test_patch_labels_on_generated_scenes() -> None:
             assert (labels["colour"] != 0).any() and (labels["shape"] != 0).any(), family
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_like_count_labels_count_identical_shapes_and_digits(seed: int) -> None:
+    """On every patch of a counting scene's shapes: how many shapes share its colour and shape
+    (so the target's patches give the question's answer); on a digit grid's patches: how many
+    cells show that digit."""
+    import random
+    from collections import Counter
+
+    rng = random.Random(seed)
+    answer = str(rng.randint(1, MAX_LIKE_COUNT))
+    scene = data._scene_counting(rng, SIZE, answer, "count")
+    pixels = np.asarray(scene.image.convert("RGB"))
+    labels = patch_labels(scene.meta, pixels)
+    objects = scene.meta["objects"]
+    kinds = Counter((o["colour"], o["shape"]) for o in objects)
+    like = labels["like_count"]
+    expected = np.zeros_like(like)
+    for colour, shape in kinds:
+        same = (labels["colour"] == _colour(colour)) & (labels["shape"] == _shape(shape))
+        expected[same] = kinds[colour, shape]
+    assert np.array_equal(like, expected)
+    assert int(answer) in like.tolist()  # the asked-about kind's patches carry the answer
+    assert sorted(set(like[like > 0].tolist())) == sorted({n for n in kinds.values()})
+
+    text = data._scene_text(rng, SIZE, "7", "count", "train")
+    text_pixels = np.asarray(text.image.convert("RGB"))
+    text_labels = patch_labels(text.meta, text_pixels)
+    grid_digits = Counter(glyph["digit"] for glyph in text.meta["digits"])
+    for digit, n in grid_digits.items():
+        on_digit = text_labels["digit"] == 1 + DIGITS.index(digit)
+        assert on_digit.any() and (text_labels["like_count"][on_digit] == n).all()
+    assert (text_labels["like_count"][text_labels["digit"] == 0] == 0).all()
+
+
+def test_label_sizes_optional_labels() -> None:
+    assert "like_count" not in label_sizes(GRID)
+    assert label_sizes(GRID, ("like_count",))["like_count"] == MAX_LIKE_COUNT + 1
+    with pytest.raises(ValueError, match="unknown optional patch labels.*like_count"):
+        label_sizes(GRID, ("kin",))
+
+
 # ----------------------------------------------------------------------------- positions
 
 
@@ -352,6 +404,15 @@ def test_patch_label_model_gradients_stop_at_feature_layer() -> None:
     assert vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in last.parameters())
     assert all(p.grad is None for p in vision.post_layernorm.parameters())
+
+    # The optional count label adds its own head and its own loss terms.
+    counting = PatchLabelModel(model, ("like_count",))
+    assert counting.heads.keys() == wrapper.heads.keys() | {"like_count"}
+    assert counting.heads["like_count"].out_features == MAX_LIKE_COUNT + 1
+    counting.heads.load_state_dict(wrapper.heads.state_dict(), strict=False)
+    counting.norm.load_state_dict(wrapper.norm.state_dict())
+    with torch.no_grad():
+        assert counting(**batch)["loss"] > wrapper(**batch)["loss"]
     assert all(p.grad is not None for p in wrapper.heads.parameters())
     # Nothing outside the tower is touched.
     assert all(p.grad is None for n, p in model.named_parameters() if "vision_tower" not in n)

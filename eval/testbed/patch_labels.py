@@ -12,6 +12,7 @@ so a patch over a triangle's empty corner is background, as it looks.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,15 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "row": (),  # filled in per grid size by label_sizes()
     "column": (),
 }
+MAX_LIKE_COUNT = 9
+# Pretraining targets only on request (recipes.train --vision-count-label): on every patch of a
+# shape, how many shapes in the image share its colour and shape; on a handwritten digit's
+# patches, how many grid cells show that digit. Counting with softmax attention is hard for a
+# small LLM (a share of 1 / (n + 1) to read off); a tower that has counted lets a question's
+# evidence head read the count like a colour.
+OPTIONAL_LABEL_CLASSES: dict[str, tuple[str, ...]] = {
+    "like_count": ("none", *(str(n) for n in range(1, MAX_LIKE_COUNT + 1))),
+}
 # Returned by patch_labels() beside LABEL_CLASSES but not pretraining targets: the 1-based grid
 # cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3", and
 # the patch at each handwritten digit's centre (1 + digit), one per glyph for counting them.
@@ -48,9 +58,16 @@ INK_THRESHOLD = 60  # grid lines (200 on 245) stay below it, shapes and ink are 
 MIN_INK_PIXELS = 8  # of 196: a sliver at a patch border does not make the patch an object
 
 
-def label_sizes(grid: int) -> dict[str, int]:
-    """Number of classes of every label for a grid x grid patch layout."""
+def label_sizes(grid: int, optional: Sequence[str] = ()) -> dict[str, int]:
+    """Number of classes of every label for a grid x grid patch layout, plus the `optional`
+    ones asked for (keys of OPTIONAL_LABEL_CLASSES)."""
+    unknown = sorted(set(optional) - OPTIONAL_LABEL_CLASSES.keys())
+    if unknown:
+        raise ValueError(
+            f"unknown optional patch labels {unknown}; known: {sorted(OPTIONAL_LABEL_CLASSES)}"
+        )
     sizes = {name: len(classes) for name, classes in LABEL_CLASSES.items()}
+    sizes.update({name: len(OPTIONAL_LABEL_CLASSES[name]) for name in optional})
     sizes["row"] = sizes["column"] = grid
     return sizes
 
@@ -102,16 +119,21 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
     grid = height // PATCH_SIZE
     n = grid * grid
     ink = _ink_mask(pixels)
-    labels = {name: np.zeros(n, dtype=np.int64) for name in LABEL_CLASSES}
+    labels = {
+        name: np.zeros(n, dtype=np.int64) for name in (*LABEL_CLASSES, *OPTIONAL_LABEL_CLASSES)
+    }
     labels["row"] = np.repeat(np.arange(grid), grid)
     labels["column"] = np.tile(np.arange(grid), grid)
 
     best = np.zeros(n, dtype=np.int64)
-    for obj in scene.get("objects", []):
+    objects = scene.get("objects", [])
+    kinds = Counter((obj["colour"], obj["shape"]) for obj in objects)
+    for obj in objects:
         counts = _ink_per_patch(ink, obj["box"], grid)
         take = (counts >= MIN_INK_PIXELS) & (counts > best)
         labels["colour"][take] = 1 + COLOURS.index(obj["colour"])
         labels["shape"][take] = 1 + SHAPES.index(obj["shape"])
+        labels["like_count"][take] = min(MAX_LIKE_COUNT, kinds[obj["colour"], obj["shape"]])
         best[take] = counts[take]
         labels["centre"][_centre_patch(obj["box"], grid)] = 1
     for dot in scene.get("small_objects", []):
@@ -119,14 +141,18 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         take = _ink_per_patch(ink, dot["box"], grid) > 0
         labels["colour"][take] = 1 + COLOURS.index(dot["colour"])
         labels["shape"][take] = LABEL_CLASSES["shape"].index(SMALL_DOT)
+        labels["like_count"][take] = 0
         labels["centre"][_centre_patch(dot["box"], grid)] = 1
 
     best_digit = np.zeros(n, dtype=np.int64)
     for name in GROUNDING_LABELS:
         labels[name] = np.zeros(n, dtype=np.int64)
-    for glyph in scene.get("digits", []):
+    glyphs = scene.get("digits", [])
+    digit_kinds = Counter(glyph["digit"] for glyph in glyphs)
+    for glyph in glyphs:
         counts = _ink_per_patch(ink, glyph["box"], grid)
         won = _assign(labels["digit"], best_digit, counts, 1 + DIGITS.index(glyph["digit"]), 4)
+        labels["like_count"][won] = min(MAX_LIKE_COUNT, digit_kinds[glyph["digit"]])
         labels["cell_row"][won] = int(glyph.get("row", 0))
         labels["cell_column"][won] = int(glyph.get("column", 0))
         labels["digit_centre"][_centre_patch(glyph["box"], grid)] = 1 + DIGITS.index(glyph["digit"])
@@ -303,6 +329,8 @@ def attention_targets(
 __all__ = [
     "GROUNDING_LABELS",
     "LABEL_CLASSES",
+    "MAX_LIKE_COUNT",
+    "OPTIONAL_LABEL_CLASSES",
     "attention_targets",
     "count_targets",
     "evidence_phrases",
