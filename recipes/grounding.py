@@ -403,6 +403,76 @@ class OptionHeadForcing:
         return (head_outputs, *args[1:])
 
 
+class OptionLetterLoss:
+    """Callable `(model, inputs, outputs) -> loss` for `TestbedTrainer(extra_losses=...)`: the
+    option head's value at every multiple-choice option word, through that head's slice of
+    `o_proj`, the final norm and the LM head, must give the option's letter (cross-entropy).
+
+    A multiple-choice answer is the letter of the option the option head finds, so the head's
+    value must carry the letter. The letter is in the residual there (a linear probe names it
+    on every option word), but the answer loss alone never built the path: it is a product of
+    two matrices that starts with no letter in it, and under the recipe's learning rate and
+    other losses it stayed on that plateau (the head's value gave a, b, c and d the same logits
+    whichever option it was). This loss trains the path on its own, four options per question.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        weight: float,
+        layer: int = SUPERVISIONS["option"].layer,
+        head: int = SUPERVISIONS["option"].head,
+        positions_key: str = SUPERVISIONS["letter"].positions_key,
+        masks_key: str = SUPERVISIONS["letter"].masks_key,
+    ) -> None:
+        language_model = model.model.language_model
+        n_layers = len(language_model.layers)
+        index = layer + n_layers if layer < 0 else layer
+        if not 0 <= index < n_layers:
+            raise ValueError(f"option head layer {layer} out of range: the LLM has {n_layers}")
+        n_heads = language_model.config.num_attention_heads
+        if not 0 <= head < n_heads:
+            raise ValueError(f"option head {head} must lie in 0..{n_heads - 1}")
+        self.weight, self.head = weight, head
+        self.positions_key, self.masks_key = positions_key, masks_key
+        self.attention = language_model.layers[index].self_attn
+        self.final_norm, self.lm_head = language_model.norm, model.lm_head
+        self._hidden: torch.Tensor | None = None
+        self._handle = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._hidden = kwargs.get("hidden_states", args[0] if args else None)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def __call__(self, model: Any, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
+        positions = inputs.get(self.positions_key)
+        if positions is None:
+            raise RuntimeError(
+                f"option letter loss: the batch has no {self.positions_key!r}; it needs the letter "
+                "supervision's targets (--letter-weight > 0 on testbed data)"
+            )
+        hidden = self._hidden
+        if hidden is None:
+            raise RuntimeError(
+                "option letter loss: the attention layer did not run in this forward"
+            )
+        rows, slots = (positions >= 0).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return hidden.new_zeros(())
+        words = positions[rows, slots]
+        letters = inputs[self.masks_key][rows, slots].float().argmax(dim=-1)
+        d = self.attention.head_dim
+        columns = slice(self.head * d, (self.head + 1) * d)
+        values = _head_projection(
+            self.attention.v_proj, hidden[rows, words], slice(self.head, self.head + 1), d
+        )
+        read = F.linear(values, self.attention.o_proj.weight[:, columns])
+        logits = self.lm_head(self.final_norm(read))
+        return self.weight * F.cross_entropy(logits.float(), inputs["input_ids"][rows, letters])
+
+
 def patch_centres(masks: torch.Tensor) -> torch.Tensor:
     """(N, P) square-grid patch masks -> (N, 2) row and column of each mask's centre, scaled so
     the grid spans [-1, 1] (an empty mask gives the grid's centre, 0)."""
@@ -443,6 +513,7 @@ __all__ = [
     "EarlyAnswerLoss",
     "GroundingLoss",
     "OptionHeadForcing",
+    "OptionLetterLoss",
     "patch_centres",
     "Supervision",
     "turn_visibility",

@@ -417,6 +417,35 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
     return losses
 
 
+def answer_path_terms(model: Any, args: argparse.Namespace) -> tuple[list[Callable], list[Any]]:
+    """The losses and training-time forcings on the path from a found option or evidence to the
+    answer word (--early-answer-weight, --option-letter-weight, --force-option-head)."""
+    from recipes.grounding import EarlyAnswerLoss, OptionHeadForcing, OptionLetterLoss
+
+    losses: list[Callable] = []
+    forcings: list[Any] = []
+    if args.early_answer_weight > 0:
+        try:
+            losses.append(EarlyAnswerLoss(model, args.early_answer_weight, args.early_answer_layer))
+        except ValueError as error:
+            raise ValueError(f"--early-answer-layer: {error}") from error
+    if args.option_letter_weight > 0:
+        if args.letter_weight <= 0:
+            raise ValueError(
+                "--option-letter-weight needs the option words and their letters, which come "
+                "with the letter supervision; pass --letter-weight > 0 as well"
+            )
+        losses.append(OptionLetterLoss(model, args.option_letter_weight, args.readout_layer))
+    if args.force_option_head:
+        if args.option_weight <= 0:
+            raise ValueError(
+                "--force-option-head forces the option head onto the right option, which needs "
+                "the option supervision's targets; pass --option-weight > 0 as well"
+            )
+        forcings.append(OptionHeadForcing(model, args.readout_layer))
+    return losses, forcings
+
+
 def patch_label_sets_for(
     examples: Sequence[ImageExample], pixels: torch.Tensor
 ) -> list[dict[str, np.ndarray]]:
@@ -933,6 +962,14 @@ def build_parser() -> argparse.ArgumentParser:
         "any layer before the last)",
     )
     ground.add_argument(
+        "--option-letter-weight",
+        type=float,
+        default=0.0,
+        help="with --letter-weight: the option head's value at every option word, read through "
+        "its slice of o_proj and the LM head, must give that option's letter (cross-entropy), "
+        "so the head that finds the right option also carries its letter; 0 = off",
+    )
+    ground.add_argument(
         "--force-option-head",
         action="store_true",
         help="with --option-weight: in training, the option head's output at a multiple-choice "
@@ -1051,25 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
         isolate_turns=not args.share_turns,
     )
     extra_losses = grounding_losses(model, args) if grounded else []
-    if args.early_answer_weight > 0:
-        from recipes.grounding import EarlyAnswerLoss
-
-        try:
-            extra_losses.append(
-                EarlyAnswerLoss(model, args.early_answer_weight, args.early_answer_layer)
-            )
-        except ValueError as error:
-            raise ValueError(f"--early-answer-layer: {error}") from error
-    forcings = []
-    if args.force_option_head:
-        from recipes.grounding import OptionHeadForcing
-
-        if args.option_weight <= 0:
-            raise ValueError(
-                "--force-option-head forces the option head onto the right option, which needs "
-                "the option supervision's targets; pass --option-weight > 0 as well"
-            )
-        forcings.append(OptionHeadForcing(model, args.readout_layer))
+    answer_losses, forcings = answer_path_terms(model, args)
+    extra_losses += answer_losses
     if args.vision_pretrain_steps > 0:
         from recipes.vision_pretrain import run_vision_pretrain
 

@@ -581,3 +581,66 @@ def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="--option-weight"):
         OptionHeadForcing(model).prepare(batch)
+
+
+def test_option_letter_loss_matches_a_naive_readout(tmp_path: Path) -> None:
+    """Cross-entropy of the LM head on the option head's value at each option word, through that
+    head's slice of o_proj and the final norm, against the option's letter."""
+    from recipes.grounding import SIDE_KEYS, OptionLetterLoss
+    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+
+    out = data.export(
+        data.make_dataset_dict(train=40, validation=0, test=0, seed=6, train_questions_per_image=4),
+        tmp_path / "data",
+    )
+    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
+    model.eval()
+    dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
+    batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
+    term = OptionLetterLoss(model, weight=0.5)
+    side = {key: batch.pop(key) for key in SIDE_KEYS}
+    batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
+    with torch.no_grad():
+        outputs = model(**batch, output_hidden_states=True)
+        loss = term(model, {**batch, **side}, outputs)
+    term.remove()
+
+    language_model = model.model.language_model
+    last = language_model.layers[-1]
+    d = last.self_attn.head_dim
+    tokenizer = processor.tokenizer
+    logits, wanted = [], []
+    with torch.no_grad():
+        normed = last.input_layernorm(outputs.hidden_states[len(language_model.layers) - 1])
+        for row in range(batch["input_ids"].shape[0]):
+            words = tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+            for i in range(len(words) - 3):
+                if words[i] == "(" and words[i + 2] == ")" and words[i + 1] in "abcd":
+                    value = last.self_attn.v_proj.weight[3 * d : 4 * d] @ normed[row, i + 3]
+                    read = last.self_attn.o_proj.weight[:, 3 * d : 4 * d] @ value
+                    logits.append(model.lm_head(language_model.norm(read)))
+                    wanted.append(int(batch["input_ids"][row, i + 1]))
+    assert len(wanted) >= 12 and len(wanted) % 4 == 0
+    expected = 0.5 * torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(wanted))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(RuntimeError, match="--letter-weight"):
+        OptionLetterLoss(model, weight=1.0)(model, batch, outputs)
+
+
+def test_answer_path_flags_need_their_supervision() -> None:
+    from recipes.grounding import OptionHeadForcing, OptionLetterLoss
+    from recipes.train import answer_path_terms, build_parser
+
+    model, _ = build_reference(size="cpu-small", image_size=56, seed=0)
+    base = ["--data", "d", "--output-dir", "o"]
+    parse = build_parser().parse_args
+    with pytest.raises(ValueError, match="pass --letter-weight > 0"):
+        answer_path_terms(model, parse([*base, "--option-letter-weight", "1"]))
+    with pytest.raises(ValueError, match="pass --option-weight > 0"):
+        answer_path_terms(model, parse([*base, "--force-option-head"]))
+    flags = [*base, "--letter-weight", "1", "--option-weight", "1", "--option-letter-weight", "2"]
+    losses, forcings = answer_path_terms(model, parse([*flags, "--force-option-head"]))
+    assert [type(t) for t in losses] == [OptionLetterLoss] and losses[0].weight == 2.0
+    assert [type(f) for f in forcings] == [OptionHeadForcing]
+    assert answer_path_terms(model, parse(base)) == ([], [])
