@@ -324,6 +324,21 @@ class EarlyAnswerLoss:
         return self.weight * F.cross_entropy(logits.float(), tokens)
 
 
+def _option_head_attention(model: Any, layer: int, head: int) -> Any:
+    """The attention module holding the option head, after checking that the head exists."""
+    language_model = model.model.language_model
+    n_layers = len(language_model.layers)
+    index = layer + n_layers if layer < 0 else layer
+    if not 0 <= index < n_layers:
+        raise ValueError(f"option head layer {layer} out of range: the LLM has {n_layers}")
+    n_heads = language_model.config.num_attention_heads
+    if not 0 <= head < n_heads:
+        raise ValueError(f"option head {head} must lie in 0..{n_heads - 1}")
+    if language_model.config.num_key_value_heads != n_heads:
+        raise ValueError("the option head's value is read per head: one key head per query head")
+    return language_model.layers[index].self_attn
+
+
 class OptionHeadForcing:
     """Teacher forcing for the option head, not a loss: while `prepare(inputs)` is in effect,
     at each position that answers a multiple-choice question the head's output (the input of
@@ -346,17 +361,7 @@ class OptionHeadForcing:
         positions_key: str = SUPERVISIONS["option"].positions_key,
         masks_key: str = SUPERVISIONS["option"].masks_key,
     ) -> None:
-        language_model = model.model.language_model
-        n_layers = len(language_model.layers)
-        index = layer + n_layers if layer < 0 else layer
-        if not 0 <= index < n_layers:
-            raise ValueError(f"option head layer {layer} out of range: the LLM has {n_layers}")
-        attention = language_model.layers[index].self_attn
-        n_heads = language_model.config.num_attention_heads
-        if not 0 <= head < n_heads:
-            raise ValueError(f"option head {head} must lie in 0..{n_heads - 1}")
-        if language_model.config.num_key_value_heads != n_heads:
-            raise ValueError("option head forcing assumes one key head per query head")
+        attention = _option_head_attention(model, layer, head)
         self.attention, self.head = attention, head
         self.positions_key, self.masks_key = positions_key, masks_key
         self._hidden: torch.Tensor | None = None
@@ -426,16 +431,9 @@ class OptionLetterLoss:
         masks_key: str = SUPERVISIONS["letter"].masks_key,
     ) -> None:
         language_model = model.model.language_model
-        n_layers = len(language_model.layers)
-        index = layer + n_layers if layer < 0 else layer
-        if not 0 <= index < n_layers:
-            raise ValueError(f"option head layer {layer} out of range: the LLM has {n_layers}")
-        n_heads = language_model.config.num_attention_heads
-        if not 0 <= head < n_heads:
-            raise ValueError(f"option head {head} must lie in 0..{n_heads - 1}")
         self.weight, self.head = weight, head
         self.positions_key, self.masks_key = positions_key, masks_key
-        self.attention = language_model.layers[index].self_attn
+        self.attention = _option_head_attention(model, layer, head)
         self.final_norm, self.lm_head = language_model.norm, model.lm_head
         self._hidden: torch.Tensor | None = None
         self._handle = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)

@@ -470,23 +470,35 @@ def test_count_head_moves_the_count_loss() -> None:
         grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
 
 
-def test_early_answer_loss_matches_a_naive_logit_lens(tmp_path: Path) -> None:
-    """Cross-entropy of the LM head on the residual after layer -2, at every answer position,
-    against the answer word; for a multiple-choice question, the right option's word."""
-    from recipes.grounding import SIDE_KEYS, EarlyAnswerLoss
+def _packed_training_batch(tmp_path: Path, images: int) -> tuple[object, object, dict, dict]:
+    """A fresh cpu-small model (eval mode), its processor, and one packed training batch of
+    `images` testbed images (4 questions each): model inputs with the isolated-turns mask, and
+    the side inputs the extra losses read."""
+    from recipes.grounding import SIDE_KEYS
     from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
 
     out = data.export(
-        data.make_dataset_dict(train=70, validation=0, test=0, seed=6, train_questions_per_image=4),
+        data.make_dataset_dict(
+            train=images, validation=0, test=0, seed=6, train_questions_per_image=4
+        ),
         tmp_path / "data",
     )
     model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
     model.eval()
     dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
     batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
-    term = EarlyAnswerLoss(model, weight=0.5)
     side = {key: batch.pop(key) for key in SIDE_KEYS}
     batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
+    return model, processor, batch, side
+
+
+def test_early_answer_loss_matches_a_naive_logit_lens(tmp_path: Path) -> None:
+    """Cross-entropy of the LM head on the residual after layer -2, at every answer position,
+    against the answer word; for a multiple-choice question, the right option's word."""
+    from recipes.grounding import EarlyAnswerLoss
+
+    model, processor, batch, side = _packed_training_batch(tmp_path, 70)
+    term = EarlyAnswerLoss(model, weight=0.5)
     with torch.no_grad():
         outputs = model(**batch, output_hidden_states=True)
         loss = term(model, {**batch, **side}, outputs)
@@ -527,19 +539,9 @@ def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
     `release()` they are the unforced model's, bit for bit."""
     from transformers import AttentionInterface
 
-    from recipes.grounding import SIDE_KEYS, SUPERVISIONS, OptionHeadForcing
-    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+    from recipes.grounding import SUPERVISIONS, OptionHeadForcing
 
-    out = data.export(
-        data.make_dataset_dict(train=40, validation=0, test=0, seed=6, train_questions_per_image=4),
-        tmp_path / "data",
-    )
-    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
-    model.eval()
-    dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
-    batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
-    side = {key: batch.pop(key) for key in SIDE_KEYS}
-    batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
+    model, processor, batch, side = _packed_training_batch(tmp_path, 40)
     option = SUPERVISIONS["option"]
     rows, slots = (side[option.positions_key] >= 0).nonzero(as_tuple=True)
     answer_at = side[option.positions_key][rows, slots]
@@ -586,20 +588,10 @@ def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
 def test_option_letter_loss_matches_a_naive_readout(tmp_path: Path) -> None:
     """Cross-entropy of the LM head on the option head's value at each option word, through that
     head's slice of o_proj and the final norm, against the option's letter."""
-    from recipes.grounding import SIDE_KEYS, OptionLetterLoss
-    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+    from recipes.grounding import OptionLetterLoss
 
-    out = data.export(
-        data.make_dataset_dict(train=40, validation=0, test=0, seed=6, train_questions_per_image=4),
-        tmp_path / "data",
-    )
-    model, processor = build_reference(size="cpu-small", image_size=224, seed=0)
-    model.eval()
-    dataset = grounded_dataset(load_examples(out, "train"), processor, 256)
-    batch = collator_for(processor)([dataset[i] for i in range(len(dataset))])
+    model, processor, batch, side = _packed_training_batch(tmp_path, 40)
     term = OptionLetterLoss(model, weight=0.5)
-    side = {key: batch.pop(key) for key in SIDE_KEYS}
-    batch["attention_mask"] = isolated_turns_mask(side["turn_ids"], model)
     with torch.no_grad():
         outputs = model(**batch, output_hidden_states=True)
         loss = term(model, {**batch, **side}, outputs)
