@@ -301,13 +301,12 @@ class EarlyAnswerLoss:
         starts = (labels[:, :-1] == IGNORE_INDEX) & (labels[:, 1:] != IGNORE_INDEX)
         rows, positions = starts.nonzero(as_tuple=True)
         tokens = labels[rows, positions + 1].clone()
-        option_positions = inputs.get(self.option_positions_key)
-        if option_positions is None or rows.numel() == 0:
+        if self.option_positions_key not in inputs or rows.numel() == 0:
             return rows, positions, tokens
-        option_rows, slots = (option_positions >= 0).nonzero(as_tuple=True)
+        option_rows, asked_at, word_at = _position_targets(
+            inputs, self.option_positions_key, self.option_masks_key
+        )
         if option_rows.numel():
-            asked_at = option_positions[option_rows, slots]
-            word_at = inputs[self.option_masks_key][option_rows, slots].float().argmax(dim=-1)
             words = inputs["input_ids"][option_rows, word_at]
             same = (rows[:, None] == option_rows[None]) & (positions[:, None] == asked_at[None])
             tokens = torch.where(same.any(dim=1), words[same.float().argmax(dim=1)], tokens)
@@ -322,6 +321,17 @@ class EarlyAnswerLoss:
             return hidden.new_zeros(())
         logits = self.lm_head(self.final_norm(hidden[rows, positions]))
         return self.weight * F.cross_entropy(logits.float(), tokens)
+
+
+def _position_targets(
+    inputs: dict[str, Any], positions_key: str, masks_key: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, query positions, target positions) of a supervision over sequence positions whose
+    every row names one target (the right option word, an option's letter); padding dropped."""
+    positions = inputs[positions_key]
+    rows, slots = (positions >= 0).nonzero(as_tuple=True)
+    targets = inputs[masks_key][rows, slots].float().argmax(dim=-1)
+    return rows, positions[rows, slots], targets
 
 
 def _option_head_attention(model: Any, layer: int, head: int) -> Any:
@@ -373,15 +383,13 @@ class OptionHeadForcing:
 
     def prepare(self, inputs: dict[str, Any]) -> None:
         """Force the next forward at the batch's multiple-choice answer positions."""
-        positions = inputs.get(self.positions_key)
-        if positions is None:
+        if self.positions_key not in inputs:
             raise RuntimeError(
                 f"option head forcing: the batch has no {self.positions_key!r}; it needs the "
                 "option supervision's targets (--option-weight > 0 on testbed data)"
             )
-        rows, slots = (positions >= 0).nonzero(as_tuple=True)
-        words = inputs[self.masks_key][rows, slots].float().argmax(dim=-1)
-        self._forced = (rows, positions[rows, slots], words) if rows.numel() else None
+        forced = _position_targets(inputs, self.positions_key, self.masks_key)
+        self._forced = forced if forced[0].numel() else None
 
     def release(self) -> None:
         self._forced, self._hidden = None, None
@@ -400,8 +408,9 @@ class OptionHeadForcing:
             return None
         rows, answer_at, word_at = self._forced
         d = self.attention.head_dim
-        heads = slice(self.head, self.head + 1)
-        values = _head_projection(self.attention.v_proj, self._hidden[rows, word_at], heads, d)
+        values = _head_projection(
+            self.attention.v_proj, self._hidden[rows, word_at], slice(self.head, self.head + 1), d
+        )
         head_outputs = args[0].clone()
         columns = slice(self.head * d, (self.head + 1) * d)
         head_outputs[rows, answer_at, columns] = values.to(head_outputs.dtype)
@@ -445,8 +454,7 @@ class OptionLetterLoss:
         self._handle.remove()
 
     def __call__(self, model: Any, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
-        positions = inputs.get(self.positions_key)
-        if positions is None:
+        if self.positions_key not in inputs:
             raise RuntimeError(
                 f"option letter loss: the batch has no {self.positions_key!r}; it needs the letter "
                 "supervision's targets (--letter-weight > 0 on testbed data)"
@@ -456,11 +464,9 @@ class OptionLetterLoss:
             raise RuntimeError(
                 "option letter loss: the attention layer did not run in this forward"
             )
-        rows, slots = (positions >= 0).nonzero(as_tuple=True)
+        rows, words, letters = _position_targets(inputs, self.positions_key, self.masks_key)
         if rows.numel() == 0:
             return hidden.new_zeros(())
-        words = positions[rows, slots]
-        letters = inputs[self.masks_key][rows, slots].float().argmax(dim=-1)
         d = self.attention.head_dim
         columns = slice(self.head * d, (self.head + 1) * d)
         values = _head_projection(
