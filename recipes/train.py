@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,25 @@ def load_examples(
     return load_hf_split(load_split(data, split))
 
 
+def parse_family_weights(spec: str) -> dict[str, float]:
+    """`"counting=3,attribute=0.5"` -> {"counting": 3.0, "attribute": 0.5}; errors say what is
+    wrong."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        family, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not family.strip() or not weight > 0 or weight == float("inf"):
+            raise ValueError(
+                f"--family-weights entry {part!r} must be FAMILY=W with W a number > 0, "
+                "e.g. counting=3 or attribute=0.5"
+            )
+        weights[family.strip()] = weight
+    return weights
+
+
 def select_families(
     examples: Sequence[ImageExample], families: Sequence[str]
 ) -> list[ImageExample]:
@@ -283,6 +303,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         max_turns: int = 0,
         patch_label_sets: Sequence[dict[str, np.ndarray]] | None = None,
         isolate_turns: bool = False,
+        family_weights: Mapping[str, float] | None = None,
     ) -> None:
         from eval.testbed.patch_labels import attention_targets
 
@@ -298,6 +319,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         eos = tokenizer.convert_tokens_to_ids(EOS)
         unk = tokenizer.unk_token_id
         self.items: list[tuple[int, list[EncodedTurn]]] = []
+        shown: dict[str, int] = {}  # images of each family so far
         for image_index, example in enumerate(examples):
             encoded = []
             for turn in example.turns:
@@ -322,7 +344,14 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     groups = [encoded[i : i + max_turns] for i in range(0, len(encoded), max_turns)]
             else:
                 groups = [[turn] for turn in encoded]
-            self.items.extend((image_index, group) for group in groups)
+            family = example.turns[0].family if example.turns else ""
+            weight = (family_weights or {}).get(family, 1.0)
+            seen = shown.get(family, 0)
+            shown[family] = seen + 1
+            # The i-th image of a family appears floor((i+1) w) - floor(i w) times: exactly
+            # floor(n w) in all, spread evenly over the family's images.
+            repeats = math.floor((seen + 1) * weight) - math.floor(seen * weight)
+            self.items.extend((image_index, group) for group in groups for _ in range(repeats))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -814,6 +843,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list: train only on these testbed question families (e.g. a first "
         "curriculum stage on attribute,small); default: all",
     )
+    data.add_argument(
+        "--family-weights",
+        default="",
+        help="comma list of FAMILY=W: the language stage shows the images of FAMILY W times per "
+        "epoch, evenly spread (counting=3: a counting image carries 3 questions where a text "
+        "image carries 12, so counting gets a small share of the answers; attribute=0.5: half "
+        "of a family that is learnt already); default: every image once",
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=Path, default=None, help="folder to from_pretrained")
     model.add_argument(
@@ -1049,6 +1086,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Trainer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    try:
+        family_weights = parse_family_weights(args.family_weights)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -1075,6 +1117,14 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples(args.data, args.split, args.image_folder)
     if args.families:
         examples = select_families(examples, args.families.split(","))
+    present = {turn.family for example in examples for turn in example.turns}
+    if set(family_weights) - present:
+        print(
+            f"error: --family-weights names {sorted(set(family_weights) - present)}, which the "
+            f"training data does not have; its families: {sorted(present - {''})}",
+            file=sys.stderr,
+        )
+        return 2
     pixels = cache_pixels(examples, processor.image_processor, progress=not args.no_progress)
     grounded = any(getattr(args, flag) > 0 for flag, _ in SUPERVISION_FLAGS.values())
     dataset = PackedVQADataset(
@@ -1086,6 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         max_turns=args.max_turns,
         patch_label_sets=patch_label_sets_for(examples, pixels) if grounded else None,
         isolate_turns=not args.share_turns,
+        family_weights=family_weights,
     )
     extra_losses = grounding_losses(model, args) if grounded else []
     answer_losses, forcings = answer_path_terms(model, args)

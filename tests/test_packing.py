@@ -4,6 +4,7 @@ logits (and grounding-loss rows) it gets alone, the single-question prompt of ev
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,46 @@ def test_attention_report_scores_every_supervised_row(packed) -> None:
     assert not model.training and not any(
         layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers
     )
+
+
+def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:
+    from collections import Counter
+
+    from recipes.train import PackedVQADataset
+
+    _, processor, dataset, examples = packed
+    family_of = [example.turns[0].family for example in examples]
+    per_family = Counter(family_of)
+    assert per_family["counting"] >= 1
+    thinned = next(f for f in per_family if f != "counting")
+    weighted = PackedVQADataset(
+        examples,
+        dataset.pixels,
+        processor.tokenizer,
+        dataset.image_seq_length,
+        isolate_turns=True,
+        family_weights={"counting": 3.0, thinned: 0.5},
+    )
+    shown = Counter(family_of[image_index] for image_index, _ in weighted.items)
+    for family, n in per_family.items():
+        expected = 3 * n if family == "counting" else math.floor(n / 2) if family == thinned else n
+        assert shown[family] == expected, family
+    # A repeated image is the same packed sequence, not a new draw of its questions.
+    counting = [i for i, f in enumerate(family_of) if f == "counting"][0]
+    copies = [turns for image_index, turns in weighted.items if image_index == counting]
+    assert len(copies) == 3 and copies[0] == copies[1] == copies[2]
+
+
+def test_family_weights_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recipes.train import main, parse_family_weights
+
+    assert parse_family_weights(" counting=3, attribute=0.5 ") == {
+        "counting": 3.0,
+        "attribute": 0.5,
+    }
+    for bad in ("counting", "counting=0", "counting=-1", "=2", "counting=x", "counting=inf"):
+        with pytest.raises(ValueError, match="FAMILY=W"):
+            parse_family_weights(bad)
+    code = main(["--data", str(tmp_path), "--output-dir", str(tmp_path), "--family-weights", "x"])
+    assert code == 2
+    assert "--family-weights entry 'x'" in capsys.readouterr().err

@@ -157,3 +157,31 @@ def test_train_recipe_clear_errors(tmp_path: Path) -> None:
         )
         == 2
     )
+
+
+@shipped
+def test_evaluation_reports_every_kind(
+    reference: tuple[object, object], held_out: list[dict]
+) -> None:
+    import datasets
+
+    from eval.testbed.evaluate import evaluate_dataset, format_kind_table
+
+    model, processor = reference
+    records = held_out[:35]  # five of every family
+    dataset = datasets.Dataset.from_list(records, features=data.dataset_features())
+    results = evaluate_dataset(model, processor, dataset, batch_size=35, progress=False)
+    expected_kinds = {f"{r['family']}:{r['kind']}" for r in records}
+    assert set(results["kinds"]) == expected_kinds
+    for name, row in results["kinds"].items():
+        mine = [p for p in results["predictions"] if f"{p['family']}:{p['kind']}" == name]
+        assert row["n"] == len(mine)
+        assert row["accuracy"] == sum(p["correct"] for p in mine) / len(mine)
+    for family, row in results["families"].items():
+        kinds = [r for k, r in results["kinds"].items() if k.startswith(f"{family}:")]
+        assert row["n"] == sum(r["n"] for r in kinds)
+        assert abs(row["accuracy"] * row["n"] - sum(r["accuracy"] * r["n"] for r in kinds)) < 1e-9
+    by_id = {r["id"]: r for r in records}
+    for prediction in results["predictions"]:
+        assert prediction["answer"] == by_id[prediction["id"]]["answer"]
+    assert len(format_kind_table(results).splitlines()) == 2 + len(expected_kinds)

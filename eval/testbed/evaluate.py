@@ -33,6 +33,7 @@ def evaluate_dataset(
     correct: dict[str, int] = {}
     count: dict[str, int] = {}
     chance: dict[str, float] = {}
+    kinds: dict[str, list[int]] = {}  # "family:kind" -> [correct, asked]
     predictions = []
     for start in tqdm(range(0, total, batch_size), desc="evaluating", disable=not progress):
         batch = dataset[start : min(start + batch_size, total)]
@@ -43,7 +44,19 @@ def evaluate_dataset(
             count[family] = count.get(family, 0) + 1
             correct[family] = correct.get(family, 0) + int(hit)
             chance[family] = chance.get(family, 0.0) + 1.0 / len(KIND_ANSWERS[(family, kind)])
-            predictions.append({"id": batch["id"][i], "prediction": predicted, "correct": hit})
+            tally = kinds.setdefault(f"{family}:{kind}", [0, 0])
+            tally[0] += int(hit)
+            tally[1] += 1
+            predictions.append(
+                {
+                    "id": batch["id"][i],
+                    "family": family,
+                    "kind": kind,
+                    "answer": batch["answer"][i],
+                    "prediction": predicted,
+                    "correct": hit,
+                }
+            )
     families = [f for f in FAMILIES if f in count] + sorted(set(count) - set(FAMILIES))
     per_family = {
         f: {
@@ -60,7 +73,16 @@ def evaluate_dataset(
         "chance": sum(chance.values()) / n_total if n_total else 0.0,
         "macro_accuracy": sum(r["accuracy"] for r in per_family.values()) / max(1, len(per_family)),
     }
-    return {"overall": overall, "families": per_family, "predictions": predictions}
+    per_kind = {
+        name: {"n": asked, "accuracy": right / asked}
+        for name, (right, asked) in sorted(kinds.items())
+    }
+    return {
+        "overall": overall,
+        "families": per_family,
+        "kinds": per_kind,
+        "predictions": predictions,
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -83,6 +105,15 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_kind_table(results: dict[str, Any]) -> str:
+    """Markdown table of accuracy per question kind, the level a family's average hides
+    (multiple-choice counting is one kind of six in its family)."""
+    lines = ["| family:kind | n | accuracy |", "|---|---:|---:|"]
+    for name, row in results["kinds"].items():
+        lines.append(f"| {name} | {row['n']} | {100 * row['accuracy']:.1f}% |")
+    return "\n".join(lines)
+
+
 def evaluate_folder(
     model_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
@@ -91,8 +122,10 @@ def evaluate_folder(
     batch_size: int = 32,
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    by_kind: bool = False,
 ) -> dict[str, Any]:
-    """Loads a saved model and a data split, prints the table and optionally writes JSON."""
+    """Loads a saved model and a data split, prints the table (and with `by_kind` the
+    per-kind one) and optionally writes JSON."""
     model, processor = load_reference(model_dir)
     dataset = load_split(data_dir, split)
     results = evaluate_dataset(
@@ -100,6 +133,8 @@ def evaluate_folder(
     )
     print(f"model {model_dir} on {split} of {data_dir}")
     print(format_table(results))
+    if by_kind:
+        print(format_kind_table(results))
     if output is not None:
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help=f"split to score, one of {SPLITS}")
     parser.add_argument("--limit", type=int, default=0, help="score the first N questions only")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
-    parser.add_argument("--output", type=Path, default=None, help="also write results as JSON")
+    parser.add_argument(
+        "--by-kind", action="store_true", help="also print accuracy per question kind"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="also write results as JSON (with every question's answer and prediction)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -140,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             output=args.output,
             progress=not args.no_progress,
+            by_kind=args.by_kind,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
