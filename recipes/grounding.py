@@ -32,8 +32,11 @@ class Supervision:
     `uniform` spreads the head's attention evenly over the targets instead of only putting its
     mass there, and `sink` adds the sequence's first token (BOS) to every target set: attention
     spread evenly over n things and the sink gives the sink 1 / (n + 1), a count the head's
-    output keeps (a softmax over the things alone would normalise it away). `coordinates`
-    also asks the head's output to carry where its targets are (see `GroundingLoss`).
+    output keeps (a softmax over the things alone would normalise it away). With `sink_weight`
+    k the sink counts as k things and gets k / (n + k): large counts then lie further apart
+    (8 and 9 things: 0.026 at k = 4, 0.011 at k = 1) and small ones closer together (1 and 2:
+    0.13 against 0.17), where there is room. `coordinates` also asks the head's output to carry
+    where its targets are (see `GroundingLoss`).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Supervision:
     uniform: bool = False
     sink: bool = False
     coordinates: bool = False
+    sink_weight: float = 1.0
 
     @property
     def positions_key(self) -> str:
@@ -126,6 +130,7 @@ class GroundingLoss:
         uniform: bool = False,
         sink: bool = False,
         coordinate_weight: float = 0.0,
+        sink_weight: float = 1.0,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
@@ -149,6 +154,11 @@ class GroundingLoss:
         self.uniform, self.sink = uniform, sink
         if sink and not over_patches:
             raise ValueError("a sink target is for patch targets; add position 0 to the mask")
+        if sink_weight != 1.0 and not (sink and uniform):
+            raise ValueError("a sink weight needs a sink and a uniform target (the count loss)")
+        if not sink_weight > 0:
+            raise ValueError(f"the sink weight must be > 0, got {sink_weight}")
+        self.sink_weight = sink_weight
         if coordinate_weight and not over_patches:
             raise ValueError("coordinates are those of patch targets; over_patches must be set")
         self.coordinate_weight = coordinate_weight
@@ -181,6 +191,7 @@ class GroundingLoss:
             supervision.uniform,
             supervision.sink,
             coordinate_weight if supervision.coordinates else 0.0,
+            supervision.sink_weight,
         )
 
     def _capture(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -234,8 +245,11 @@ class GroundingLoss:
         else:
             log_attention_on, target = log_attention, target[..., :length]
         if self.uniform:  # cross-entropy against the uniform distribution over the targets
-            total = log_attention_on.masked_fill(~target, 0.0).sum(dim=-1)
-            loss = -self.weight * (total / target.sum(dim=-1).clamp_min(1)).mean()
+            share = target.to(log_attention_on.dtype)  # (N, 1, P [+ 1]), each target counts 1
+            if self.sink:
+                share = torch.cat((share[..., :1] * self.sink_weight, share[..., 1:]), dim=-1)
+            total = (log_attention_on.masked_fill(~target, 0.0) * share).sum(dim=-1)
+            loss = -self.weight * (total / share.sum(dim=-1).clamp_min(1)).mean()
         else:
             masked = log_attention_on.masked_fill(~target, float("-inf"))
             log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the targets

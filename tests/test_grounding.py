@@ -4,6 +4,7 @@ eager-attention reference, the dataset's positions, and the training CLI with th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -250,8 +251,23 @@ def test_count_loss_matches_eager_attention() -> None:
     expected = -1.5 * (three + zero) / 2
     assert torch.allclose(got, expected, atol=1e-5), (got, expected)
     term.remove()
+    # BOS counted as 4 things: cross-entropy against (4, 1, 1, 1) / 7; zero things: BOS alone.
+    heavy = GroundingLoss.for_supervision(model, replace(count, sink_weight=4.0), 1.5, -1)
+    heavy.positions_key, heavy.masks_key = "p", "m"
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), output_attentions=True)
+    got = heavy(model, {"input_ids": ids, "p": positions, "m": masks}, out)
+    attention = out.attentions[-1][:, count.head, answer_at]
+    logs = torch.log(attention[0, [0, 1 + 2, 1 + 7, 1 + 11]])
+    three = (4 * logs[0] + logs[1:].sum()) / 7
+    expected = -1.5 * (three + torch.log(attention[1, 0])) / 2
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    heavy.remove()
     with pytest.raises(ValueError, match="sink"):
         GroundingLoss(model, 1.0, over_patches=False, sink=True)
+    with pytest.raises(ValueError, match="sink weight needs"):
+        GroundingLoss(model, 1.0, sink_weight=2.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        GroundingLoss(model, 1.0, sink=True, uniform=True, sink_weight=0.0)
 
 
 def test_coordinate_loss_matches_the_heads_output_before_o_proj() -> None:
@@ -466,6 +482,11 @@ def test_count_head_moves_the_count_loss() -> None:
     assert (default.layer, default.first_head) == (1, SUPERVISIONS["count"].head)
     (moved,) = grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "0"]))
     assert (moved.layer, moved.first_head, moved.uniform, moved.sink) == (1, 0, True, True)
+    assert (default.sink_weight, moved.sink_weight) == (1.0, 1.0)
+    (heavy,) = grounding_losses(
+        model, build_parser().parse_args([*flags, "--count-sink-weight", "4"])
+    )
+    assert heavy.sink_weight == 4.0
     with pytest.raises(ValueError, match=r"--count-weight supervises.*0\.\.3"):
         grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
 
