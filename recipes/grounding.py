@@ -164,6 +164,8 @@ class GroundingLoss:
         self.coordinate_weight = coordinate_weight
         self.attention = attention
         self.image_token_id = model.config.image_token_id
+        self.last_log_attention: torch.Tensor | None = None
+        self.last_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._captured: dict[str, Any] = {}
         self._handle = attention.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -233,6 +235,8 @@ class GroundingLoss:
             hidden_keys |= ~_turn_sees(turn_ids.gather(1, query_positions[:, None]), turn_ids)
         scores = scores.masked_fill(hidden_keys[:, None], -1e9)
         log_attention = scores.float().log_softmax(dim=-1)  # (N, h, T)
+        # Kept for diagnostics (eval/testbed/attention_report reads the count head's BOS share).
+        self.last_log_attention, self.last_rows = log_attention.detach(), (rows, slots)
         target = masks[rows, slots][:, None]  # (N, 1, P or T)
         if self.over_patches:
             image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)

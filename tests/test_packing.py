@@ -166,6 +166,39 @@ def test_attention_report_scores_every_supervised_row(packed) -> None:
     )
 
 
+def test_attention_report_count_shares_and_sink_weight(packed) -> None:
+    from collections import Counter
+
+    from eval.testbed.attention_report import attention_report, format_count_shares
+
+    model, processor, dataset, examples = packed
+    shares: dict[int, list[float]] = {}
+    report = attention_report(
+        model,
+        processor,
+        examples,
+        {"evidence": 1, "count": 1},
+        progress=False,
+        supervision_overrides={"count": {"sink_weight": 4.0}},
+        count_shares=shares,
+    )
+    things = Counter()
+    entropies = []
+    for index in range(len(dataset)):
+        for n in dataset[index][SUPERVISIONS["count"].masks_key].sum(-1).tolist():
+            things[n] += 1
+            # the target (4, 1, ..., 1) / (n + 4), by hand
+            target = torch.tensor([4.0] + [1.0] * n) / (n + 4)
+            entropies.append(float(-(target * target.log()).sum()))
+    assert things, "the fixture has no counting question"
+    assert {n: int(rows) for n, (_, rows) in shares.items()} == dict(things)
+    assert all(0 < total / rows < 1 for total, rows in shares.values())
+    assert report["count"]["floor"] == pytest.approx(sum(entropies) / len(entropies), abs=1e-5)
+    table = format_count_shares(shares, 4.0)
+    assert len(table.splitlines()) == 2 + len(things)
+    assert f"| {min(things)} |" in table and f"{4 / (min(things) + 4):.3f} |" in table
+
+
 def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:
     from collections import Counter
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,28 @@ def attention_report(
     layer_overrides: dict[str, int],
     batch_size: int = 16,
     progress: bool = True,
+    supervision_overrides: dict[str, dict[str, Any]] | None = None,
+    count_shares: dict[int, list[float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
-    the targets"; log of the target-set size for a uniform target such as counting)."""
+    the targets"; the entropy of the target for a uniform target such as counting).
+
+    `supervision_overrides` replaces fields of a supervision as the recipe did (the count
+    loss's `head` and `sink_weight`). A `count_shares` dict is filled with, per number of
+    things to count, [summed BOS share of the count head's attention, rows]: the count a
+    later layer has to read off."""
     from recipes.grounding import SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY, GroundingLoss
     from recipes.train import collator_for, grounded_dataset, isolated_turns_mask
 
     dataset = grounded_dataset(examples, processor, model.config.image_seq_length, progress)
     n_layers = len(model.model.language_model.layers)
     n_heads = model.model.language_model.config.num_attention_heads
+    supervisions = {
+        name: replace(supervision, **(supervision_overrides or {}).get(name, {}))
+        for name, supervision in SUPERVISIONS.items()
+    }
     terms = {}
-    for name, supervision in SUPERVISIONS.items():
+    for name, supervision in supervisions.items():
         layer = layer_overrides.get(name, supervision.layer)
         if supervision.head >= n_heads or not -n_layers <= layer < n_layers:
             continue
@@ -61,7 +73,7 @@ def attention_report(
                 batch["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
                 outputs = model(**batch)
                 for name, term in terms.items():
-                    supervision = SUPERVISIONS[name]
+                    supervision = supervisions[name]
                     used = side[supervision.positions_key] >= 0
                     rows = int(used.sum())
                     if rows == 0:
@@ -70,22 +82,57 @@ def attention_report(
                     total[0] += float(term(model, {**batch, **side}, outputs)) * rows
                     total[1] += rows
                     if supervision.uniform:
-                        sizes = side[supervision.masks_key][used].sum(dim=-1) + supervision.sink
-                        total[2] += float(torch.log(sizes.float()).sum())
+                        things = side[supervision.masks_key][used].sum(dim=-1).double()
+                        total[2] += float(_uniform_entropy(things, supervision).sum())
+                    if name == "count" and count_shares is not None:
+                        bos_share = term.last_log_attention[:, 0, 0].exp()
+                        for n, share in zip(
+                            things.long().tolist(), bos_share.tolist(), strict=True
+                        ):
+                            tally = count_shares.setdefault(n, [0.0, 0])
+                            tally[0] += share
+                            tally[1] += 1
     finally:
         for term in terms.values():
             term.remove()
         model.train(was_training)
     return {
         name: {
-            "layer": float(layer_overrides.get(name, SUPERVISIONS[name].layer) % n_layers),
-            "head": float(SUPERVISIONS[name].head),
+            "layer": float(layer_overrides.get(name, supervisions[name].layer) % n_layers),
+            "head": float(supervisions[name].head),
             "rows": float(rows),
             "loss": loss / rows if rows else math.nan,
             "floor": floor / rows if rows else math.nan,
         }
         for name, (loss, rows, floor) in totals.items()
     }
+
+
+def _uniform_entropy(things: torch.Tensor, supervision: Any) -> torch.Tensor:
+    """Entropy of a uniform target over `things` patches (plus a sink weighing `sink_weight`):
+    the lowest cross-entropy a head can reach."""
+    sink = supervision.sink_weight if supervision.sink else 0.0
+    total = things + sink
+    entropy = torch.log(total)
+    if sink:
+        entropy = entropy - sink * math.log(sink) / total
+    return entropy
+
+
+def sink_share_target(n: int, sink_weight: float = 1.0) -> float:
+    """The count head's BOS share when it spreads its attention as trained: k / (n + k)."""
+    return sink_weight / (n + sink_weight)
+
+
+def format_count_shares(count_shares: dict[int, list[float]], sink_weight: float = 1.0) -> str:
+    """Markdown table: things to count | rows | mean BOS share | the share it was trained to."""
+    lines = ["| things | rows | BOS share | target |", "|---:|---:|---:|---:|"]
+    for n in sorted(count_shares):
+        total, rows = count_shares[n]
+        lines.append(
+            f"| {n} | {int(rows)} | {total / rows:.3f} | {sink_share_target(n, sink_weight):.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, dict[str, float]]) -> str:
@@ -124,6 +171,24 @@ def _build_parser() -> argparse.ArgumentParser:
         default=-1,
         help="layer of the evidence, second and count heads (the reference recipe uses 1)",
     )
+    parser.add_argument(
+        "--count-head",
+        type=int,
+        default=None,
+        help="head of --evidence-layer the count loss trained (recipes.train --count-head; "
+        "default: the recipe's default)",
+    )
+    parser.add_argument(
+        "--count-sink-weight",
+        type=float,
+        default=1.0,
+        help="the BOS weight the count loss trained (recipes.train --count-sink-weight)",
+    )
+    parser.add_argument(
+        "--count-shares",
+        action="store_true",
+        help="also print the count head's mean BOS share per number of things to count",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -144,9 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, layer_flag) in SUPERVISION_FLAGS.items()
         if layer_flag
     }
-    report = attention_report(model, processor, examples, overrides, progress=not args.no_progress)
+    count = {"sink_weight": args.count_sink_weight}
+    if args.count_head is not None:
+        count["head"] = args.count_head
+    shares: dict[int, list[float]] = {}
+    report = attention_report(
+        model,
+        processor,
+        examples,
+        overrides,
+        progress=not args.no_progress,
+        supervision_overrides={"count": count},
+        count_shares=shares,
+    )
     print(f"attention targets of {args.model} on {len(examples)} {args.split} images")
     print(format_report(report))
+    if args.count_shares:
+        print(format_count_shares(shares, args.count_sink_weight))
     return 0
 
 
