@@ -378,7 +378,8 @@ class OptionHeadForcing:
     and with it forced onto the right option, 43 -> 43 %. The answer loss never saw a reliable
     head to learn to read. Forcing it in training gives the answer loss one, so the letter gets
     carried through the option word's value and read out through `o_proj`; inference is the
-    unchanged model, with the head's own attention.
+    unchanged model, with the head's own attention. With `zero` the head's output is zeroed
+    there instead (the ablation of eval/testbed/attention_report).
     """
 
     def __init__(
@@ -388,9 +389,10 @@ class OptionHeadForcing:
         head: int = SUPERVISIONS["option"].head,
         positions_key: str = SUPERVISIONS["option"].positions_key,
         masks_key: str = SUPERVISIONS["option"].masks_key,
+        zero: bool = False,
     ) -> None:
         attention = _option_head_attention(model, layer, head)
-        self.attention, self.head = attention, head
+        self.attention, self.head, self.zero = attention, head, zero
         self.positions_key, self.masks_key = positions_key, masks_key
         self._hidden: torch.Tensor | None = None
         self._forced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -429,6 +431,8 @@ class OptionHeadForcing:
         values = _head_projection(
             self.attention.v_proj, self._hidden[rows, word_at], slice(self.head, self.head + 1), d
         )
+        if self.zero:
+            values = torch.zeros_like(values)
         head_outputs = args[0].clone()
         columns = slice(self.head * d, (self.head + 1) * d)
         head_outputs[rows, answer_at, columns] = values.to(head_outputs.dtype)

@@ -185,3 +185,33 @@ def test_evaluation_reports_every_kind(
     for prediction in results["predictions"]:
         assert prediction["answer"] == by_id[prediction["id"]]["answer"]
     assert len(format_kind_table(results).splitlines()) == 2 + len(expected_kinds)
+
+
+@shipped
+def test_option_head_ablation(reference: tuple[object, object], held_out: list[dict]) -> None:
+    """The shipped model answers multiple choice from its option head: forced onto the right
+    option it is at least as right, zeroed it is worse; and 'as trained' is the plain model's
+    next token after each single-question prompt."""
+    import datasets
+
+    from eval.testbed.attention_report import option_head_ablation
+    from recipes.train import load_hf_split
+
+    model, processor = reference
+    records = [r for r in held_out if r["family"] == "multiple_choice"]
+    examples = load_hf_split(datasets.Dataset.from_list(records, features=data.dataset_features()))
+    ablation = option_head_ablation(model, processor, examples, progress=False)
+    assert ablation["as trained"]["questions"] == len(records) >= 10
+    plain_right = 0
+    with torch.no_grad():
+        for record in records:
+            inputs = processor(
+                images=[record["image"]],
+                text=[format_prompt(record["question"])],
+                return_tensors="pt",
+            )
+            token = int(model(**inputs).logits[0, -1].argmax())
+            plain_right += processor.tokenizer.convert_ids_to_tokens(token) == record["answer"]
+    assert ablation["as trained"]["accuracy"] == plain_right / len(records)
+    assert ablation["forced right"]["accuracy"] >= ablation["as trained"]["accuracy"]
+    assert ablation["zeroed"]["accuracy"] < ablation["as trained"]["accuracy"]
