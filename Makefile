@@ -39,6 +39,7 @@ reference-model: $(STAMP)
 		--readout-weight 1.0 --evidence-weight 1.0 --count-weight 1.0 --option-weight 1.0 \
 		--neighbour-weight 1.0 --coordinate-weight 1.0 --evidence-layer 1 --bf16 \
 		--early-answer-weight 0.5 --force-option-head --option-letter-weight 1.0 \
+		--family-weights counting=3,attribute=0.5,existence=0.5 \
 		--max-steps 2200 --batch-size 16 --lr 1e-3 --warmup 50 \
 		--save-steps 200 --logging-steps 25 --threads 2 --output-dir runs/reference \
 		--final-dir eval/testbed/reference_model --eval-split validation
