@@ -165,7 +165,6 @@ class GroundingLoss:
         self.attention = attention
         self.image_token_id = model.config.image_token_id
         self.last_log_attention: torch.Tensor | None = None
-        self.last_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._captured: dict[str, Any] = {}
         self._handle = attention.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -236,7 +235,7 @@ class GroundingLoss:
         scores = scores.masked_fill(hidden_keys[:, None], -1e9)
         log_attention = scores.float().log_softmax(dim=-1)  # (N, h, T)
         # Kept for diagnostics (eval/testbed/attention_report reads the count head's BOS share).
-        self.last_log_attention, self.last_rows = log_attention.detach(), (rows, slots)
+        self.last_log_attention = log_attention.detach()
         target = masks[rows, slots][:, None]  # (N, 1, P or T)
         if self.over_patches:
             image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)
@@ -321,7 +320,7 @@ class EarlyAnswerLoss:
         tokens = labels[rows, positions + 1].clone()
         if self.option_positions_key not in inputs or rows.numel() == 0:
             return rows, positions, tokens
-        option_rows, asked_at, word_at = _position_targets(
+        option_rows, asked_at, word_at = position_targets(
             inputs, self.option_positions_key, self.option_masks_key
         )
         if option_rows.numel():
@@ -341,7 +340,7 @@ class EarlyAnswerLoss:
         return self.weight * F.cross_entropy(logits.float(), tokens)
 
 
-def _position_targets(
+def position_targets(
     inputs: dict[str, Any], positions_key: str, masks_key: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, query positions, target positions) of a supervision over sequence positions whose
@@ -408,7 +407,7 @@ class OptionHeadForcing:
                 f"option head forcing: the batch has no {self.positions_key!r}; it needs the "
                 "option supervision's targets (--option-weight > 0 on testbed data)"
             )
-        forced = _position_targets(inputs, self.positions_key, self.masks_key)
+        forced = position_targets(inputs, self.positions_key, self.masks_key)
         self._forced = forced if forced[0].numel() else None
 
     def release(self) -> None:
@@ -486,7 +485,7 @@ class OptionLetterLoss:
             raise RuntimeError(
                 "option letter loss: the attention layer did not run in this forward"
             )
-        rows, words, letters = _position_targets(inputs, self.positions_key, self.masks_key)
+        rows, words, letters = position_targets(inputs, self.positions_key, self.masks_key)
         if rows.numel() == 0:
             return hidden.new_zeros(())
         d = self.attention.head_dim
@@ -540,6 +539,7 @@ __all__ = [
     "GroundingLoss",
     "OptionHeadForcing",
     "OptionLetterLoss",
+    "position_targets",
     "patch_centres",
     "Supervision",
     "turn_visibility",

@@ -141,7 +141,7 @@ def option_head_ablation(
 
     Whether a model answers from its option head at all: if forcing it right gains nothing and
     zeroing it costs nothing, the answer ignores it (the previous model: 43 / 43 / 40 %)."""
-    from recipes.grounding import SUPERVISIONS, OptionHeadForcing
+    from recipes.grounding import SUPERVISIONS, OptionHeadForcing, position_targets
 
     option = SUPERVISIONS["option"]
     forcings = {
@@ -154,11 +154,9 @@ def option_head_ablation(
         for batch, side in _grounded_batches(
             model, processor, examples, batch_size, progress, "option head ablation"
         ):
-            positions = side[option.positions_key]
-            rows, slots = (positions >= 0).nonzero(as_tuple=True)
+            rows, answer_at, _ = position_targets(side, option.positions_key, option.masks_key)
             if rows.numel() == 0:
                 continue
-            answer_at = positions[rows, slots]
             letters = batch["input_ids"][rows, answer_at + 1]
             asked += rows.numel()
             for mode in OPTION_HEAD_MODES:
