@@ -1102,6 +1102,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.count_sink_weight > 0:
+        print(
+            f"error: --count-sink-weight must be > 0 (BOS counts as that many things in the "
+            f"count head's target), got {args.count_sink_weight}; pass 1 for the plain "
+            f"1 / (n + 1) target",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)

@@ -491,6 +491,19 @@ def test_count_head_moves_the_count_loss() -> None:
         grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
 
 
+@pytest.mark.parametrize("weight", ["0", "-1"])
+def test_count_sink_weight_must_be_positive(
+    tmp_path: Path, weight: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recipes.train import main
+
+    flags = ["--data", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    assert main([*flags, "--count-sink-weight", weight]) == 2
+    err = capsys.readouterr().err
+    assert "--count-sink-weight must be > 0" in err and "pass 1" in err
+    assert "larger LLM" not in err and not (tmp_path / "o").exists()
+
+
 def _packed_training_batch(tmp_path: Path, images: int) -> tuple[object, object, dict, dict]:
     """A fresh cpu-small model (eval mode), its processor, and one packed training batch of
     `images` testbed images (4 questions each): model inputs with the isolated-turns mask, and
