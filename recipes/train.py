@@ -39,6 +39,7 @@ from eval.testbed.model import (
     build_reference,
     load_reference,
 )
+from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
 from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
@@ -304,6 +305,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         patch_label_sets: Sequence[dict[str, np.ndarray]] | None = None,
         isolate_turns: bool = False,
         family_weights: Mapping[str, float] | None = None,
+        neighbour_query: str = "last",
     ) -> None:
         from eval.testbed.patch_labels import attention_targets
 
@@ -335,7 +337,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
                 if patch_label_sets is not None:
                     words = tokenizer.convert_ids_to_tokens(prompt)
                     supervision = attention_targets(
-                        words, patch_label_sets[image_index], turn.answer
+                        words, patch_label_sets[image_index], turn.answer, neighbour_query
                     )
                 encoded.append((prompt, target, supervision))
             if pack_per_image:
@@ -433,6 +435,8 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
             supervision = replace(
                 supervision, head=args.count_head, sink_weight=args.count_sink_weight
             )
+        if name == "grounding" and args.grounding_coordinates:
+            supervision = replace(supervision, coordinates=True)
         layer = getattr(args, layer_flag) if layer_flag else supervision.layer
         try:
             loss = GroundingLoss.for_supervision(
@@ -502,6 +506,7 @@ def grounded_dataset(
     image_seq_length: int,
     progress: bool = False,
     isolate_turns: bool = True,
+    neighbour_query: str = "last",
 ) -> PackedVQADataset:
     """Packed turns with every attention target of recipes/grounding.SUPERVISIONS, from the
     testbed scene metadata (for inspecting a trained model's heads, or tests)."""
@@ -513,6 +518,7 @@ def grounded_dataset(
         image_seq_length,
         patch_label_sets=patch_label_sets_for(examples, pixels),
         isolate_turns=isolate_turns,
+        neighbour_query=neighbour_query,
     )
 
 
@@ -917,6 +923,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many heads (the first N) of that layer are supervised",
     )
     ground.add_argument(
+        "--grounding-coordinates",
+        action="store_true",
+        help="with --coordinate-weight: the word-to-patch heads' first two output channels "
+        "must also give the row and column of the named thing, so a word knows where its "
+        "thing is after the first layer (the nearest/farthest head's query needs that)",
+    )
+    ground.add_argument(
         "--question-weight",
         type=float,
         default=0.0,
@@ -952,6 +965,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="head --count-head of --evidence-layer, for 'how many' questions: attention spread "
         "evenly over BOS and the centre patch of every thing to count, so its share holds the "
         "count; 0 = off",
+    )
+    ground.add_argument(
+        "--neighbour-query",
+        choices=NEIGHBOUR_QUERIES,
+        default="last",
+        help="with --neighbour-weight: which of the anchor's words asks for the nearest/"
+        "farthest object: its last word (default) or its colour word, which in a spatial "
+        "scene names the anchor alone (its shape may be shared)",
     )
     ground.add_argument(
         "--count-head",
@@ -1110,6 +1131,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.grounding_coordinates and not (
+        args.coordinate_weight > 0 and args.grounding_weight > 0
+    ):
+        print(
+            "error: --grounding-coordinates asks the word-to-patch heads for positions, "
+            "weighted by --coordinate-weight; pass --grounding-weight > 0 and "
+            "--coordinate-weight > 0 too",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -1156,6 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_label_sets=patch_label_sets_for(examples, pixels) if grounded else None,
         isolate_turns=not args.share_turns,
         family_weights=family_weights,
+        neighbour_query=args.neighbour_query,
     )
     extra_losses = grounding_losses(model, args) if grounded else []
     answer_losses, forcings = answer_path_terms(model, args)

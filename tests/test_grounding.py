@@ -134,6 +134,10 @@ def test_attention_targets_of_a_multiple_choice_question() -> None:
     targets = attention_targets(nearest, _labels(), "blue")
     ((anchor, found),) = targets["neighbour"]
     assert nearest[anchor] == "circle" and np.flatnonzero(found).tolist() == [5]  # blue's patch
+    ((by_colour, found_too),) = attention_targets(nearest, _labels(), "blue", "colour")["neighbour"]
+    assert nearest[by_colour] == "red" and (found_too == found).all()
+    with pytest.raises(ValueError, match="neighbour_query must be one of"):
+        attention_targets(nearest, _labels(), "blue", "shape")
 
     cell = _words("user : what digit is in row 2 column 2 ? assistant :")
     targets = attention_targets(cell, _labels(), "2")
@@ -489,6 +493,36 @@ def test_count_head_moves_the_count_loss() -> None:
     assert heavy.sink_weight == 4.0
     with pytest.raises(ValueError, match=r"--count-weight supervises.*0\.\.3"):
         grounding_losses(model, build_parser().parse_args([*flags, "--count-head", "4"]))
+
+
+def test_grounding_coordinates_flag_moves_positions_into_the_grounding_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recipes.train import build_parser, grounding_losses, main
+
+    model, _ = build_reference(size="cpu-small", image_size=56, seed=0)
+    flags = ["--data", "d", "--output-dir", "o", "--grounding-weight", "1"]
+    flags += ["--evidence-weight", "1", "--coordinate-weight", "0.5"]
+    plain = {
+        loss.first_head: loss for loss in grounding_losses(model, build_parser().parse_args(flags))
+    }
+    assert plain[0].layer == 0 and plain[0].coordinate_weight == 0.0
+    moved = grounding_losses(model, build_parser().parse_args([*flags, "--grounding-coordinates"]))
+    grounding = next(loss for loss in moved if loss.layer == 0 and loss.first_head == 0)
+    assert grounding.coordinate_weight == 0.5
+    assert (
+        main(
+            [
+                "--data",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--grounding-coordinates",
+            ]
+        )
+        == 2
+    )
+    assert "pass --grounding-weight > 0 and --coordinate-weight > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weight", ["0", "-1"])

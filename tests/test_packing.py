@@ -240,3 +240,29 @@ def test_family_weights_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     code = main(["--data", str(tmp_path), "--output-dir", str(tmp_path), "--family-weights", "x"])
     assert code == 2
     assert "--family-weights entry 'x'" in capsys.readouterr().err
+
+
+def test_neighbour_query_moves_the_nearest_farthest_row_to_the_colour_word(packed) -> None:
+    from recipes.train import grounded_dataset
+
+    model, processor, by_last, examples = packed
+    by_colour = grounded_dataset(
+        examples, processor, model.config.image_seq_length, neighbour_query="colour"
+    )
+
+    def asked_from(dataset) -> list[tuple[str, list[int]]]:
+        """(query word, target patches) of every neighbour row."""
+        rows = []
+        for index in range(len(dataset)):
+            item = dataset[index]
+            tokens = processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+            for slot, at in enumerate(item["neighbour_positions"].tolist()):
+                patches = item["neighbour_masks"][slot].nonzero().flatten().tolist()
+                rows.append((tokens[at], patches))
+        return rows
+
+    # the fixture's one "farthest from the red triangle" question, same target either way
+    ((last_word, last_patches),) = asked_from(by_last)
+    ((colour_word, colour_patches),) = asked_from(by_colour)
+    assert (last_word, colour_word) == ("triangle", "red")
+    assert last_patches == colour_patches and len(last_patches) > 0

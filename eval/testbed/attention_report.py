@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
+
 
 @torch.no_grad()
 def attention_report(
@@ -31,6 +33,7 @@ def attention_report(
     progress: bool = True,
     supervision_overrides: dict[str, dict[str, Any]] | None = None,
     count_shares: dict[int, list[float]] | None = None,
+    neighbour_query: str = "last",
 ) -> dict[str, dict[str, float]]:
     """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
     the targets"; the entropy of the target for a uniform target such as counting).
@@ -38,7 +41,8 @@ def attention_report(
     `supervision_overrides` replaces fields of a supervision as the recipe did (the count
     loss's `head` and `sink_weight`). A `count_shares` dict is filled with, per number of
     things to count, [summed BOS share of the count head's attention, rows]: the count a
-    later layer has to read off."""
+    later layer has to read off. `neighbour_query` is the word the recipe asked for the
+    nearest/farthest object from (recipes.train --neighbour-query)."""
     from recipes.grounding import SUPERVISIONS, GroundingLoss
 
     n_layers = len(model.model.language_model.layers)
@@ -56,7 +60,7 @@ def attention_report(
     totals = {name: [0.0, 0, 0.0] for name in terms}  # loss sum, rows, floor sum
     try:
         for batch, side in _grounded_batches(
-            model, processor, examples, batch_size, progress, "attention report"
+            model, processor, examples, batch_size, progress, "attention report", neighbour_query
         ):
             outputs = model(**batch)
             for name, term in terms.items():
@@ -99,13 +103,20 @@ def _grounded_batches(
     batch_size: int,
     progress: bool,
     desc: str,
+    neighbour_query: str = "last",
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(model inputs, attention targets) of the examples' isolated single-question turns, in
     batches, with the model in eval mode while they are used."""
     from recipes.grounding import SIDE_KEYS, TURN_IDS_KEY
     from recipes.train import collator_for, grounded_dataset, isolated_turns_mask
 
-    dataset = grounded_dataset(examples, processor, model.config.image_seq_length, progress)
+    dataset = grounded_dataset(
+        examples,
+        processor,
+        model.config.image_seq_length,
+        progress,
+        neighbour_query=neighbour_query,
+    )
     collate = collator_for(processor)
     starts = range(0, len(dataset), batch_size)
     if progress:
@@ -263,6 +274,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the BOS weight the count loss trained (recipes.train --count-sink-weight)",
     )
     parser.add_argument(
+        "--neighbour-query",
+        choices=NEIGHBOUR_QUERIES,
+        default="last",
+        help="the anchor word the neighbour loss trained (recipes.train --neighbour-query)",
+    )
+    parser.add_argument(
         "--count-shares",
         action="store_true",
         help="also print the count head's mean BOS share per number of things to count",
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         supervision_overrides={"count": count},
         count_shares=shares,
+        neighbour_query=args.neighbour_query,
     )
     print(f"attention targets of {args.model} on {len(examples)} {args.split} images")
     print(format_report(report))

@@ -272,8 +272,14 @@ def option_words(words: Sequence[str]) -> dict[str, int]:
 Target = tuple[int, "np.ndarray | list[int]"]
 
 
+NEIGHBOUR_QUERIES: tuple[str, ...] = ("last", "colour")
+
+
 def attention_targets(
-    words: Sequence[str], labels: dict[str, np.ndarray], answer: str
+    words: Sequence[str],
+    labels: dict[str, np.ndarray],
+    answer: str,
+    neighbour_query: str = "last",
 ) -> dict[str, list[Target]]:
     """Every attention target of one question (a prompt ending in the token that predicts the
     answer), by the name of the supervision that uses it (recipes/grounding.SUPERVISIONS).
@@ -285,8 +291,15 @@ def attention_targets(
     saw ("readout"); the first thing named ("evidence") or, for a count, the things to count
     ("count"); the second thing named ("second"); the option word that is right ("option").
     A code's letter and digit are its first and second thing. A middle layer (three or more
-    layers): the nearest / farthest object, from the anchor's last word ("neighbour").
+    layers): the nearest / farthest object, from the anchor's last word ("neighbour"), or with
+    `neighbour_query="colour"` from its colour word: a spatial scene's colours are distinct,
+    so the colour word's first-layer grounding finds the anchor alone, where its shape word
+    also finds every other object of that shape (about half the scenes have one).
     """
+    if neighbour_query not in NEIGHBOUR_QUERIES:
+        raise ValueError(
+            f"neighbour_query must be one of {NEIGHBOUR_QUERIES}, got {neighbour_query!r}"
+        )
     all_words = word_patch_targets(words, labels, keep_absent=True)
     grounds = [(i, m) for i, m in all_words if m.any()]
     answer_at = len(words) - 1
@@ -318,7 +331,10 @@ def attention_targets(
         # The anchor's last word, which knows where the anchor is after the first layer, finds
         # the nearest / farthest object (the one of the answer's colour); needs three layers.
         colour = labels["colour"] == 1 + COLOURS.index(answer)
-        targets["neighbour"] = [(question_words[-1], colour)]
+        query = question_words[-1]
+        if neighbour_query == "colour":
+            query = next((i for i in reversed(question_words) if words[i] in COLOURS), query)
+        targets["neighbour"] = [(query, colour)]
     options = option_words(words)
     targets["letter"] = [(index, [index - 2]) for index in options.values()]
     if answer in options:
