@@ -284,6 +284,71 @@ def cache_pixels(
     return torch.cat(parts)
 
 
+# Batch key of a frozen vision tower's cached output (see cache_vision_features).
+VISION_FEATURES_KEY = "vision_features"
+
+
+@torch.no_grad()
+def cache_vision_features(
+    model: Any,
+    pixels: torch.Tensor,
+    image_processor: Any,
+    batch_size: int = 64,
+    bf16: bool = False,
+    progress: bool = True,
+) -> torch.Tensor:
+    """What a frozen vision tower hands the projector for each cached image, (N, P, C).
+
+    With the tower frozen, every epoch recomputes the same features (a tenth of a language
+    step of the reference model); computing them once leaves the projector and the LLM, which
+    still train, as they were. The features are those of the tower in eval mode, so a tower
+    that uses dropout is refused: in training mode its output would differ each time."""
+    from tqdm.auto import tqdm
+
+    config = model.config
+    vision_config = config.vision_config
+    dropouts = {
+        name: float(getattr(vision_config, name, 0.0) or 0.0)
+        for name in ("attention_dropout", "dropout", "hidden_dropout_prob")
+    }
+    if any(dropouts.values()):
+        raise ValueError(
+            f"cannot cache the vision features of a tower with dropout ({dropouts}): its "
+            "training-mode output changes every step; drop --cache-vision-features"
+        )
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    crop_cls = config.vision_feature_select_strategy == "default"
+    tower = model.model.vision_tower
+    was_training = tower.training
+    tower.eval()
+    mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+    rescale = float(image_processor.rescale_factor)
+    parts = []
+    try:
+        starts = range(0, len(pixels), batch_size)
+        for start in tqdm(starts, desc="caching vision features", disable=not progress):
+            pixel_values = normalize_pixels(pixels[start : start + batch_size], mean, std, rescale)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+            selected = [hidden[layer][:, 1:] if crop_cls else hidden[layer] for layer in layers]
+            parts.append(torch.cat(selected, dim=-1))
+    finally:
+        tower.train(was_training)
+    return torch.cat(parts)
+
+
+def image_encoder_outputs(model: Any, features: torch.Tensor) -> dict[str, Any]:
+    """`mm_encoder_outputs` for a LLaVA forward from cached tower features: the projector
+    (which trains) runs here, the tower does not run at all."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    llava = model.model
+    projector = llava.multi_modal_projector
+    projected = projector(features.to(next(projector.parameters()).dtype))
+    return {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+
+
 class PackedVQADataset(torch.utils.data.Dataset):
     """Token ids, answer-only labels and cached pixels; one item per image (packed turns) or
     per question. With `patch_label_sets` (one per image, from the scene metadata) every item
@@ -312,6 +377,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         if patch_label_sets is not None and len(patch_label_sets) != len(examples):
             raise ValueError("patch_label_sets needs one entry per image")
         self.pixels = pixels
+        self.vision_features: torch.Tensor | None = None
         self.image_seq_length = image_seq_length
         self.grounded = patch_label_sets is not None
         self.isolate_turns = isolate_turns
@@ -355,6 +421,15 @@ class PackedVQADataset(torch.utils.data.Dataset):
             repeats = math.floor((seen + 1) * weight) - math.floor(seen * weight)
             self.items.extend((image_index, group) for group in groups for _ in range(repeats))
 
+    def use_vision_features(self, features: torch.Tensor) -> None:
+        """Items carry these (one entry per image, from `cache_vision_features`) instead of
+        pixels from now on."""
+        if len(features) != len(self.pixels):
+            raise ValueError(
+                f"{len(features)} cached vision features for {len(self.pixels)} images"
+            )
+        self.vision_features = features
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -379,11 +454,11 @@ class PackedVQADataset(torch.utils.data.Dataset):
                     rows[name].append((start + query, on))
             input_ids += prompt + target
             labels += [IGNORE_INDEX] * len(prompt) + target
-        item = {
-            "input_ids": torch.tensor(input_ids),
-            "labels": torch.tensor(labels),
-            "pixels": self.pixels[image_index],
-        }
+        item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if self.vision_features is not None:
+            item[VISION_FEATURES_KEY] = self.vision_features[image_index]
+        else:
+            item["pixels"] = self.pixels[image_index]
         if self.isolate_turns:
             item[TURN_IDS_KEY] = torch.tensor(turn_ids)
             item["position_ids"] = torch.tensor(position_ids)
@@ -524,7 +599,8 @@ def grounded_dataset(
 
 @dataclass
 class PixelNormalizingCollator:
-    """Right-pads tokens and turns cached uint8 pixels into normalised `pixel_values`."""
+    """Right-pads tokens and turns cached uint8 pixels into normalised `pixel_values` (or
+    stacks cached vision features, which the trainer projects: `image_encoder_outputs`)."""
 
     pad_token_id: int
     image_mean: Sequence[float]
@@ -548,16 +624,21 @@ class PixelNormalizingCollator:
                 for row, item in enumerate(batch):
                     padded[row, : len(item[key])] = item[key]
                 extra[key] = padded
-        pixels = torch.stack([item["pixels"] for item in batch])
         collated = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": normalize_pixels(
-                pixels, self.image_mean, self.image_std, self.rescale_factor
-            ),
             **extra,
         }
+        if VISION_FEATURES_KEY in batch[0]:
+            collated[VISION_FEATURES_KEY] = torch.stack(
+                [item[VISION_FEATURES_KEY] for item in batch]
+            )
+        else:
+            pixels = torch.stack([item["pixels"] for item in batch])
+            collated["pixel_values"] = normalize_pixels(
+                pixels, self.image_mean, self.image_std, self.rescale_factor
+            )
         for supervision in SUPERVISIONS.values():
             positions_key, masks_key = supervision.positions_key, supervision.masks_key
             if positions_key not in batch[0]:
@@ -644,6 +725,9 @@ def _trainer_class() -> type:
         ) -> Any:
             # Side inputs for the extra terms only; the model's forward must not see them.
             side = {key: inputs.pop(key) for key in SIDE_KEYS if key in inputs}
+            if VISION_FEATURES_KEY in inputs:
+                features = inputs.pop(VISION_FEATURES_KEY)
+                inputs["mm_encoder_outputs"] = image_encoder_outputs(model, features)
             if TURN_IDS_KEY in side:
                 inputs["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
             forced = self.forcings if model.training else []
@@ -903,6 +987,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the vision tower frozen in the language stage (as LLaVA keeps CLIP frozen)",
     )
+    stage.add_argument(
+        "--cache-vision-features",
+        action="store_true",
+        help="with --freeze-vision: run the frozen tower once per image before the language "
+        "stage and train the projector and LLM on its cached output (same features, no tower "
+        "forward per step; memory: images x visual tokens x tower width floats)",
+    )
     ground = parser.add_argument_group(
         "grounding (testbed only: which patches each colour/shape/digit word names)"
     )
@@ -1131,6 +1222,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.cache_vision_features and not args.freeze_vision:
+        print(
+            "error: --cache-vision-features caches a frozen tower's output, but the tower "
+            "trains in the language stage; add --freeze-vision or drop the flag",
+            file=sys.stderr,
+        )
+        return 2
     if args.grounding_coordinates and not (
         args.coordinate_weight > 0 and args.grounding_weight > 0
     ):
@@ -1211,6 +1309,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
+    if args.cache_vision_features:
+        dataset.use_vision_features(
+            cache_vision_features(
+                model,
+                pixels,
+                processor.image_processor,
+                bf16=args.bf16,
+                progress=not args.no_progress,
+            )
+        )
     n_questions = sum(len(e.turns) for e in examples)
     print(
         f"{len(examples)} images, {n_questions} questions, {len(dataset)} sequences; "

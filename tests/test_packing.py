@@ -266,3 +266,80 @@ def test_neighbour_query_moves_the_nearest_farthest_row_to_the_colour_word(packe
     ((colour_word, colour_patches),) = asked_from(by_colour)
     assert (last_word, colour_word) == ("triangle", "red")
     assert last_patches == colour_patches and len(last_patches) > 0
+
+
+def test_cached_vision_features_are_what_the_projector_would_get(packed) -> None:
+    from recipes.train import (
+        cache_vision_features,
+        collator_for,
+        image_encoder_outputs,
+        isolated_turns_mask,
+    )
+
+    model, processor, dataset, _ = packed
+    features = cache_vision_features(
+        model, dataset.pixels, processor.image_processor, batch_size=5, progress=False
+    )
+    width = model.config.vision_config.hidden_size
+    assert features.shape == (len(dataset.pixels), model.config.image_seq_length, width)
+    batch = collator_for(processor)([dataset[i] for i in range(3)])
+    side = {key: batch.pop(key) for key in list(batch) if key.endswith(("_positions", "_masks"))}
+    batch["attention_mask"] = isolated_turns_mask(batch.pop(TURN_IDS_KEY), model)
+    pixel_values = batch.pop("pixel_values")
+    assert side  # the grounded batch's targets are not model inputs
+    image_indices = [dataset.items[i][0] for i in range(3)]
+    with torch.no_grad():
+        reference = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+        cached = image_encoder_outputs(model, features[image_indices])["image"].pooler_output
+        torch.testing.assert_close(torch.stack(cached), torch.stack(reference))
+        by_pixels = model(**batch, pixel_values=pixel_values).logits
+        by_cache = model(
+            **batch, mm_encoder_outputs=image_encoder_outputs(model, features[image_indices])
+        ).logits
+    torch.testing.assert_close(by_cache, by_pixels)
+    images = len(dataset.pixels)
+    with pytest.raises(ValueError, match=f"{images - 1} cached vision features for {images}"):
+        dataset.use_vision_features(features[1:])
+
+
+def test_train_cli_cache_vision_features_trains_the_same_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from recipes.train import main as train_main
+
+    out = data.export(
+        data.make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
+        tmp_path / "data",
+    )
+    argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
+    argv += ["--batch-size", "4", "--max-steps", "3", "--logging-steps", "1", "--freeze-vision"]
+
+    def losses(run: str, *flags: str) -> list[float]:
+        assert train_main([*argv, "--output-dir", str(tmp_path / run), *flags]) == 0
+        history = json.loads((tmp_path / run / "loss.json").read_text())["history"]
+        return [row["loss"] for row in history if "loss" in row]
+
+    by_pixels = losses("pixels")
+    by_cache = losses("cached", "--cache-vision-features")
+    assert len(by_cache) == 3
+    torch.testing.assert_close(torch.tensor(by_cache), torch.tensor(by_pixels), rtol=1e-5, atol=0)
+
+    flags = [a for a in argv if a != "--freeze-vision"]
+    assert train_main([*flags, "--output-dir", str(tmp_path / "x"), "--cache-vision-features"]) == 2
+    assert "add --freeze-vision" in capsys.readouterr().err
+
+
+def test_cache_vision_features_refuses_a_tower_with_dropout(packed) -> None:
+    from recipes.train import cache_vision_features
+
+    model, processor, dataset, _ = packed
+    config = model.config.vision_config
+    saved = config.attention_dropout
+    config.attention_dropout = 0.1
+    try:
+        with pytest.raises(ValueError, match="drop --cache-vision-features"):
+            cache_vision_features(model, dataset.pixels[:2], processor.image_processor)
+    finally:
+        config.attention_dropout = saved
