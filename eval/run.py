@@ -305,6 +305,51 @@ def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What an answers file depends on besides its task, method and budget (the file's name).
+ANSWER_SETTINGS: tuple[str, ...] = (
+    "model",
+    "data",
+    "split",
+    "guidance",
+    "llm_positions",
+    "crossget_state",
+    "adapter",
+    "max_new_tokens",
+    "prompt_template",
+    "dtype",
+)
+
+
+def check_answer_settings(answers_dir: Path, stem: str, args: argparse.Namespace) -> None:
+    """Answers are resumed by name, so a rerun with other settings would silently score the
+    old answers: each file's settings are recorded beside it and a mismatch is refused."""
+    settings = {name: str(getattr(args, name)) for name in ANSWER_SETTINGS}
+    record = answers_dir / f"{stem}.settings.json"
+    if record.exists():
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        changed = {
+            name: (recorded.get(name), value)
+            for name, value in settings.items()
+            if recorded.get(name) != value
+        }
+        if changed:
+            described = ", ".join(f"{n}: {old} -> {new}" for n, (old, new) in changed.items())
+            raise SystemExit(
+                f"error: {answers_dir} holds {stem} answers made with other settings "
+                f"({described}); pass another --out, or delete {answers_dir} to redo them"
+            )
+        return
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    if any(answers_dir.glob(f"{stem}.rank*.jsonl")):
+        raise SystemExit(
+            f"error: {answers_dir} holds {stem} answers with no record of their settings; "
+            "pass another --out, or delete them to redo them"
+        )
+    temporary = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    os.replace(temporary, record)
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
@@ -332,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             args.llm_positions,
         )
         stem = f"{args.task}-{method}-{budget}"
+        if state.is_main_process:
+            check_answer_settings(args.out / "answers", stem, args)
+        state.wait_for_everyone()
         answers_file = args.out / "answers" / f"{stem}.rank{state.process_index}.jsonl"
         start = time.perf_counter()
         generate_answers(

@@ -71,6 +71,23 @@ def test_eval_resumes_without_redoing_answers(model_dir: Path, testbed: Path, tm
     assert [r["id"] for r in rows[:6]] == [json.loads(line)["id"] for line in lines[:6]]
 
 
+def test_eval_refuses_answers_made_with_other_settings(
+    model_dir: Path, testbed: Path, tmp_path: Path
+) -> None:
+    _run(model_dir, testbed, tmp_path, budgets="32")
+    settings = json.loads((tmp_path / "answers" / "testbed-crossget-32.settings.json").read_text())
+    assert settings["llm_positions"] == "original" and settings["model"] == str(model_dir)
+    argv = ["--model", str(model_dir), "--task", "testbed", "--data", str(testbed)]
+    argv += ["--budgets", "32", "--methods", "crossget", "--max-new-tokens", "2"]
+    argv += ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"other settings \(llm_positions: original -> compact\)"):
+        run.main([*argv, "--llm-positions", "compact"])
+    # answers with no record (made before the record existed) are refused too
+    (tmp_path / "answers" / "testbed-crossget-32.settings.json").unlink()
+    with pytest.raises(SystemExit, match="no record of their settings"):
+        run.main(argv)
+
+
 def test_missing_llava_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "questions.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="images, annotations.jsonl are missing"):
