@@ -1203,6 +1203,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_conflict(args: argparse.Namespace) -> str | None:
+    """The first flag value or combination that cannot run, as a message naming the fix;
+    checked before any data is read or anything is written."""
+    if not args.count_sink_weight > 0:
+        return (
+            f"--count-sink-weight must be > 0 (BOS counts as that many things in the count "
+            f"head's target), got {args.count_sink_weight}; pass 1 for the plain 1 / (n + 1) "
+            "target"
+        )
+    if args.cache_vision_features and not args.freeze_vision:
+        return (
+            "--cache-vision-features caches a frozen tower's output, but the tower trains in "
+            "the language stage; add --freeze-vision or drop the flag"
+        )
+    if args.grounding_coordinates and not (
+        args.coordinate_weight > 0 and args.grounding_weight > 0
+    ):
+        return (
+            "--grounding-coordinates asks the word-to-patch heads for positions, weighted by "
+            "--coordinate-weight; pass --grounding-weight > 0 and --coordinate-weight > 0 too"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: `python -m recipes.train --help`."""
     args = build_parser().parse_args(argv)
@@ -1214,30 +1238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.count_sink_weight > 0:
-        print(
-            f"error: --count-sink-weight must be > 0 (BOS counts as that many things in the "
-            f"count head's target), got {args.count_sink_weight}; pass 1 for the plain "
-            f"1 / (n + 1) target",
-            file=sys.stderr,
-        )
-        return 2
-    if args.cache_vision_features and not args.freeze_vision:
-        print(
-            "error: --cache-vision-features caches a frozen tower's output, but the tower "
-            "trains in the language stage; add --freeze-vision or drop the flag",
-            file=sys.stderr,
-        )
-        return 2
-    if args.grounding_coordinates and not (
-        args.coordinate_weight > 0 and args.grounding_weight > 0
-    ):
-        print(
-            "error: --grounding-coordinates asks the word-to-patch heads for positions, "
-            "weighted by --coordinate-weight; pass --grounding-weight > 0 and "
-            "--coordinate-weight > 0 too",
-            file=sys.stderr,
-        )
+    conflict = flag_conflict(args)
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
