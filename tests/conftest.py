@@ -18,6 +18,19 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 training images, 2 questions each: the data of the short `recipes.train` CLI runs
+    (read only; every run writes to its own --output-dir)."""
+    from eval.testbed.data import export, make_dataset_dict
+
+    root = tmp_path_factory.mktemp("train_testbed")
+    return export(
+        make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
+        root,
+    )
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 patch tokens (112 px, 14 px patches), one merging layer: budgets down to 32."""
     from eval.testbed.model import build_reference

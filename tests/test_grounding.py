@@ -418,13 +418,10 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
 
 
-def test_train_cli_with_grounding(tmp_path: Path) -> None:
+def test_train_cli_with_grounding(tmp_path: Path, train_testbed: Path) -> None:
     from recipes.train import main as train_main
 
-    out = data.export(
-        data.make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
-        tmp_path / "data",
-    )
+    out = train_testbed
     run = tmp_path / "run"
     # cpu-small: the supervisions use LLM heads 0-3 (cpu-tiny has two)
     argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-small", "--no-progress"]

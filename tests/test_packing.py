@@ -303,16 +303,13 @@ def test_cached_vision_features_are_what_the_projector_would_get(packed) -> None
 
 
 def test_train_cli_cache_vision_features_trains_the_same_steps(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, train_testbed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
 
     from recipes.train import main as train_main
 
-    out = data.export(
-        data.make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
-        tmp_path / "data",
-    )
+    out = train_testbed
     argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
     argv += ["--batch-size", "4", "--max-steps", "3", "--logging-steps", "1", "--freeze-vision"]
 

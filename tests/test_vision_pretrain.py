@@ -422,7 +422,7 @@ def test_patch_label_model_gradients_stop_at_feature_layer() -> None:
 
 
 def test_train_cli_with_vision_pretraining(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, train_testbed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from safetensors.torch import load_file
 
@@ -430,10 +430,7 @@ def test_train_cli_with_vision_pretraining(
     from recipes.train import main as train_main
     from recipes.vision_pretrain import VISION_WEIGHTS
 
-    out = data.export(
-        data.make_dataset_dict(train=8, validation=0, test=0, seed=3, train_questions_per_image=2),
-        tmp_path / "data",
-    )
+    out = train_testbed
     run = tmp_path / "run"
     argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny"]
     argv += ["--output-dir", str(run), "--batch-size", "4", "--save-steps", "2", "--no-progress"]
