@@ -21,7 +21,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -433,6 +433,14 @@ class PackedVQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def lengths(self) -> list[int]:
+        """Every item's token count, without building the items (which would shuffle turns
+        and draw from the seeded RNG): what `--group-by-length` sorts batches by."""
+        return [
+            len(self.prefix) + sum(len(prompt) + len(target) for prompt, target, _ in turns)
+            for _, turns in self.items
+        ]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image_index, turns = self.items[index]
         turns = list(turns)
@@ -694,6 +702,40 @@ def isolated_turns_mask(turn_ids: torch.Tensor, model: Any) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+class ShuffledLengthBatches(torch.utils.data.Sampler[int]):
+    """Indices whose consecutive `batch_size` runs are sequences of about equal length, the
+    runs in random order.
+
+    Transformers' LengthGroupedSampler sorts inside groups of 50 batches, so tens of steps in
+    a row see one sequence length, which here is one question family (a counting image packs
+    3 questions, a text image 12); trained that way from scratch the reference recipe reached
+    39.1 % on validation instead of 81.9 %. Shuffling whole batches keeps the padding saving and
+    mixes the families from step to step. Draws from torch's global RNG, like Trainer's own
+    samplers, so a seeded run (and its resume) sees the same order.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths)).tolist()
+        order.sort(key=lambda index: self.lengths[index])  # stable: random within a length
+        size = self.batch_size
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+        if not batches:
+            return
+        # a short last batch stays last, so every other batch keeps its boundaries
+        full = batches if len(batches[-1]) == size else batches[:-1]
+        for position in torch.randperm(len(full)).tolist():
+            yield from full[position]
+        if len(full) < len(batches):
+            yield from batches[-1]
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
 
@@ -715,6 +757,17 @@ def _trainer_class() -> type:
             # Training-time teacher forcing (e.g. OptionHeadForcing): `prepare(inputs)` before
             # a training forward, `release()` after it; evaluation forwards run unforced.
             self.forcings = list(forcings)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and hasattr(
+                dataset, "lengths"
+            ):
+                return ShuffledLengthBatches(
+                    dataset.lengths(),
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                )
+            return super()._get_train_sampler(train_dataset)
 
         def compute_loss(
             self,
@@ -993,6 +1046,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --freeze-vision: run the frozen tower once per image before the language "
         "stage and train the projector and LLM on its cached output (same features, no tower "
         "forward per step; memory: images x visual tokens x tower width floats)",
+    )
+    parser.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch sequences of about equal length together, the batches in random order "
+        "(ShuffledLengthBatches), so a batch pads to its own length rather than to the longest "
+        "of 16 random ones: packed testbed sequences run from an image with 3 questions to one "
+        "with 12, and random batches are about a quarter padding",
     )
     ground = parser.add_argument_group(
         "grounding (testbed only: which patches each colour/shape/digit word names)"
@@ -1328,7 +1389,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     training_args = trainer_arguments(
-        args, args.output_dir, bf16=args.bf16, use_cpu=not torch.cuda.is_available()
+        args,
+        args.output_dir,
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
     )
     resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
     trainer: Trainer = _trainer_class()(

@@ -340,3 +340,75 @@ def test_cache_vision_features_refuses_a_tower_with_dropout(packed) -> None:
             cache_vision_features(model, dataset.pixels[:2], processor.image_processor)
     finally:
         config.attention_dropout = saved
+
+
+def test_packed_lengths_are_the_items_lengths_without_drawing_randomness(packed) -> None:
+    import random
+
+    _, _, dataset, _ = packed
+    state = random.getstate()
+    lengths = dataset.lengths()
+    assert random.getstate() == state  # measuring must not shift the seeded turn shuffles
+    assert lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def test_shuffled_length_batches_pad_least_and_mix_the_order() -> None:
+    from recipes.train import ShuffledLengthBatches
+
+    lengths = [300, 500, 300, 420, 500, 300, 420, 300, 500, 420, 300]  # 5 x 300, 3 x 420, 3 x 500
+    torch.manual_seed(0)
+    sampler = ShuffledLengthBatches(lengths, batch_size=3)
+    orders = [list(sampler) for _ in range(20)]
+    for order in orders:
+        assert sorted(order) == list(range(len(lengths)))
+        batches = [[lengths[i] for i in order[s : s + 3]] for s in range(0, len(order), 3)]
+        # the batches of the sorted lengths: 300x3 | 300,300,420 | 420,420,500 | 500,500
+        assert sorted(map(sorted, batches[:3])) == [
+            [300, 300, 300],
+            [300, 300, 420],
+            [420, 420, 500],
+        ]
+        assert batches[3] == [500, 500]  # the short batch last, so the others stay whole
+    assert len({tuple(order) for order in orders}) > 1
+    assert len({tuple(lengths[i] for i in order[:3]) for order in orders}) == 3  # any batch first
+    torch.manual_seed(0)
+    assert list(ShuffledLengthBatches(lengths, batch_size=3)) == orders[0]  # seeded
+    assert list(ShuffledLengthBatches([], batch_size=3)) == []
+
+
+def test_group_by_length_uses_the_packed_lengths(packed, tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    from recipes.train import ShuffledLengthBatches, _trainer_class, collator_for
+
+    model, processor, dataset, _ = packed
+
+    def sampler(strategy: str):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to=[],
+            train_sampling_strategy=strategy,
+        )
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=dataset, data_collator=collator_for(processor)
+        )
+        return trainer._get_train_sampler()
+
+    grouped = sampler("group_by_length")
+    assert isinstance(grouped, ShuffledLengthBatches)
+    assert grouped.lengths == dataset.lengths() and grouped.batch_size == 4
+    assert not isinstance(sampler("random"), ShuffledLengthBatches)
+
+
+def test_train_cli_group_by_length_runs(tmp_path: Path, train_testbed: Path) -> None:
+    import json
+
+    from recipes.train import main as train_main
+
+    argv = ["--data", str(train_testbed), "--init-reference", "--model-size", "cpu-tiny"]
+    argv += ["--no-progress", "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1"]
+    assert train_main([*argv, "--group-by-length", "--output-dir", str(tmp_path / "g")]) == 0
+    history = json.loads((tmp_path / "g" / "loss.json").read_text())["history"]
+    assert len([row for row in history if "loss" in row]) == 2
