@@ -345,9 +345,7 @@ def check_answer_settings(answers_dir: Path, stem: str, args: argparse.Namespace
             f"error: {answers_dir} holds {stem} answers with no record of their settings; "
             "pass another --out, or delete them to redo them"
         )
-    temporary = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(settings, indent=1), encoding="utf-8")
-    os.replace(temporary, record)
+    _write_atomic(record, json.dumps(settings, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
