@@ -1054,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="batch sequences of about equal length together, the batches in random order "
         "(ShuffledLengthBatches), so a batch pads to its own length rather than to the longest "
-        "of 16 random ones: packed testbed sequences run from an image with 3 questions to one "
+        "of a random draw: packed testbed sequences run from an image with 3 questions to one "
         "with 12, and random batches are about a quarter padding. Not for the testbed recipe: "
         "there a length is a question family, and one-family steps fell to 60.3 %% on "
         "validation from 81.9 %%",
