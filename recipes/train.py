@@ -1038,6 +1038,14 @@ def build_parser() -> argparse.ArgumentParser:
         "counting question can read the count where it reads a colour",
     )
     stage.add_argument(
+        "--vision-neighbour-label",
+        action="store_true",
+        help="that stage also teaches every patch of a shape the colour of the shape clearly "
+        "nearest to it and of the one clearly farthest from it (the testbed's 30 %% margin), so "
+        "a nearest/farthest question can read the answer off the anchor's patches, where the "
+        "LLM's own choice among objects was right about a third of the time",
+    )
+    stage.add_argument(
         "--freeze-vision",
         action="store_true",
         help="keep the vision tower frozen in the language stage (as LLaVA keeps CLIP frozen)",
@@ -1268,6 +1276,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def optional_patch_labels(args: argparse.Namespace) -> tuple[str, ...]:
+    """The opt-in stage-1 targets (OPTIONAL_LABEL_CLASSES keys) the flags ask for."""
+    from eval.testbed.patch_labels import NEIGHBOUR_LABELS
+
+    labels: tuple[str, ...] = ("like_count",) if args.vision_count_label else ()
+    return labels + (NEIGHBOUR_LABELS if args.vision_neighbour_label else ())
+
+
 def flag_conflict(args: argparse.Namespace) -> str | None:
     """The first flag value or combination that cannot run, as a message naming the fix;
     checked before any data is read or anything is written."""
@@ -1373,7 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             bf16=args.bf16,
-            optional_labels=("like_count",) if args.vision_count_label else (),
+            optional_labels=optional_patch_labels(args),
         )
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)

@@ -33,6 +33,7 @@ from eval.testbed.patch_labels import (
     LABEL_CLASSES,
     MAX_LIKE_COUNT,
     MIN_INK_PIXELS,
+    NEIGHBOUR_LABELS,
     OPTIONAL_LABEL_CLASSES,
     label_sizes,
     patch_labels,
@@ -309,6 +310,59 @@ def test_like_count_labels_count_identical_shapes_and_digits(seed: int) -> None:
         on_digit = text_labels["digit"] == 1 + DIGITS.index(digit)
         assert on_digit.any() and (text_labels["like_count"][on_digit] == n).all()
     assert (text_labels["like_count"][text_labels["digit"] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_neighbour_labels_name_the_clearly_nearest_and_farthest_shape(seed: int) -> None:
+    """Every patch of a shape carries the colour of the shape whose centre is clearly nearest /
+    farthest from its own, so each nearest/farthest question's anchor patches hold its answer;
+    without a clear (30 %) winner the label is "none"."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    kind = ("nearest", "farthest")[seed % 2]
+    scene = data._scene_spatial(rng, SIZE, data.COLOURS[seed % len(data.COLOURS)], kind)
+    labels = patch_labels(scene.meta, np.asarray(scene.image.convert("RGB")))
+    objects = scene.meta["objects"]
+    centres = [((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2) for o in objects]
+    asked = 0
+    for index, obj in enumerate(objects):
+        on_object = labels["colour"] == _colour(obj["colour"])  # colours are distinct here
+        assert on_object.any()
+        ranked = sorted(
+            (math.dist(centres[index], c), j) for j, c in enumerate(centres) if j != index
+        )
+        nearest = ranked[0][1] if ranked[0][0] * 1.3 <= ranked[1][0] else None
+        farthest = ranked[-1][1] if ranked[-1][0] >= 1.3 * ranked[-2][0] else None
+        for name, found in zip(NEIGHBOUR_LABELS, (nearest, farthest), strict=True):
+            want = 0 if found is None else _colour(objects[found]["colour"])
+            assert (labels[name][on_object] == want).all(), (name, index)
+        for question in scene.questions:
+            if question.kind in ("nearest", "farthest") and f" {obj['colour']} " in question.text:
+                name = f"{question.kind}_colour"
+                assert set(labels[name][on_object].tolist()) == {_colour(question.answer)}
+                asked += 1
+    assert asked >= 1  # the scene's first question is one of them
+    for name in NEIGHBOUR_LABELS:
+        assert (labels[name][labels["colour"] == 0] == 0).all()  # background: none
+
+
+def test_optional_patch_labels_follow_the_flags() -> None:
+    from recipes.train import build_parser, optional_patch_labels
+
+    def labels(*flags: str) -> tuple[str, ...]:
+        return optional_patch_labels(
+            build_parser().parse_args(["--data", "d", "--output-dir", "o", *flags])
+        )
+
+    assert labels() == ()
+    assert labels("--vision-count-label") == ("like_count",)
+    assert labels("--vision-neighbour-label") == NEIGHBOUR_LABELS
+    both = labels("--vision-count-label", "--vision-neighbour-label")
+    assert both == ("like_count", *NEIGHBOUR_LABELS)
+    assert set(both) <= OPTIONAL_LABEL_CLASSES.keys()
+    assert label_sizes(GRID, NEIGHBOUR_LABELS)["nearest_colour"] == 1 + len(data.COLOURS)
 
 
 def test_label_sizes_optional_labels() -> None:

@@ -444,7 +444,7 @@ def _scene_spatial(rng: random.Random, size: int, answer: str, kind: str) -> Sce
                 boxes.append(
                     _place_box(rng, _scale(size, rng.randint(34, 46)), canvas, boxes, margin)
                 )
-            target = _extreme_neighbour(boxes, 0, kind)
+            target = extreme_neighbour(boxes, 0, kind)
             if target is not None:
                 break
         else:
@@ -473,7 +473,7 @@ def _scene_spatial(rng: random.Random, size: int, answer: str, kind: str) -> Sce
                 pool.append(Question(text, relation, "relation"))
         if len(objects) >= 3:
             for extreme in ("nearest", "farthest"):
-                found = _extreme_neighbour(boxes, i, extreme)
+                found = extreme_neighbour(boxes, i, extreme)
                 if found is not None:
                     text = QUESTION_TEMPLATES[("spatial", extreme)].format(
                         colour=colour_a, shape=shape_a
@@ -482,7 +482,7 @@ def _scene_spatial(rng: random.Random, size: int, answer: str, kind: str) -> Sce
     return Scene(image, _unique_questions(primary, pool, rng), {"objects": _objects_meta(objects)})
 
 
-def _extreme_neighbour(boxes: Sequence[Box], anchor: int, kind: str) -> int | None:
+def extreme_neighbour(boxes: Sequence[Box], anchor: int, kind: str) -> int | None:
     """Index of the clearly nearest/farthest box from `anchor` (30% margin), else None."""
     ax, ay = _centre(boxes[anchor])
     distances = sorted(

@@ -27,6 +27,7 @@ from eval.testbed.data import (
     PATCH_SIZE,
     SHAPE_PLURALS,
     SHAPES,
+    extreme_neighbour,
 )
 
 SMALL_DOT = "dot"
@@ -47,8 +48,16 @@ MAX_LIKE_COUNT = 9
 # patches, how many grid cells show that digit. Counting with softmax attention is hard for a
 # small LLM (a share of 1 / (n + 1) to read off); a tower that has counted lets a question's
 # evidence head read the count like a colour.
+# With --vision-neighbour-label: on every patch of a shape, the colour of the shape whose centre
+# is clearly nearest / farthest from its own (the generator's 30 % margin, so exactly the
+# objects a "nearest/farthest" question may ask about). Choosing that object inside the small
+# LLM's attention from row/column channels was right about a third of the time; a tower that
+# has compared positions lets the question's evidence head read the neighbour like a colour.
+NEIGHBOUR_LABELS: tuple[str, ...] = ("nearest_colour", "farthest_colour")
 OPTIONAL_LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "like_count": ("none", *(str(n) for n in range(1, MAX_LIKE_COUNT + 1))),
+    "nearest_colour": ("none", *COLOURS),
+    "farthest_colour": ("none", *COLOURS),
 }
 # Returned by patch_labels() beside LABEL_CLASSES but not pretraining targets: the 1-based grid
 # cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3", and
@@ -128,12 +137,16 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
     best = np.zeros(n, dtype=np.int64)
     objects = scene.get("objects", [])
     kinds = Counter((obj["colour"], obj["shape"]) for obj in objects)
-    for obj in objects:
+    boxes = [tuple(obj["box"]) for obj in objects]
+    for index, obj in enumerate(objects):
         counts = _ink_per_patch(ink, obj["box"], grid)
         take = (counts >= MIN_INK_PIXELS) & (counts > best)
         labels["colour"][take] = 1 + COLOURS.index(obj["colour"])
         labels["shape"][take] = 1 + SHAPES.index(obj["shape"])
         labels["like_count"][take] = min(MAX_LIKE_COUNT, kinds[obj["colour"], obj["shape"]])
+        for name in NEIGHBOUR_LABELS:
+            found = extreme_neighbour(boxes, index, name.removesuffix("_colour"))
+            labels[name][take] = 0 if found is None else 1 + COLOURS.index(objects[found]["colour"])
         best[take] = counts[take]
         labels["centre"][_centre_patch(obj["box"], grid)] = 1
     for dot in scene.get("small_objects", []):
@@ -142,6 +155,8 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
         labels["colour"][take] = 1 + COLOURS.index(dot["colour"])
         labels["shape"][take] = LABEL_CLASSES["shape"].index(SMALL_DOT)
         labels["like_count"][take] = 0
+        for name in NEIGHBOUR_LABELS:
+            labels[name][take] = 0
         labels["centre"][_centre_patch(dot["box"], grid)] = 1
 
     best_digit = np.zeros(n, dtype=np.int64)
