@@ -30,7 +30,8 @@ from transformers import (
 )
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed
+from mllm_crossget.config import write_json_atomic
 
 IMAGE_TOKEN = 50265
 

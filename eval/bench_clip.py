@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed
+from mllm_crossget.config import write_json_atomic
 
 
 def hf_vit_b16(attn: str) -> torch.nn.Module:

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mllm_crossget as crossget
-from eval.timing import DTYPES, add_timing_arguments, timed, write_json_atomic
+from eval.timing import DTYPES, add_timing_arguments, timed
+from mllm_crossget.config import write_json_atomic
 from mllm_crossget.flops import flops_report
 
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.timing import DTYPES, write_json_atomic
+from eval.timing import DTYPES
+from mllm_crossget.config import write_json_atomic
 from mllm_crossget.merge import Matching, bipartite_matching, complete_graph_matching
 
 OVERHEAD_TARGET = 0.05  # CGSM + merge should cost at most 5% of one encoder layer

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import mllm_crossget as crossget
-from eval.timing import write_json_atomic
+from mllm_crossget.config import write_json_atomic
 
 __all__ = [
     "ClipEncoder",

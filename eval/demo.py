@@ -46,8 +46,7 @@ from eval.testbed.model import (
     load_reference,
     visual_tokens_per_image,
 )
-from eval.timing import write_json_atomic
-from mllm_crossget.config import atomic_write_text
+from mllm_crossget.config import atomic_write_text, write_json_atomic
 from mllm_crossget.peers import METHOD_NAMES, get_method
 
 # Measured (untrained cpu-small model, 1 thread, batch 32, 2 new tokens, another training job on

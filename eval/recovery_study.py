@@ -25,8 +25,7 @@ from typing import Any
 
 from eval.testbed.data import FAMILIES
 from eval.testbed.model import DEFAULT_PATH
-from eval.timing import write_json_atomic
-from mllm_crossget.config import atomic_write_text
+from mllm_crossget.config import atomic_write_text, write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import mllm_crossget as crossget
 from eval.bench import add_llm_positions_argument
 from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
+from mllm_crossget.config import atomic_write_text
 
 DEFAULT_TEMPLATE = "<image>\nUSER: {question} ASSISTANT:"
 
@@ -280,12 +281,6 @@ def read_answers(path: Path) -> dict[str, str]:
     return answers
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     metric_names: list[str] = []
     for row in rows:
@@ -345,7 +340,7 @@ def check_answer_settings(answers_dir: Path, stem: str, args: argparse.Namespace
             f"error: {answers_dir} holds {stem} answers with no record of their settings; "
             "pass another --out, or delete them to redo them"
         )
-    _write_atomic(record, json.dumps(settings, indent=1))
+    atomic_write_text(record, json.dumps(settings, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     crossget.remove(model, processor)
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(args.out / "results.json", json.dumps(rows, indent=2))
+        atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
         table = results_markdown(rows)
-        _write_atomic(args.out / "results.md", table)
+        atomic_write_text(args.out / "results.md", table)
         print(table)
     return 0
 

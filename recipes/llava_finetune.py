@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import mllm_crossget as crossget
-from mllm_crossget.config import GUIDANCE_MODES
+from mllm_crossget.config import GUIDANCE_MODES, write_json_atomic
 from mllm_crossget.schedule import SCHEDULE_MODES
 from recipes.train import (
     BAD_ROW_POLICIES,
@@ -47,7 +47,6 @@ from recipes.train import (
     _loss_logger,
     _save_final,
     _trainer_class,
-    _write_json_atomic,
     cache_pixels,
     collator_for,
     load_examples,
@@ -646,7 +645,7 @@ def _check_run_config(output_dir: Path, record: dict[str, Any], resuming: bool) 
                 f"changed (see {path}); use the original flags or a new --output-dir"
             )
     if _is_rank_zero():
-        _write_json_atomic(path, record)
+        write_json_atomic(path, record, indent=1)
 
 
 def _prepare_data(
@@ -807,7 +806,7 @@ def train(args: argparse.Namespace) -> FinetuneRun:
     }
     if trainer.is_world_process_zero():
         crossget.save_pretrained(model, output_dir / CROSSGET_DIR)
-        _write_json_atomic(output_dir / "train_summary.json", summary)
+        write_json_atomic(output_dir / "train_summary.json", summary, indent=1)
         print(
             f"trained {trainer.state.global_step} steps in {wall / 60:.1f} min -> {output_dir}"
             + (" (stopped early: continue with --resume)" if stopped else "")

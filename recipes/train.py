@@ -40,6 +40,7 @@ from eval.testbed.model import (
     load_reference,
 )
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
+from mllm_crossget.config import write_json_atomic
 from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
@@ -832,12 +833,6 @@ def _trainer_class() -> type:
     return TestbedTrainer
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plot_losses(history: Sequence[dict[str, float]], png_path: Path) -> None:
     """Loss curve as a PNG (Agg backend, so it works headless)."""
     import matplotlib
@@ -882,11 +877,11 @@ def _loss_logger(json_path: Path, png_path: Path, resume_step: int) -> Any:
             entry.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
             entry["wall_s"] = time.time() - self.started
             self.history.append(entry)
-            _write_json_atomic(json_path, {"history": self.history})
+            write_json_atomic(json_path, {"history": self.history}, indent=1)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
             if state.is_world_process_zero:
-                _write_json_atomic(json_path, {"history": self.history})
+                write_json_atomic(json_path, {"history": self.history}, indent=1)
                 plot_losses(self.history, png_path)
 
     return LossLogger()
@@ -1441,7 +1436,7 @@ def main(argv: list[str] | None = None) -> int:
             "final_dir": str(final_dir),
             "argv": sys.argv[1:] if argv is None else argv,
         }
-        _write_json_atomic(args.output_dir / "train_summary.json", summary)
+        write_json_atomic(args.output_dir / "train_summary.json", summary, indent=1)
         print(f"trained {trainer.state.global_step} steps in {wall / 60:.1f} min -> {final_dir}")
         if args.eval_split:
             from eval.testbed.evaluate import evaluate_folder

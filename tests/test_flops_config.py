@@ -82,3 +82,39 @@ def test_config_unknown_key_and_missing_file(tmp_path) -> None:
         crossget.CrossGETConfig.from_dict({"r": 1, "ratio": 0.5})
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         crossget.CrossGETConfig.from_pretrained(tmp_path)
+
+
+def test_atomic_writers_replace_whole_files_with_usual_permissions(tmp_path, monkeypatch) -> None:
+    """The one atomic writer: UTF-8 text, umask-respecting permissions (not mkstemp's 0600), no
+    temporary file left behind, and a failed write leaves the old file as it was."""
+    import json
+    import os
+    import stat
+
+    from mllm_crossget import config as config_module
+    from mllm_crossget.config import atomic_write_text, write_json_atomic
+
+    target = tmp_path / "out.md"
+    target.write_text("old\n")
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write_text(target, "naïve – ünïcode\n")
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == "naïve – ünïcode\n".encode()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
+
+    def broken_replace(src: str, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(config_module.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_bytes() == "naïve – ünïcode\n".encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
+
+    nested = tmp_path / "a" / "b" / "r.json"
+    write_json_atomic(nested, {"x": [1, 2]}, indent=1)
+    assert nested.read_text() == json.dumps({"x": [1, 2]}, indent=1) + "\n"

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mllm_crossget.config import atomic_write_text
+
 # ----------------------------------------------------------------------------- vocabulary
 
 FAMILIES: tuple[str, ...] = (
@@ -939,12 +941,6 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_sibling(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def export(dataset_dict: Any, out_dir: str | os.PathLike[str], progress: bool = False) -> Path:
     """Writes the dataset in every format the project consumes: `hf/` (save_to_disk),
     `parquet/{split}.parquet` with embedded image bytes, LLaVA JSON with an image folder, and an
@@ -1000,7 +996,7 @@ def export(dataset_dict: Any, out_dir: str | os.PathLike[str], progress: bool = 
     _replace_dir(tmp, out / "llava")
 
     (out / "lmeval").mkdir(exist_ok=True)
-    _write_text_atomic(
+    atomic_write_text(
         out / "lmeval" / "crossget_testbed.yaml",
         lmeval_task_yaml(out / "parquet", list(dataset_dict)),
     )
