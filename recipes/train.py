@@ -1038,7 +1038,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="that stage also teaches every patch of a shape the colour of the shape clearly "
         "nearest to it and of the one clearly farthest from it (the testbed's 30 %% margin), so "
         "a nearest/farthest question can read the answer off the anchor's patches, where the "
-        "LLM's own choice among objects was right about a third of the time",
+        "LLM's own choice among objects was right about a third of the time. Measured with "
+        "the reference recipe: it needs --vision-pretrain-steps 2400 (at 1200 digits fell "
+        "from 93 to 45 %%), then the tower is right on 90 %% (nearest) and 97 %% (farthest) of "
+        "shape patches, but validation was 81.0 %% against 81.9 %% without it (farthest 48 -> "
+        "70 %%, nearest 33 -> 36 %%) in 82.7 min, so it is not in the recipe",
     )
     stage.add_argument(
         "--freeze-vision",
