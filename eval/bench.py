@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +39,7 @@ from tqdm import tqdm
 
 import mllm_crossget as crossget
 from eval.timing import DTYPES
-from mllm_crossget.config import LLM_POSITION_MODES, atomic_write_text
+from mllm_crossget.config import LLM_POSITION_MODES, atomic_output, atomic_write_text
 from mllm_crossget.flops import FlopsReport
 from mllm_crossget.merge import bipartite_matching, complete_graph_matching
 from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
@@ -557,14 +555,9 @@ def markdown(
 
 
 def save_figure(figure: Any, path: Path) -> None:
-    """savefig into a temporary file of the same folder, then ``os.replace`` (atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    """savefig through atomic_output, so a half-written PNG never replaces the last one."""
+    with atomic_output(path, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_speedup(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:

@@ -14,8 +14,6 @@ after a prefill with ``--prompt`` (its choice depends on the prompt).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import mllm_crossget as crossget
+from mllm_crossget.config import atomic_output
 from mllm_crossget.cross_tokens import unwrap_cross_tokens
 from mllm_crossget.peers import FEATURE_METHODS, METHOD_NAMES
 from mllm_crossget.peers.encoder import reduce_after_encoder
@@ -173,13 +172,10 @@ def render(
         axis.set_title(f"{title}\n{caption}" if caption else title, fontsize=9)
     figure.suptitle(f"budget: {budget} visual tokens", fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
+        with atomic_output(out, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(figure)
     return out
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -218,23 +220,31 @@ class CrossGETConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text via a temporary file in the same folder and ``os.replace`` it into
-    place, so a reader or a crash never sees half a file. The project's one atomic writer."""
+@contextlib.contextmanager
+def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path in ``path``'s folder to write to; when the block succeeds it replaces
+    ``path`` in one ``os.replace`` (so a reader or a crash never sees half a file), and it is
+    removed when the block fails. ``suffix`` keeps the extension writers such as savefig read.
+    The project's one way to write a file atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 ``text`` into ``path`` through atomic_output, synced to disk before the rename."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_json_atomic(path: Path, payload: object, indent: int = 2) -> None:

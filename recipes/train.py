@@ -40,7 +40,7 @@ from eval.testbed.model import (
     load_reference,
 )
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
-from mllm_crossget.config import write_json_atomic
+from mllm_crossget.config import atomic_output, write_json_atomic
 from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
@@ -851,10 +851,11 @@ def plot_losses(history: Sequence[dict[str, float]], png_path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_output(png_path, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def _loss_logger(json_path: Path, png_path: Path, resume_step: int) -> Any:

@@ -115,6 +115,22 @@ def test_atomic_writers_replace_whole_files_with_usual_permissions(tmp_path, mon
     assert target.read_bytes() == "naïve – ünïcode\n".encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
 
+    from mllm_crossget.config import atomic_output
+
+    picture = tmp_path / "plot.png"
+    with atomic_output(picture, suffix=".png") as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png"  # savefig reads the extension
+        tmp.write_bytes(b"png")
+    assert picture.read_bytes() == b"png"
+    with (
+        pytest.raises(RuntimeError, match="savefig failed"),
+        atomic_output(picture, suffix=".png") as tmp,
+    ):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("savefig failed")
+    assert picture.read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.md", "plot.png"]
+
     nested = tmp_path / "a" / "b" / "r.json"
     write_json_atomic(nested, {"x": [1, 2]}, indent=1)
     assert nested.read_text() == json.dumps({"x": [1, 2]}, indent=1) + "\n"
