@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .adapters import blip2, hf_clip, hf_clip_model, llava
 from .adapters import open_clip as open_clip_adapter
 from .adapters.family import Family
-from .config import CrossGETConfig
+from .config import CrossGETConfig, atomic_output
 from .cross_tokens import CrossTokens, unwrap_cross_tokens
 from .peers import fastv
 from .planner import TowerPlanner
@@ -318,9 +318,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     directory = Path(directory)
     model.crossget_config.save_pretrained(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in cross_tokens(model).state_dict().items()}
-    tmp = directory / f".{TOKENS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / TOKENS_FILE)
+    with atomic_output(directory / TOKENS_FILE) as tmp:
+        save_file(state, str(tmp))
     return directory
 
 

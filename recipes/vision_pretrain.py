@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from eval.testbed.patch_labels import label_sizes, patch_labels
+from mllm_crossget.config import atomic_output
 
 LABEL_PREFIX = "patch_"
 POSITIONAL = ("row", "column")  # labels every patch has; the others are 0 for "nothing here"
@@ -227,9 +228,8 @@ def run_vision_pretrain(
     sample = collator([dataset[i] for i in range(min(len(dataset), 64))])
     accuracy = wrapper.accuracy(sample)
     if trainer.is_world_process_zero():
-        tmp = done.with_name(f".{done.name}.tmp")
-        save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp))
-        tmp.replace(done)
+        with atomic_output(done) as tmp:
+            save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp))
         print(
             "vision pretraining patch accuracy (train sample): "
             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in accuracy.items())

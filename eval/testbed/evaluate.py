@@ -7,7 +7,6 @@ Accuracy alone hides whether a family is learned at all (yes/no starts at 50%, c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 from eval.testbed.data import FAMILIES, KIND_ANSWERS, SPLITS, load_split
 from eval.testbed.model import DEFAULT_PATH, answer, load_reference, normalize_answer
+from mllm_crossget.config import write_json_atomic
 
 
 def evaluate_dataset(
@@ -136,11 +136,7 @@ def evaluate_folder(
     if by_kind:
         print(format_kind_table(results))
     if output is not None:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(Path(output), results, indent=1)
     return results
 
 
