@@ -92,7 +92,7 @@ def test_atomic_writers_replace_whole_files_with_usual_permissions(tmp_path, mon
     import stat
 
     from mllm_crossget import config as config_module
-    from mllm_crossget.config import atomic_write_text, write_json_atomic
+    from mllm_crossget.config import atomic_output, atomic_write_text, write_json_atomic
 
     target = tmp_path / "out.md"
     target.write_text("old\n")
@@ -114,8 +114,6 @@ def test_atomic_writers_replace_whole_files_with_usual_permissions(tmp_path, mon
     monkeypatch.undo()
     assert target.read_bytes() == "naïve – ünïcode\n".encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.md"]
-
-    from mllm_crossget.config import atomic_output
 
     picture = tmp_path / "plot.png"
     with atomic_output(picture, suffix=".png") as tmp:
