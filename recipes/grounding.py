@@ -238,7 +238,9 @@ class GroundingLoss:
         self.last_log_attention = log_attention.detach()
         target = masks[rows, slots][:, None]  # (N, 1, P or T)
         if self.over_patches:
-            image_positions = _image_positions(inputs["input_ids"], self.image_token_id)  # (B, P)
+            image_positions = image_token_positions(
+                inputs["input_ids"], self.image_token_id
+            )  # (B, P)
             log_attention_on = log_attention.gather(
                 2, image_positions[rows][:, None].expand(-1, h, -1)
             )  # (N, h, P)
@@ -521,7 +523,9 @@ def _head_projection(
     return F.linear(hidden, linear.weight[rows], bias)
 
 
-def _image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, P): where each sequence's P image tokens sit, so per-patch targets line up with
+    attention over the whole sequence."""
     is_image = input_ids == image_token_id
     counts = is_image.sum(dim=1)
     if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
@@ -537,6 +541,7 @@ __all__ = [
     "TURN_IDS_KEY",
     "EarlyAnswerLoss",
     "GroundingLoss",
+    "image_token_positions",
     "OptionHeadForcing",
     "OptionLetterLoss",
     "position_targets",

@@ -169,10 +169,14 @@ def test_attention_report_scores_every_supervised_row(packed) -> None:
 def test_attention_report_count_shares_and_sink_weight(packed) -> None:
     from collections import Counter
 
-    from eval.testbed.attention_report import attention_report, format_count_shares
+    from eval.testbed.attention_report import (
+        CountAttention,
+        attention_report,
+        format_count_shares,
+    )
 
     model, processor, dataset, examples = packed
-    shares: dict[int, list[float]] = {}
+    shares: dict[int, CountAttention] = {}
     report = attention_report(
         model,
         processor,
@@ -191,12 +195,41 @@ def test_attention_report_count_shares_and_sink_weight(packed) -> None:
             target = torch.tensor([4.0] + [1.0] * n) / (n + 4)
             entropies.append(float(-(target * target.log()).sum()))
     assert things, "the fixture has no counting question"
-    assert {n: int(rows) for n, (_, rows) in shares.items()} == dict(things)
-    assert all(0 < total / rows < 1 for total, rows in shares.values())
+    assert {n: tally.rows for n, tally in shares.items()} == dict(things)
+    for tally in shares.values():
+        assert 0 < tally.bos / tally.rows < 1
+        parts = tally.bos + tally.things + tally.beside + tally.elsewhere
+        assert parts == pytest.approx(tally.rows, abs=1e-4)
+        assert min(tally.things, tally.beside, tally.elsewhere) >= -1e-6
     assert report["count"]["floor"] == pytest.approx(sum(entropies) / len(entropies), abs=1e-5)
     table = format_count_shares(shares, 4.0)
     assert len(table.splitlines()) == 2 + len(things)
     assert f"| {min(things)} |" in table and f"{4 / (min(things) + 4):.3f} |" in table
+
+
+def test_count_attention_splits_one_row_by_hand() -> None:
+    """A 4 x 4 grid, things at (1, 1) and (3, 3): the 8 patches around (1, 1) and the 3 around
+    the corner (3, 3) are "beside", (2, 2) once though it touches both; the other 4 patches
+    and the text are "elsewhere"."""
+    from eval.testbed.attention_report import CountAttention, format_count_shares
+
+    things = torch.zeros(16, dtype=torch.bool)
+    things[[5, 15]] = True
+    on_patches = torch.full((16,), 0.01)
+    on_patches[5], on_patches[15] = 0.3, 0.1
+    tally = CountAttention()
+    tally.add(0.4, on_patches, things)
+    assert tally.rows == 1 and tally.bos == pytest.approx(0.4)
+    assert tally.things == pytest.approx(0.4)
+    assert tally.beside == pytest.approx(10 * 0.01)
+    assert tally.elsewhere == pytest.approx(1 - 0.4 - 0.4 - 0.1)  # 4 patches + 0.06 of text
+    assert tally.spread == pytest.approx(torch.tensor([0.3, 0.1]).std().item() / 0.2)
+    tally.add(0.5, torch.full((16,), 0.5 / 16), torch.zeros(16, dtype=torch.bool))
+    assert tally.spread_rows == 1 and tally.things == pytest.approx(0.4)
+    table = format_count_shares({2: tally})
+    assert "| 2 | 2 | 0.450 | 0.333 | 0.200 | 0.050 | 0.300 | 0.71 |" in table
+    with pytest.raises(ValueError, match="square grid"):
+        tally.add(0.1, torch.zeros(15), torch.zeros(15, dtype=torch.bool))
 
 
 def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
 
@@ -32,7 +33,7 @@ def attention_report(
     batch_size: int = 16,
     progress: bool = True,
     supervision_overrides: dict[str, dict[str, Any]] | None = None,
-    count_shares: dict[int, list[float]] | None = None,
+    count_shares: dict[int, CountAttention] | None = None,
     neighbour_query: str = "last",
 ) -> dict[str, dict[str, float]]:
     """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
@@ -40,10 +41,10 @@ def attention_report(
 
     `supervision_overrides` replaces fields of a supervision as the recipe did (the count
     loss's `head` and `sink_weight`). A `count_shares` dict is filled with, per number of
-    things to count, [summed BOS share of the count head's attention, rows]: the count a
-    later layer has to read off. `neighbour_query` is the word the recipe asked for the
+    things to count, where the count head's attention went (`CountAttention`): the BOS share
+    is the count a later layer has to read off. `neighbour_query` is the word the recipe asked for the
     nearest/farthest object from (recipes.train --neighbour-query)."""
-    from recipes.grounding import SUPERVISIONS, GroundingLoss
+    from recipes.grounding import SUPERVISIONS, GroundingLoss, image_token_positions
 
     n_layers = len(model.model.language_model.layers)
     n_heads = model.model.language_model.config.num_attention_heads
@@ -76,11 +77,18 @@ def attention_report(
                     things = side[supervision.masks_key][used].sum(dim=-1).double()
                     total[2] += float(_uniform_entropy(things, supervision).sum())
                 if name == "count" and count_shares is not None:
-                    bos_share = term.last_log_attention[:, 0, 0].exp()
-                    for n, share in zip(things.long().tolist(), bos_share.tolist(), strict=True):
-                        tally = count_shares.setdefault(n, [0.0, 0])
-                        tally[0] += share
-                        tally[1] += 1
+                    attention = term.last_log_attention[:, 0].exp()  # (rows, T)
+                    image_at = image_token_positions(
+                        batch["input_ids"], model.config.image_token_id
+                    )
+                    image_at = image_at[used.nonzero(as_tuple=True)[0]]  # (rows, P)
+                    on_patches = attention.gather(1, image_at)
+                    masks = side[supervision.masks_key][used].bool()
+                    for row in range(masks.shape[0]):
+                        n = int(masks[row].sum())
+                        count_shares.setdefault(n, CountAttention()).add(
+                            float(attention[row, 0]), on_patches[row], masks[row]
+                        )
     finally:
         for term in terms.values():
             term.remove()
@@ -205,13 +213,64 @@ def sink_share_target(n: int, sink_weight: float = 1.0) -> float:
     return sink_weight / (n + sink_weight)
 
 
-def format_count_shares(count_shares: dict[int, list[float]], sink_weight: float = 1.0) -> str:
-    """Markdown table: things to count | rows | mean BOS share | the share it was trained to."""
-    lines = ["| things | rows | BOS share | target |", "|---:|---:|---:|---:|"]
+@dataclass
+class CountAttention:
+    """Where the count head's attention went, summed over the count rows with one number of
+    things: on BOS (the sink), on the things' centre patches, on the patches around them, and
+    elsewhere; `spread` sums, over rows with two or more things, the coefficient of variation
+    of the weights on the things.
+
+    The BOS share only holds the count if the rest sits evenly on one patch per thing. Mass
+    beside the things (the rest of each object) or uneven weights make the share noisy, and
+    that is what tells a head that cannot tell the centre patch from its neighbours apart from
+    a later layer that cannot read a clean share."""
+
+    rows: int = 0
+    bos: float = 0.0
+    things: float = 0.0
+    beside: float = 0.0
+    elsewhere: float = 0.0
+    spread: float = 0.0
+    spread_rows: int = 0
+
+    def add(self, bos: float, on_patches: torch.Tensor, things: torch.Tensor) -> None:
+        """One row: its BOS weight, its weights on the P patches (a square grid, row-major),
+        and the bool mask of the things' patches."""
+        grid = math.isqrt(on_patches.numel())
+        if grid * grid != on_patches.numel() or things.shape != on_patches.shape:
+            raise ValueError(
+                f"{on_patches.numel()} patch weights and a mask of {things.numel()}: "
+                "need one weight and one mask entry per patch of a square grid"
+            )
+        mask = things.reshape(1, 1, grid, grid).float()
+        around = F.max_pool2d(mask, 3, stride=1, padding=1).reshape(-1).bool() & ~things
+        on_things = on_patches[things]
+        self.rows += 1
+        self.bos += bos
+        self.things += float(on_things.sum())
+        self.beside += float(on_patches[around].sum())
+        self.elsewhere += 1.0 - bos - float(on_things.sum()) - float(on_patches[around].sum())
+        if on_things.numel() >= 2:
+            self.spread += float(on_things.std() / on_things.mean())
+            self.spread_rows += 1
+
+
+def format_count_shares(count_shares: dict[int, CountAttention], sink_weight: float = 1.0) -> str:
+    """Markdown table per number of things: rows, mean BOS share beside the share it was
+    trained to, mean attention on the things, beside them and elsewhere, and the mean spread
+    of the weights on the things."""
+    lines = [
+        "| things | rows | BOS share | target | on things | beside | elsewhere | spread |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n in sorted(count_shares):
-        total, rows = count_shares[n]
+        tally = count_shares[n]
+        rows = tally.rows
+        spread = f"{tally.spread / tally.spread_rows:.2f}" if tally.spread_rows else "-"
         lines.append(
-            f"| {n} | {int(rows)} | {total / rows:.3f} | {sink_share_target(n, sink_weight):.3f} |"
+            f"| {n} | {rows} | {tally.bos / rows:.3f} | {sink_share_target(n, sink_weight):.3f} "
+            f"| {tally.things / rows:.3f} | {tally.beside / rows:.3f} "
+            f"| {tally.elsewhere / rows:.3f} | {spread} |"
         )
     return "\n".join(lines)
 
@@ -282,7 +341,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--count-shares",
         action="store_true",
-        help="also print the count head's mean BOS share per number of things to count",
+        help="also print, per number of things to count, the count head's mean BOS share beside the share it was trained to, its attention on the things, beside them and elsewhere, and how unevenly it weighs the things",
     )
     parser.add_argument(
         "--option-ablation",
@@ -313,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     count = {"sink_weight": args.count_sink_weight}
     if args.count_head is not None:
         count["head"] = args.count_head
-    shares: dict[int, list[float]] = {}
+    shares: dict[int, CountAttention] = {}
     report = attention_report(
         model,
         processor,
