@@ -42,8 +42,8 @@ def attention_report(
     `supervision_overrides` replaces fields of a supervision as the recipe did (the count
     loss's `head` and `sink_weight`). A `count_shares` dict is filled with, per number of
     things to count, where the count head's attention went (`CountAttention`): the BOS share
-    is the count a later layer has to read off. `neighbour_query` is the word the recipe asked for the
-    nearest/farthest object from (recipes.train --neighbour-query)."""
+    is the count a later layer has to read off. `neighbour_query` is the word the recipe asked
+    for the nearest/farthest object from (recipes.train --neighbour-query)."""
     from recipes.grounding import SUPERVISIONS, GroundingLoss, image_token_positions
 
     n_layers = len(model.model.language_model.layers)
@@ -221,9 +221,9 @@ class CountAttention:
     of the weights on the things.
 
     The BOS share only holds the count if the rest sits evenly on one patch per thing. Mass
-    beside the things (the rest of each object) or uneven weights make the share noisy, and
-    that is what tells a head that cannot tell the centre patch from its neighbours apart from
-    a later layer that cannot read a clean share."""
+    beside the things (the rest of each object) or uneven weights make the share noisy; when
+    both are small and counts are still wrong, it is the later layers' reading of the share
+    that fails."""
 
     rows: int = 0
     bos: float = 0.0
@@ -245,11 +245,13 @@ class CountAttention:
         mask = things.reshape(1, 1, grid, grid).float()
         around = F.max_pool2d(mask, 3, stride=1, padding=1).reshape(-1).bool() & ~things
         on_things = on_patches[things]
+        things_share = float(on_things.sum())
+        beside_share = float(on_patches[around].sum())
         self.rows += 1
         self.bos += bos
-        self.things += float(on_things.sum())
-        self.beside += float(on_patches[around].sum())
-        self.elsewhere += 1.0 - bos - float(on_things.sum()) - float(on_patches[around].sum())
+        self.things += things_share
+        self.beside += beside_share
+        self.elsewhere += 1.0 - bos - things_share - beside_share
         if on_things.numel() >= 2:
             self.spread += float(on_things.std() / on_things.mean())
             self.spread_rows += 1
@@ -341,7 +343,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--count-shares",
         action="store_true",
-        help="also print, per number of things to count, the count head's mean BOS share beside the share it was trained to, its attention on the things, beside them and elsewhere, and how unevenly it weighs the things",
+        help="also print, per number of things to count, the count head's mean BOS share "
+        "beside the share it was trained to, its attention on the things, beside them and "
+        "elsewhere, and how unevenly it weighs the things",
     )
     parser.add_argument(
         "--option-ablation",
