@@ -36,7 +36,8 @@ class Supervision:
     k the sink counts as k things and gets k / (n + k): large counts then lie further apart
     (8 and 9 things: 0.026 at k = 4, 0.011 at k = 1) and small ones closer together (1 and 2:
     0.13 against 0.17), where there is room. `coordinates` also asks the head's output to carry
-    where its targets are (see `GroundingLoss`).
+    where its targets are, and `tally` how many things of each kind the image holds (see
+    `GroundingLoss`).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Supervision:
     sink: bool = False
     coordinates: bool = False
     sink_weight: float = 1.0
+    tally: bool = False
 
     @property
     def positions_key(self) -> str:
@@ -71,17 +73,26 @@ SUPERVISIONS: dict[str, Supervision] = {
         Supervision("second", -1, 2, over_patches=True, coordinates=True),  # -> second thing
         Supervision("option", -1, 3, over_patches=False),  # answer -> the right option word
         Supervision("neighbour", -2, 1, over_patches=True),  # anchor -> nearest/farthest one
+        # answer -> every patch alike, reading a histogram of the things in the image
+        Supervision("tally", -2, 0, over_patches=True, uniform=True, tally=True),
     )
 }
 POSITIONS_KEY = SUPERVISIONS["grounding"].positions_key
 MASKS_KEY = SUPERVISIONS["grounding"].masks_key
 # Which packed turn each token belongs to (0: BOS + image, -1: padding), when turns are isolated.
 TURN_IDS_KEY = "turn_ids"
+# (B, P): the tally class of every patch (eval/testbed/patch_labels.tally_classes, -1: none).
+TALLY_KEY = "tally_classes"
+# A thing's centre patch carries this much in its class's tally channel. Larger than the 1 of a
+# plain indicator: the head reads a mean over P patches, and at the recipe's learning rate the
+# value weights move enough each step to blur a count of small values (one thing is 1/P).
+TALLY_VALUE = 16.0
 IGNORE_INDEX = -100  # the label of a position that predicts nothing
 # Batch entries for these losses only; the trainer takes them out before the model's forward.
 SIDE_KEYS: tuple[str, ...] = (
     *(key for s in SUPERVISIONS.values() for key in (s.positions_key, s.masks_key)),
     TURN_IDS_KEY,
+    TALLY_KEY,
 )
 
 
@@ -115,6 +126,15 @@ class GroundingLoss:
     "where is A relative to B?" is not enough: the answer needs their positions as numbers
     that can be subtracted, and the answer loss alone did not put them there (a linear probe
     found the relation in under half of the held-out questions before the last layer).
+
+    With `tally_weight` (a head spread evenly over every patch), the head's first channels must
+    hold the image's histogram: each patch of tally class c (`TALLY_KEY`; one class per
+    colour-and-shape and per digit, on each thing's centre patch) adds `TALLY_VALUE` / P to
+    channel c (Huber error in things, summed over classes, times TALLY_VALUE / P). A count read
+    from a softmax share over the things and a sink needs the share to a hundredth for 7, 8 or 9 things, and the count
+    head never got there (eval/testbed/attention_report --count-shares); an even spread over a
+    fixed set of patches has a fixed denominator, so the count is a sum the head's values carry
+    and a later layer only has to pick the asked kind's channel.
     """
 
     def __init__(
@@ -131,6 +151,7 @@ class GroundingLoss:
         sink: bool = False,
         coordinate_weight: float = 0.0,
         sink_weight: float = 1.0,
+        tally_weight: float = 0.0,
     ) -> None:
         language_model = model.model.language_model
         n_layers = len(language_model.layers)
@@ -162,6 +183,18 @@ class GroundingLoss:
         if coordinate_weight and not over_patches:
             raise ValueError("coordinates are those of patch targets; over_patches must be set")
         self.coordinate_weight = coordinate_weight
+        self.tally_weight, self.tally_channels = tally_weight, 0
+        if tally_weight:
+            from eval.testbed.patch_labels import TALLY_CLASSES
+
+            self.tally_channels = len(TALLY_CLASSES)
+            if not over_patches:
+                raise ValueError("a tally is read over patches; over_patches must be set")
+            if self.tally_channels > attention.head_dim:
+                raise ValueError(
+                    f"a tally needs {self.tally_channels} channels of the head, which has "
+                    f"{attention.head_dim}; use a larger LLM"
+                )
         self.attention = attention
         self.image_token_id = model.config.image_token_id
         self.last_log_attention: torch.Tensor | None = None
@@ -177,9 +210,11 @@ class GroundingLoss:
         layer: int,
         heads: int = 1,
         coordinate_weight: float = 0.0,
+        tally_weight: float = 0.0,
     ) -> GroundingLoss:
         """The loss of one `SUPERVISIONS` entry, on `layer` (the recipe may move it);
-        `coordinate_weight` applies to entries with `coordinates` only."""
+        `coordinate_weight` applies to entries with `coordinates` only, `tally_weight` to
+        those with `tally`."""
         return cls(
             model,
             weight,
@@ -193,6 +228,7 @@ class GroundingLoss:
             supervision.sink,
             coordinate_weight if supervision.coordinates else 0.0,
             supervision.sink_weight,
+            tally_weight if supervision.tally else 0.0,
         )
 
     def _capture(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -259,14 +295,32 @@ class GroundingLoss:
             masked = log_attention_on.masked_fill(~target, float("-inf"))
             log_mass = masked.logsumexp(dim=-1)  # log of the attention mass on the targets
             loss = -self.weight * log_mass.mean()
-        if self.coordinate_weight:
+        if self.coordinate_weight or self.tally_weight:
             values = _head_projection(module.v_proj, hidden, supervised, d).view(
                 batch, length, h, d
             )
+            # the head's output before o_proj: (N, h, d)
             read = torch.einsum("nht,nthd->nhd", log_attention.exp().to(values.dtype), values[rows])
+        if self.coordinate_weight:
             centres = patch_centres(masks[rows, slots]).to(read.dtype)  # (N, 2)
             error = (read[..., :2] - centres[:, None]).float().pow(2).sum(dim=-1)
             loss = loss + self.coordinate_weight * error.mean()
+        if self.tally_weight:
+            if TALLY_KEY not in inputs:
+                raise RuntimeError(
+                    f"tally loss: the batch has no {TALLY_KEY!r}; it needs patch labels (a "
+                    "grounded testbed dataset)"
+                )
+            histograms = tally_histograms(inputs[TALLY_KEY][rows], self.tally_channels)
+            per_thing = TALLY_VALUE / inputs[TALLY_KEY].shape[1]  # what one thing adds
+            tallied = read[..., : self.tally_channels].float() / per_thing  # (N, h, C)
+            # Huber in things (quadratic within one thing, linear beyond) times what one
+            # thing adds: the division that turns a mean into a count would otherwise
+            # multiply its gradient on the layers below, shared with every other loss (an
+            # untrained head's error is hundreds of things; clipping then starved the rest)
+            target = histograms[:, None].expand_as(tallied)
+            error = F.smooth_l1_loss(tallied, target, reduction="none").sum(dim=-1) * per_thing
+            loss = loss + self.tally_weight * error.mean()
         return loss
 
 
@@ -500,6 +554,14 @@ class OptionLetterLoss:
         return self.weight * F.cross_entropy(logits.float(), inputs["input_ids"][rows, letters])
 
 
+def tally_histograms(classes: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, P) tally class per patch (-1: none) -> (N, channels) float count of each class."""
+    counts = torch.zeros(classes.shape[0], channels + 1, device=classes.device)
+    slots = torch.where(classes >= 0, classes, channels)  # -1 -> a spare last column
+    counts.scatter_add_(1, slots, torch.ones_like(slots, dtype=counts.dtype))
+    return counts[:, :channels]
+
+
 def patch_centres(masks: torch.Tensor) -> torch.Tensor:
     """(N, P) square-grid patch masks -> (N, 2) row and column of each mask's centre, scaled so
     the grid spans [-1, 1] (an empty mask gives the grid's centre, 0)."""
@@ -538,6 +600,8 @@ __all__ = [
     "POSITIONS_KEY",
     "SIDE_KEYS",
     "SUPERVISIONS",
+    "TALLY_KEY",
+    "TALLY_VALUE",
     "TURN_IDS_KEY",
     "EarlyAnswerLoss",
     "GroundingLoss",
@@ -546,6 +610,7 @@ __all__ = [
     "OptionLetterLoss",
     "position_targets",
     "patch_centres",
+    "tally_histograms",
     "Supervision",
     "turn_visibility",
 ]

@@ -41,7 +41,7 @@ from eval.testbed.model import (
 )
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
 from mllm_crossget.config import atomic_output, write_json_atomic
-from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TURN_IDS_KEY
+from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TALLY_KEY, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
 
@@ -373,7 +373,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         family_weights: Mapping[str, float] | None = None,
         neighbour_query: str = "last",
     ) -> None:
-        from eval.testbed.patch_labels import attention_targets
+        from eval.testbed.patch_labels import attention_targets, tally_classes
 
         if patch_label_sets is not None and len(patch_label_sets) != len(examples):
             raise ValueError("patch_label_sets needs one entry per image")
@@ -381,6 +381,11 @@ class PackedVQADataset(torch.utils.data.Dataset):
         self.vision_features: torch.Tensor | None = None
         self.image_seq_length = image_seq_length
         self.grounded = patch_label_sets is not None
+        self.tallies = (
+            None
+            if patch_label_sets is None
+            else [torch.from_numpy(tally_classes(labels)) for labels in patch_label_sets]
+        )
         self.isolate_turns = isolate_turns
         self.prefix = [tokenizer.convert_tokens_to_ids(BOS)] + [
             tokenizer.convert_tokens_to_ids(IMAGE)
@@ -471,6 +476,8 @@ class PackedVQADataset(torch.utils.data.Dataset):
         if self.isolate_turns:
             item[TURN_IDS_KEY] = torch.tensor(turn_ids)
             item["position_ids"] = torch.tensor(position_ids)
+        if self.tallies is not None:
+            item[TALLY_KEY] = self.tallies[image_index]
         if self.grounded:
             for name, supervision in SUPERVISIONS.items():
                 width = self.image_seq_length if supervision.over_patches else len(input_ids)
@@ -496,6 +503,7 @@ SUPERVISION_FLAGS: dict[str, tuple[str, str | None]] = {
     "second": ("evidence_weight", "evidence_layer"),
     "option": ("option_weight", "readout_layer"),
     "neighbour": ("neighbour_weight", None),
+    "tally": ("tally_weight", "evidence_layer"),
 }
 
 
@@ -524,7 +532,7 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
         layer = getattr(args, layer_flag) if layer_flag else supervision.layer
         try:
             loss = GroundingLoss.for_supervision(
-                model, supervision, weight, layer, heads, args.coordinate_weight
+                model, supervision, weight, layer, heads, args.coordinate_weight, weight
             )
         except ValueError as error:
             flag = "--" + weight_flag.replace("_", "-")
@@ -639,6 +647,8 @@ class PixelNormalizingCollator:
             "labels": labels,
             **extra,
         }
+        if TALLY_KEY in batch[0]:
+            collated[TALLY_KEY] = torch.stack([item[TALLY_KEY] for item in batch])
         if VISION_FEATURES_KEY in batch[0]:
             collated[VISION_FEATURES_KEY] = torch.stack(
                 [item[VISION_FEATURES_KEY] for item in batch]
@@ -1034,6 +1044,13 @@ def build_parser() -> argparse.ArgumentParser:
         "counting question can read the count where it reads a colour",
     )
     stage.add_argument(
+        "--vision-tally-label",
+        action="store_true",
+        help="that stage also teaches the centre patch of every large object its colour and "
+        "shape as one class, and that of every handwritten digit its digit, so that "
+        "--tally-weight's head can sum kinds with a linear read of each patch",
+    )
+    stage.add_argument(
         "--vision-neighbour-label",
         action="store_true",
         help="that stage also teaches every patch of a shape the colour of the shape clearly "
@@ -1129,6 +1146,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="head --count-head of --evidence-layer, for 'how many' questions: attention spread "
         "evenly over BOS and the centre patch of every thing to count, so its share holds the "
         "count; 0 = off",
+    )
+    ground.add_argument(
+        "--tally-weight",
+        type=float,
+        default=0.0,
+        help="head 0 of --evidence-layer, at every answer: attention spread evenly over all "
+        "patches, and the head's first channels, read as counts, must give how many "
+        "things of each colour-and-shape and each handwritten digit the image holds (Huber, in "
+        "things); a count with a fixed denominator, where --count-weight's sink share needs a "
+        "hundredth's precision for 7-9 things; 0 = off",
     )
     ground.add_argument(
         "--neighbour-query",
@@ -1281,7 +1308,8 @@ def optional_patch_labels(args: argparse.Namespace) -> tuple[str, ...]:
     from eval.testbed.patch_labels import NEIGHBOUR_LABELS
 
     labels: tuple[str, ...] = ("like_count",) if args.vision_count_label else ()
-    return labels + (NEIGHBOUR_LABELS if args.vision_neighbour_label else ())
+    labels += NEIGHBOUR_LABELS if args.vision_neighbour_label else ()
+    return labels + (("tally",) if args.vision_tally_label else ())
 
 
 def flag_conflict(args: argparse.Namespace) -> str | None:

@@ -19,6 +19,7 @@ from eval.testbed.patch_labels import (
     count_targets,
     evidence_phrases,
     option_words,
+    tally_classes,
     word_patch_targets,
 )
 from recipes.grounding import (
@@ -416,6 +417,11 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     batch = collator_for(processor)([dataset[0], dataset[1]])
     assert batch[POSITIONS_KEY].shape[0] == 2 and batch[MASKS_KEY].shape[-1] == 256
     assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
+    from recipes.grounding import TALLY_KEY
+
+    first = dataset.items[0][0]
+    assert batch[TALLY_KEY].shape == (2, 256)
+    assert torch.equal(batch[TALLY_KEY][0], torch.from_numpy(tally_classes(label_sets[first])))
 
 
 def test_train_cli_with_grounding(tmp_path: Path, train_testbed: Path) -> None:
@@ -428,7 +434,7 @@ def test_train_cli_with_grounding(tmp_path: Path, train_testbed: Path) -> None:
     argv += ["--output-dir", str(run), "--batch-size", "4", "--max-steps", "2"]
     argv += ["--logging-steps", "1"]
     weights = [f"--{name}-weight" for name in ("grounding", "question", "letter", "readout")]
-    weights += [f"--{name}-weight" for name in ("evidence", "count", "option")]
+    weights += [f"--{name}-weight" for name in ("evidence", "count", "option", "tally")]
     assert train_main([*argv, *(x for flag in weights for x in (flag, "1.0"))]) == 0
     history = [r for r in json.loads((run / "loss.json").read_text())["history"] if "loss" in r]
     assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
@@ -701,3 +707,84 @@ def test_answer_path_flags_need_their_supervision() -> None:
     assert [type(t) for t in losses] == [OptionLetterLoss] and losses[0].weight == 2.0
     assert [type(f) for f in forcings] == [OptionHeadForcing]
     assert answer_path_terms(model, parse(base)) == ([], [])
+
+
+def test_tally_classes_count_every_thing_in_generated_scenes() -> None:
+    """Summed over patches, the tally classes give each colour-and-shape's and each digit's
+    count in the scene's metadata, exactly (counting scenes hold up to 27 objects)."""
+    from collections import Counter
+
+    from eval.testbed.patch_labels import TALLY_CLASSES, patch_labels, tally_classes
+
+    split = data.make_dataset_dict(train=42, validation=0, test=0, seed=11)["train"]
+    checked = set()
+    for row in split:
+        if row["family"] not in ("counting", "text", "attribute", "existence"):
+            continue
+        meta = json.loads(row["meta"])
+        labels = patch_labels(meta, np.asarray(row["image"].convert("RGB")))
+        classes = tally_classes(labels)
+        assert np.array_equal(labels["tally"], classes + 1)  # the stage-1 label, 0 = none
+        got = Counter(TALLY_CLASSES[c] for c in classes.tolist() if c >= 0)
+        expected = Counter(f"{o['colour']} {o['shape']}" for o in meta.get("objects", []))
+        expected.update(f"digit {g['digit']}" for g in meta.get("digits", []))
+        assert got == expected, (row["family"], row["question"])
+        checked.add(row["family"])
+    assert checked == {"counting", "text", "attribute", "existence"}
+    assert len(TALLY_CLASSES) == len(data.COLOURS) * len(data.SHAPES) + len(data.DIGITS)
+
+
+def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uniform attention over the patches, plus the Huber error between the head's first
+    channels (o_proj's input, eager forward) read as counts and each image's histogram of
+    tally classes, counted by hand."""
+    from eval.testbed import model as testbed_model
+    from eval.testbed.patch_labels import TALLY_CLASSES
+    from recipes.grounding import TALLY_KEY, TALLY_VALUE
+
+    # cpu-tiny's 16-wide heads cannot hold the 30 tally channels: two 32-wide ones can
+    wide = replace(testbed_model.MODEL_SIZES["cpu-tiny"], text_width=64)
+    monkeypatch.setitem(testbed_model.MODEL_SIZES, "cpu-tiny", wide)
+    torch.manual_seed(4)
+    model, ids = _eager_tiny_and_ids("how many red circles are there ?", rows=2)
+    answer_at = ids.shape[1] - 1
+    tally = SUPERVISIONS["tally"]
+    positions = torch.tensor([[answer_at], [answer_at]])
+    masks = torch.ones(2, 1, N, dtype=torch.bool)
+    classes = torch.full((2, N), -1)
+    classes[0, [1, 6, 9]] = torch.tensor([3, 3, 29])  # two of class 3, one of class 29
+    classes[1, 15] = 0
+    attention = model.model.language_model.layers[-1].self_attn
+    captured = {}
+    hook = attention.o_proj.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    term = GroundingLoss.for_supervision(model, tally, 0.7, -1, tally_weight=0.7)
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), output_attentions=True)
+    inputs = {"input_ids": ids, tally.positions_key: positions, tally.masks_key: masks}
+    got = term(model, {**inputs, TALLY_KEY: classes}, out)
+    hook.remove()
+    image = 1 + torch.arange(N)
+    weights = out.attentions[-1][:, tally.head, answer_at]  # (2, T)
+    uniform = -torch.log(weights[:, image]).mean()
+    d, channels = attention.head_dim, len(TALLY_CLASSES)
+    errors = []
+    for b in range(2):
+        histogram = torch.zeros(channels)
+        for c in classes[b].tolist():
+            if c >= 0:
+                histogram[c] += 1
+        read = captured["x"][b, answer_at, tally.head * d : tally.head * d + channels]
+        gap = (read * N / TALLY_VALUE - histogram).abs()  # in things
+        errors.append(torch.where(gap < 1, 0.5 * gap**2, gap - 0.5).sum() * TALLY_VALUE / N)
+    expected = 0.7 * uniform + 0.7 * torch.stack(errors).mean()
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+    got.backward()
+    assert attention.v_proj.weight.grad.abs().sum() > 0  # the values learn to carry the tally
+    term.remove()
+    with pytest.raises(RuntimeError, match="tally_classes"):
+        term = GroundingLoss.for_supervision(model, tally, 1.0, -1, tally_weight=1.0)
+        term(model, inputs, model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56)))
+    term.remove()
+    monkeypatch.undo()
+    narrow, _ = build_reference(size="cpu-tiny", image_size=56, seed=0)
+    with pytest.raises(ValueError, match="a tally needs 30 channels of the head, which has 16"):
+        GroundingLoss.for_supervision(narrow, tally, 1.0, -1, tally_weight=1.0)

@@ -232,6 +232,56 @@ def test_count_attention_splits_one_row_by_hand() -> None:
         tally.add(0.1, torch.zeros(15), torch.zeros(15, dtype=torch.bool))
 
 
+def test_tally_readings_by_hand_and_from_the_report(packed) -> None:
+    """Two rows of a 16-patch image: the head's channels hold its histogram (row 0: two of
+    class 3, one of class 29; row 1: one of class 0), read as counts, class 29 0.6 off."""
+    from eval.testbed.attention_report import (
+        TallyReading,
+        _add_tally_readings,
+        attention_report,
+        format_tally_readings,
+    )
+    from eval.testbed.patch_labels import TALLY_CLASSES
+    from recipes.grounding import TALLY_KEY, TALLY_VALUE
+
+    classes = torch.full((2, 16), -1)
+    classes[0, [1, 6, 9]] = torch.tensor([3, 3, 29])
+    classes[1, 15] = 0
+    head, head_dim, per_thing = 1, 32, TALLY_VALUE / 16
+    outputs = torch.randn(2, 2 * head_dim)  # the other head's channels are never read
+    counts = torch.zeros(2, len(TALLY_CLASSES))
+    counts[0, 3], counts[0, 29], counts[1, 0] = 2, 1, 1
+    counts[0, 29] += 0.6  # rounds to 2: wrong
+    counts[1, 5] -= 0.2  # still 0
+    outputs[:, head * head_dim : head * head_dim + len(TALLY_CLASSES)] = counts * per_thing
+    readings: dict[int, TallyReading] = {}
+    _add_tally_readings(readings, outputs, classes, head, head_dim)
+    assert {n: r.kinds for n, r in readings.items()} == {0: 2 * 30 - 3, 1: 2, 2: 1}
+    assert readings[1].right == 1 and readings[2].right == 1 and readings[0].right == 57
+    assert readings[1].total == pytest.approx(1.6 + 1, abs=1e-5)
+    table = format_tally_readings(readings)
+    assert "| 1 | 2 | 1.30 | 0.30 | 50.0 % |" in table
+    assert "| 2 | 1 | 2.00 | 0.00 | 100.0 % |" in table
+
+    model, processor, dataset, examples = packed
+    from_report: dict[int, TallyReading] = {}
+    attention_report(
+        model, processor, examples, {"evidence": 1}, progress=False, tally_readings=from_report
+    )
+    rows = sum(len(dataset[i][SUPERVISIONS["tally"].positions_key]) for i in range(len(dataset)))
+    assert rows > 0 and sum(r.kinds for r in from_report.values()) == rows * len(TALLY_CLASSES)
+    things = sum(n * r.kinds for n, r in from_report.items())
+    expected = sum(
+        int((dataset[i][TALLY_KEY] >= 0).sum())
+        * len(dataset[i][SUPERVISIONS["tally"].positions_key])
+        for i in range(len(dataset))
+    )
+    assert things == expected  # every tallied patch, once per question asked of its image
+    assert not any(
+        layer.self_attn.o_proj._forward_pre_hooks for layer in model.model.language_model.layers
+    )
+
+
 def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:
     from collections import Counter
 

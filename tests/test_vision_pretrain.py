@@ -363,6 +363,8 @@ def test_optional_patch_labels_follow_the_flags() -> None:
     assert both == ("like_count", *NEIGHBOUR_LABELS)
     assert set(both) <= OPTIONAL_LABEL_CLASSES.keys()
     assert label_sizes(GRID, NEIGHBOUR_LABELS)["nearest_colour"] == 1 + len(data.COLOURS)
+    assert labels("--vision-tally-label") == ("tally",)
+    assert label_sizes(GRID, ("tally",))["tally"] == 1 + len(data.COLOURS) * len(data.SHAPES) + 10
 
 
 def test_label_sizes_optional_labels() -> None:

@@ -35,6 +35,7 @@ def attention_report(
     supervision_overrides: dict[str, dict[str, Any]] | None = None,
     count_shares: dict[int, CountAttention] | None = None,
     neighbour_query: str = "last",
+    tally_readings: dict[int, TallyReading] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per supervision: rows scored, mean loss per row, and its floor (0 for "all attention on
     the targets"; the entropy of the target for a uniform target such as counting).
@@ -44,7 +45,12 @@ def attention_report(
     things to count, where the count head's attention went (`CountAttention`): the BOS share
     is the count a later layer has to read off. `neighbour_query` is the word the recipe asked
     for the nearest/farthest object from (recipes.train --neighbour-query)."""
-    from recipes.grounding import SUPERVISIONS, GroundingLoss, image_token_positions
+    from recipes.grounding import (
+        SUPERVISIONS,
+        TALLY_KEY,
+        GroundingLoss,
+        image_token_positions,
+    )
 
     n_layers = len(model.model.language_model.layers)
     n_heads = model.model.language_model.config.num_attention_heads
@@ -59,6 +65,14 @@ def attention_report(
             continue
         terms[name] = GroundingLoss.for_supervision(model, supervision, 1.0, layer)
     totals = {name: [0.0, 0, 0.0] for name in terms}  # loss sum, rows, floor sum
+    head_outputs: dict[str, torch.Tensor] = {}  # o_proj's input, for the tally readings
+    hooks = []
+    if tally_readings is not None and "tally" in terms:
+        hooks.append(
+            terms["tally"].attention.o_proj.register_forward_pre_hook(
+                lambda module, args: head_outputs.update(tally=args[0])
+            )
+        )
     try:
         for batch, side in _grounded_batches(
             model, processor, examples, batch_size, progress, "attention report", neighbour_query
@@ -89,9 +103,19 @@ def attention_report(
                         count_shares.setdefault(n, CountAttention()).add(
                             float(attention[row, 0]), on_patches[row], masks[row]
                         )
+                if name == "tally" and tally_readings is not None:
+                    batch_rows, slots = used.nonzero(as_tuple=True)
+                    at = side[supervision.positions_key][batch_rows, slots]
+                    _add_tally_readings(
+                        tally_readings,
+                        head_outputs["tally"][batch_rows, at],
+                        side[TALLY_KEY][batch_rows],
+                        supervision.head,
+                        term.attention.head_dim,
+                    )
     finally:
-        for term in terms.values():
-            term.remove()
+        for handle in (*terms.values(), *hooks):
+            handle.remove()
     return {
         name: {
             "layer": float(layer_overrides.get(name, supervisions[name].layer) % n_layers),
@@ -257,6 +281,61 @@ class CountAttention:
             self.spread_rows += 1
 
 
+@dataclass
+class TallyReading:
+    """The tally head's reading (recipes/grounding.GroundingLoss `tally_weight`) of every kind
+    of thing with one true count, summed over rows and kinds: how many, the sum and the sum of
+    squares of what it read (in things), and how many of those round to the truth. A later
+    layer can only pick the asked kind's count out of a histogram that holds it."""
+
+    kinds: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+    right: int = 0
+
+    def add(self, read: torch.Tensor, truth: int) -> None:
+        """`read`: the 1-D readings, in things, of kinds whose true count is `truth`."""
+        self.kinds += read.numel()
+        self.total += float(read.sum())
+        self.squares += float((read.double() ** 2).sum())
+        self.right += int((read.round() == truth).sum())
+
+
+def _add_tally_readings(
+    readings: dict[int, TallyReading],
+    head_outputs: torch.Tensor,
+    classes: torch.Tensor,
+    head: int,
+    head_dim: int,
+) -> None:
+    """`head_outputs`: (rows, heads x head_dim), o_proj's input at the tally rows; `classes`:
+    (rows, P) tally class per patch."""
+    from eval.testbed.patch_labels import TALLY_CLASSES
+    from recipes.grounding import TALLY_VALUE, tally_histograms
+
+    channels = len(TALLY_CLASSES)
+    start = head * head_dim
+    per_thing = TALLY_VALUE / classes.shape[1]
+    read = head_outputs[:, start : start + channels].float() / per_thing
+    histograms = tally_histograms(classes, channels)
+    for truth in histograms.unique().tolist():
+        readings.setdefault(int(truth), TallyReading()).add(read[histograms == truth], int(truth))
+
+
+def format_tally_readings(readings: dict[int, TallyReading]) -> str:
+    """Markdown table per true count: kinds read, mean and standard deviation of the reading
+    (in things), and the share that rounds to the truth."""
+    lines = ["| things | kinds | mean read | sd | rounds right |", "|---:|---:|---:|---:|---:|"]
+    for truth in sorted(readings):
+        r = readings[truth]
+        mean = r.total / r.kinds
+        sd = math.sqrt(max(0.0, r.squares / r.kinds - mean * mean))
+        lines.append(
+            f"| {truth} | {r.kinds} | {mean:.2f} | {sd:.2f} | {100 * r.right / r.kinds:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
 def format_count_shares(count_shares: dict[int, CountAttention], sink_weight: float = 1.0) -> str:
     """Markdown table per number of things: rows, mean BOS share beside the share it was
     trained to, mean attention on the things, beside them and elsewhere, and the mean spread
@@ -348,6 +427,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "elsewhere, and how unevenly it weighs the things",
     )
     parser.add_argument(
+        "--tally",
+        action="store_true",
+        help="also print, per true count, how the tally head (recipes.train --tally-weight, "
+        "head 0 of --evidence-layer) reads every kind of thing: mean and spread of its "
+        "reading in things, and how often it rounds to the truth",
+    )
+    parser.add_argument(
         "--option-ablation",
         action="store_true",
         help="also score multiple-choice answers with the option head as trained, forced onto "
@@ -377,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.count_head is not None:
         count["head"] = args.count_head
     shares: dict[int, CountAttention] = {}
+    readings: dict[int, TallyReading] | None = {} if args.tally else None
     report = attention_report(
         model,
         processor,
@@ -386,11 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         supervision_overrides={"count": count},
         count_shares=shares,
         neighbour_query=args.neighbour_query,
+        tally_readings=readings,
     )
     print(f"attention targets of {args.model} on {len(examples)} {args.split} images")
     print(format_report(report))
     if args.count_shares:
         print(format_count_shares(shares, args.count_sink_weight))
+    if readings is not None:
+        print(format_tally_readings(readings))
     if args.option_ablation:
         ablation = option_head_ablation(model, processor, examples, progress=not args.no_progress)
         print(format_option_ablation(ablation))

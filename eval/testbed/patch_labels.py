@@ -43,6 +43,12 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "column": (),
 }
 MAX_LIKE_COUNT = 9
+# What a tally head counts (recipes/grounding.GroundingLoss tally_weight): every colour and shape
+# of a large object, then every handwritten digit, one patch per thing (its centre patch).
+TALLY_CLASSES: tuple[str, ...] = (
+    *(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES),
+    *(f"digit {digit}" for digit in DIGITS),
+)
 # Pretraining targets only on request (recipes.train --vision-count-label): on every patch of a
 # shape, how many shapes in the image share its colour and shape; on a handwritten digit's
 # patches, how many grid cells show that digit. Counting with softmax attention is hard for a
@@ -54,10 +60,14 @@ MAX_LIKE_COUNT = 9
 # LLM's attention from row/column channels was right about a third of the time; a tower that
 # has compared positions lets the question's evidence head read the neighbour like a colour.
 NEIGHBOUR_LABELS: tuple[str, ...] = ("nearest_colour", "farthest_colour")
+# With --vision-tally-label: on the centre patch of every large object and handwritten digit,
+# its colour-and-shape or digit as one class (`TALLY_CLASSES`), so an LLM tally head can sum
+# the kinds with a linear read of each patch instead of first combining colour and shape.
 OPTIONAL_LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "like_count": ("none", *(str(n) for n in range(1, MAX_LIKE_COUNT + 1))),
     "nearest_colour": ("none", *COLOURS),
     "farthest_colour": ("none", *COLOURS),
+    "tally": ("none", *TALLY_CLASSES),
 }
 # Returned by patch_labels() beside LABEL_CLASSES but not pretraining targets: the 1-based grid
 # cell (row, column) a handwritten digit's ink sits in, for grounding "row 2" / "column 3", and
@@ -175,7 +185,21 @@ def patch_labels(meta: str | dict[str, Any], pixels: np.ndarray) -> dict[str, np
     for char in scene.get("code_chars", []):
         counts = _ink_per_patch(ink, char["box"], grid)
         _assign(labels["char"], best_char, counts, 1 + CODE_CHARS.index(char["char"]), 4)
+    labels["tally"] = tally_classes(labels) + 1
     return labels
+
+
+def tally_classes(labels: dict[str, np.ndarray]) -> np.ndarray:
+    """(P,) int64: the `TALLY_CLASSES` index of the thing centred on each patch, -1 elsewhere
+    (small dots and code characters are not tallied), so the image's histogram of things is a
+    sum over patches."""
+    classes = np.full(labels["centre"].shape, -1, dtype=np.int64)
+    colour, shape = labels["colour"] - 1, labels["shape"] - 1
+    large = (labels["centre"] == 1) & (colour >= 0) & (shape >= 0) & (shape < len(SHAPES))
+    classes[large] = colour[large] * len(SHAPES) + shape[large]
+    digit = labels["digit_centre"] > 0
+    classes[digit] = len(COLOURS) * len(SHAPES) + labels["digit_centre"][digit] - 1
+    return classes
 
 
 SINGULAR_SHAPES: dict[str, str] = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
@@ -304,7 +328,8 @@ def attention_targets(
     ("question"), and the rest ("question2"); each option word -> its letter ("letter"). Last
     layer, all at the answer position: the question's words again, which now carry what they
     saw ("readout"); the first thing named ("evidence") or, for a count, the things to count
-    ("count"); the second thing named ("second"); the option word that is right ("option").
+    ("count"); the second thing named ("second"); the option word that is right ("option");
+    every patch alike, whatever the question ("tally", see `tally_classes`).
     A code's letter and digit are its first and second thing. A middle layer (three or more
     layers): the nearest / farthest object, from the anchor's last word ("neighbour"), or with
     `neighbour_query="colour"` from its colour word: a spatial scene's colours are distinct,
@@ -350,6 +375,7 @@ def attention_targets(
         if neighbour_query == "colour":
             query = next((i for i in reversed(question_words) if words[i] in COLOURS), query)
         targets["neighbour"] = [(query, colour)]
+    targets["tally"] = [(answer_at, np.ones(labels["centre"].shape, dtype=bool))]
     options = option_words(words)
     targets["letter"] = [(index, [index - 2]) for index in options.values()]
     if answer in options:
@@ -362,6 +388,7 @@ __all__ = [
     "LABEL_CLASSES",
     "MAX_LIKE_COUNT",
     "OPTIONAL_LABEL_CLASSES",
+    "TALLY_CLASSES",
     "attention_targets",
     "count_targets",
     "evidence_phrases",
@@ -369,5 +396,6 @@ __all__ = [
     "option_words",
     "patch_labels",
     "question_end",
+    "tally_classes",
     "word_patch_targets",
 ]
