@@ -737,7 +737,7 @@ def test_tally_classes_count_every_thing_in_generated_scenes() -> None:
 def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
     """Uniform attention over the patches, plus the Huber error between the head's first
     channels (o_proj's input, eager forward) read as counts and each image's histogram of
-    tally classes, counted by hand."""
+    tally classes, counted by hand, plus each patch's value against its own class."""
     from eval.testbed import model as testbed_model
     from eval.testbed.patch_labels import TALLY_CLASSES
     from recipes.grounding import TALLY_KEY, TALLY_VALUE
@@ -757,11 +757,13 @@ def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -
     attention = model.model.language_model.layers[-1].self_attn
     captured = {}
     hook = attention.o_proj.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    value_hook = attention.v_proj.register_forward_hook(lambda m, a, o: captured.update(v=o))
     term = GroundingLoss.for_supervision(model, tally, 0.7, -1, tally_weight=0.7)
     out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), output_attentions=True)
     inputs = {"input_ids": ids, tally.positions_key: positions, tally.masks_key: masks}
     got = term(model, {**inputs, TALLY_KEY: classes}, out)
     hook.remove()
+    value_hook.remove()
     image = 1 + torch.arange(N)
     weights = out.attentions[-1][:, tally.head, answer_at]  # (2, T)
     uniform = -torch.log(weights[:, image]).mean()
@@ -775,7 +777,15 @@ def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -
         read = captured["x"][b, answer_at, tally.head * d : tally.head * d + channels]
         gap = (read * N / TALLY_VALUE - histogram).abs()  # in things
         errors.append(torch.where(gap < 1, 0.5 * gap**2, gap - 0.5).sum() * TALLY_VALUE / N)
-    expected = 0.7 * uniform + 0.7 * torch.stack(errors).mean()
+    per_patch = []
+    values = captured["v"][:, 1 : 1 + N, tally.head * d : tally.head * d + channels]
+    for b in range(2):
+        for p in range(N):
+            own = torch.zeros(channels)
+            if classes[b, p] >= 0:
+                own[classes[b, p]] = 1
+            per_patch.append(((values[b, p] / TALLY_VALUE - own) ** 2).sum())
+    expected = 0.7 * uniform + 0.7 * (torch.stack(errors).mean() + torch.stack(per_patch).mean())
     assert torch.allclose(got, expected, atol=1e-4), (got, expected)
     got.backward()
     assert attention.v_proj.weight.grad.abs().sum() > 0  # the values learn to carry the tally
