@@ -131,7 +131,8 @@ class GroundingLoss:
     hold the image's histogram: each patch of tally class c (`TALLY_KEY`; one class per
     colour-and-shape and per digit, on each thing's centre patch) adds `TALLY_VALUE` / P to
     channel c (Huber error in things, summed over classes, times TALLY_VALUE / P), and each
-    patch's own value must be TALLY_VALUE in its class's channel and 0 in the others. A count
+    patch's own value must be TALLY_VALUE in its class's channel and 0 in the others (squared
+    error in things, summed over the image's patches). A count
     read from a softmax share over the things and a sink needs the share to a hundredth for 7,
     8 or 9 things, and the count head never got there (eval/testbed/attention_report
     --count-shares); an even spread over a fixed set of patches has a fixed denominator, so
@@ -331,8 +332,10 @@ class GroundingLoss:
             per_patch = values[torch.arange(batch)[:, None], image_at][..., : self.tally_channels]
             classes = inputs[TALLY_KEY]
             one_hot = F.one_hot(classes + 1, self.tally_channels + 1)[..., 1:]  # -1: all zero
+            # summed over an image's patches: a mean over them let the few centre patches
+            # stay at 0.02 things (runs/ref21, step 200) while the rest were held at 0
             wrong = (per_patch.float() / TALLY_VALUE - one_hot[:, :, None]).pow(2).sum(dim=-1)
-            loss = loss + self.tally_weight * (error.mean() + wrong.mean())
+            loss = loss + self.tally_weight * (error.mean() + wrong.sum(dim=1).mean())
         return loss
 
 

@@ -785,7 +785,8 @@ def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -
             if classes[b, p] >= 0:
                 own[classes[b, p]] = 1
             per_patch.append(((values[b, p] / TALLY_VALUE - own) ** 2).sum())
-    expected = 0.7 * uniform + 0.7 * (torch.stack(errors).mean() + torch.stack(per_patch).mean())
+    per_image = torch.stack(per_patch).view(2, N).sum(dim=1).mean()
+    expected = 0.7 * uniform + 0.7 * (torch.stack(errors).mean() + per_image)
     assert torch.allclose(got, expected, atol=1e-4), (got, expected)
     got.backward()
     assert attention.v_proj.weight.grad.abs().sum() > 0  # the values learn to carry the tally
