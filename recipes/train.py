@@ -1449,6 +1449,9 @@ def main(argv: list[str] | None = None) -> int:
         args=training_args,
         train_dataset=dataset,
         data_collator=collator_for(processor),
+        # saved beside every checkpoint's weights, so `load_reference` / `evaluate` / the
+        # attention report open a checkpoint folder as they open the final one
+        processing_class=processor,
         extra_losses=extra_losses,
         forcings=forcings,
         callbacks=[

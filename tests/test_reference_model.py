@@ -140,6 +140,11 @@ def test_train_recipe_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "loss.png").is_file()
     model, processor = load_reference(tmp_path / "run" / "final")
     assert model.config.image_seq_length == 256
+    checkpoint, _ = load_reference(tmp_path / "run" / "checkpoint-2")  # processor saved with it
+    for (name, trained), saved in zip(
+        model.state_dict().items(), checkpoint.state_dict().values(), strict=True
+    ):
+        assert torch.equal(trained, saved), name
     assert train_main([*argv, "--max-steps", "3", "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == 3
 
