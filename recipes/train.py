@@ -1157,7 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "things); a count with a fixed denominator, where --count-weight's sink share needs a "
         "hundredth's precision for 7-9 things; 0 = off. Not in the shipped recipe: from "
         "scratch with it, counting on validation was 48 %% against 47 %% (each thing's tally "
-        "spreads over the four patches at its centre; see the model card)",
+        "spread over the patches around its centre; see the model card)",
     )
     ground.add_argument(
         "--neighbour-query",
