@@ -192,3 +192,26 @@ def test_empty_splits_are_left_out() -> None:
     dataset_dict = data.make_dataset_dict(train=0, validation=0, test=7, seed=0)
     assert list(dataset_dict) == ["test"]
     assert len(dataset_dict["test"]) == 7
+
+
+@pytest.mark.parametrize("size", [224, 336])
+def test_counting_objects_centre_inside_one_patch(size: int) -> None:
+    """A counting object's centre is inside one patch (not on a corner of four), objects stay
+    apart and inside the image, so one patch per object is a well-posed thing to count."""
+    records = data.generate_examples(7 * 12, seed=11, image_size=size)
+    seen = 0
+    for record in records:
+        if record["family"] != "counting":
+            continue
+        boxes = [obj["box"] for obj in json.loads(record["meta"])["objects"]]
+        assert len(boxes) >= int(record["answer"])
+        for x0, y0, x1, y1 in boxes:
+            assert min(x0, y0) >= 0 and max(x1, y1) <= size
+            for low, high in ((x0, x1), (y0, y1)):
+                offset = ((low + high) / 2) % data.PATCH_SIZE
+                assert 4.5 <= offset <= data.PATCH_SIZE - 4.5
+            seen += 1
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1]
+    assert seen > 30

@@ -353,27 +353,44 @@ def _scene_attribute(rng: random.Random, size: int, answer: str, kind: str) -> S
     )
 
 
+def counting_cell_centres(size: int) -> list[int]:
+    """Centres of the counting grid's columns (and rows), each the centre of a 14-px patch.
+
+    The grid's pitch is an eighth of the image. At 336 px that is three patches, so its middle
+    patch's centre is the cell's centre and the grid has 8 cells a side; at 224 px it is two,
+    so the centres move half a patch off the cells' corners and the grid has 7 a side.
+    """
+    pitch = size // 8
+    if (pitch // PATCH_SIZE) % 2 == 1:
+        return [pitch * k + pitch // 2 for k in range(8)]
+    return [pitch * k + pitch // 2 + PATCH_SIZE // 2 for k in range(7)]
+
+
 def _scene_counting(rng: random.Random, size: int, answer: str, kind: str) -> Scene:
     """Identical target objects among look-alikes that share either their colour or their shape.
 
-    Objects sit in an 8x8 grid of cells (two patches wide at 224 px) with a little jitter, so
-    they never touch and each one is a separate blob to count.
+    Objects sit in a grid of cells with a little jitter, so they never touch and each one is a
+    separate blob to count. Every centre lies inside one 14-px patch, at least 4.5 px from its
+    edges: at 224 px a cell is two patches wide, so a centred object would sit on a corner of
+    four patches and a model that counts one patch per object would have to break a tie.
     """
     colour, other_colour = rng.sample(COLOURS, 2)
     shape, other_shape = rng.sample(SHAPES, 2)
     types = [(colour, shape), (colour, other_shape), (other_colour, shape)]
     counts = [int(answer), rng.randint(0, 9), rng.randint(0, 9)]
-    cells = rng.sample(range(64), sum(counts))
-    cell = size / 8
+    centres = counting_cell_centres(size)
+    per_row = len(centres)
+    cells = rng.sample(range(per_row * per_row), sum(counts))
+    jitter = 2  # pixels at any size: the centre stays 4.5 px inside its patch
     image, draw = _new_canvas(size)
     objects: list[tuple[str, str, Box]] = []
     cursor = 0
     for (obj_colour, obj_shape), count in zip(types, counts, strict=True):
         for cell_index in cells[cursor : cursor + count]:
             side = _scale(size, rng.randint(18, 22))
-            slack = max(0, int(cell) - side)
-            x0 = int((cell_index % 8) * cell) + rng.randint(0, slack)
-            y0 = int((cell_index // 8) * cell) + rng.randint(0, slack)
+            centre_x = centres[cell_index % per_row] + rng.randint(-jitter, jitter)
+            centre_y = centres[cell_index // per_row] + rng.randint(-jitter, jitter)
+            x0, y0 = centre_x - side // 2, centre_y - side // 2
             box = (x0, y0, x0 + side, y0 + side)
             _draw_shape(draw, obj_shape, box, COLOUR_RGB[obj_colour])
             objects.append((obj_colour, obj_shape, box))
