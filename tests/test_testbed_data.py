@@ -205,13 +205,12 @@ def test_counting_objects_centre_inside_one_patch(size: int) -> None:
             continue
         boxes = [obj["box"] for obj in json.loads(record["meta"])["objects"]]
         assert len(boxes) >= int(record["answer"])
-        for x0, y0, x1, y1 in boxes:
-            assert min(x0, y0) >= 0 and max(x1, y1) <= size
-            for low, high in ((x0, x1), (y0, y1)):
-                offset = ((low + high) / 2) % data.PATCH_SIZE
-                assert 4.5 <= offset <= data.PATCH_SIZE - 4.5
+        for box in boxes:
+            assert min(box[:2]) >= 0 and max(box[2:]) <= size
+            for centre in data._centre(box):
+                assert 4.5 <= centre % data.PATCH_SIZE <= data.PATCH_SIZE - 4.5
             seen += 1
         for i, a in enumerate(boxes):
             for b in boxes[i + 1 :]:
-                assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1]
+                assert not data._boxes_overlap(a, b, margin=2)
     assert seen > 30
