@@ -12,6 +12,7 @@ multi-GPU node.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -312,7 +313,58 @@ ANSWER_SETTINGS: tuple[str, ...] = (
     "max_new_tokens",
     "prompt_template",
     "dtype",
+    "model_files",
+    "data_files",
 )
+# Bytes read from each end of a file for its fingerprint: enough to tell retrained or
+# regenerated files apart, little enough for a 7B checkpoint to cost milliseconds.
+FINGERPRINT_EDGE_BYTES = 1 << 20
+
+
+def files_fingerprint(files: Sequence[Path], root: Path) -> str:
+    """Answers are resumed by the model's and data's *names*; weights retrained or data
+    regenerated under the same name must not resume the old answers. Hashing every byte of a
+    large checkpoint would take minutes, so each file adds its path, size and both ends."""
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}:{size}:".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(FINGERPRINT_EDGE_BYTES))
+            if size > FINGERPRINT_EDGE_BYTES:
+                handle.seek(max(FINGERPRINT_EDGE_BYTES, size - FINGERPRINT_EDGE_BYTES))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16] if files else "none"
+
+
+def model_files_fingerprint(name: str) -> str:
+    """The files directly in a local model folder ('reference': the shipped one). A hub name
+    has no local files to read here; its revision is the hub cache's business."""
+    if name == "reference":
+        from eval.testbed.model import DEFAULT_PATH
+
+        folder = DEFAULT_PATH
+    else:
+        folder = Path(name)
+    if not folder.is_dir():
+        return "not a local folder"
+    return files_fingerprint([f for f in folder.iterdir() if f.is_file()], folder)
+
+
+def data_files_fingerprint(data: Path | None, split: str) -> str:
+    """Every file under the data folder whose path names the split (`hf/test/...`,
+    `parquet/test.parquet`), or the data file itself."""
+    if data is None or not data.exists():
+        return "none"
+    if data.is_file():
+        return files_fingerprint([data], data.parent)
+    files = [
+        f
+        for f in data.rglob("*")
+        if f.is_file()
+        and any(part == split or part.split(".")[0] == split for part in f.relative_to(data).parts)
+    ]
+    return files_fingerprint(files, data)
 
 
 def check_answer_settings(answers_dir: Path, stem: str, args: argparse.Namespace) -> None:
@@ -359,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("full", "full")] if "full" in budgets else []
     runs += [(m, b) for m in methods for b in budgets if b != "full"]
     rows = []
+    # Once per run, before any answer is resumed: read in `check_answer_settings`.
+    args.model_files = model_files_fingerprint(args.model)
+    args.data_files = data_files_fingerprint(args.data, args.split)
     for method, budget in runs:
         processor = configure(
             model,

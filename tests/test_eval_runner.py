@@ -88,6 +88,49 @@ def test_eval_refuses_answers_made_with_other_settings(
         run.main(argv)
 
 
+def test_eval_refuses_answers_from_other_weights_or_data_under_the_same_name(
+    model_dir: Path, testbed: Path, tmp_path: Path
+) -> None:
+    """Retraining a model or regenerating data keeps the names; the old answers must not be
+    resumed as if they were the new model's."""
+    import shutil
+
+    from eval.testbed.data import export, make_dataset_dict
+    from eval.testbed.model import build_reference
+
+    model_copy, data_copy = tmp_path / "model", tmp_path / "data"
+    shutil.copytree(model_dir, model_copy)
+    shutil.copytree(testbed, data_copy)
+    _run(model_copy, data_copy, tmp_path / "out", budgets="32")
+    build_reference(size="cpu-tiny", image_size=112, seed=1)[0].save_pretrained(model_copy)
+    with pytest.raises(SystemExit, match=r"other settings \(model_files: [0-9a-f]{16} -> "):
+        _run(model_copy, data_copy, tmp_path / "out", budgets="32")
+    shutil.rmtree(model_copy)
+    shutil.copytree(model_dir, model_copy)
+    _run(model_copy, data_copy, tmp_path / "out", budgets="32")  # same bytes: resumes
+    shutil.rmtree(data_copy)
+    export(make_dataset_dict(train=2, validation=2, test=10, seed=6), data_copy)
+    with pytest.raises(SystemExit, match=r"other settings \(data_files: [0-9a-f]{16} -> "):
+        _run(model_copy, data_copy, tmp_path / "out", budgets="32")
+
+
+def test_data_fingerprint_reads_only_the_split(tmp_path: Path) -> None:
+    (tmp_path / "hf" / "test").mkdir(parents=True)
+    (tmp_path / "hf" / "train").mkdir()
+    (tmp_path / "hf" / "test" / "data.arrow").write_bytes(b"test rows")
+    (tmp_path / "hf" / "train" / "data.arrow").write_bytes(b"train rows")
+    (tmp_path / "test.parquet").write_bytes(b"x" * (run.FINGERPRINT_EDGE_BYTES * 3))
+    before = run.data_files_fingerprint(tmp_path, "test")
+    (tmp_path / "hf" / "train" / "data.arrow").write_bytes(b"more train rows")
+    assert run.data_files_fingerprint(tmp_path, "test") == before
+    # the last byte of a file larger than both read ends together is still read
+    with (tmp_path / "test.parquet").open("r+b") as handle:
+        handle.seek(run.FINGERPRINT_EDGE_BYTES * 3 - 1)
+        handle.write(b"y")
+    assert run.data_files_fingerprint(tmp_path, "test") != before
+    assert run.data_files_fingerprint(tmp_path / "missing", "test") == "none"
+
+
 def test_missing_llava_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "questions.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="images, annotations.jsonl are missing"):
