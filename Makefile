@@ -27,16 +27,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m eval.bench_merge
 
-# Regenerates eval/testbed/reference_model from scratch (train split only; 37-62 min on 2 CPU
-# cores, by the machine's speed that day: the shipped model's run took 37.0 min, the same
-# command on the previous counting grid 61.6 min on a slower day):
+# Regenerates eval/testbed/reference_model from scratch (train split only). On 2 CPU cores the
+# data takes 2.6 min and training 40.2 min (2 December 2026: stage 1 12.5 min, language stage
+# 25.5 min at 0.70 s a step). This machine's speed varies by day: on earlier days the language
+# stage ran at 1.2-1.9 s a step, and at that speed the whole run would pass 60 min.
 # stage 1 trains the vision tower on dense patch labels, stage 2 the projector and the LLM with
 # the answer loss plus supervised attention (recipes/grounding.py), both in bf16 autocast.
 reference-model: $(STAMP)
-	$(PY) -m eval.testbed.data make --out data/testbed --train 48000 --validation 700 \
+	$(PY) -m eval.testbed.data make --out data/testbed --train 96000 --validation 700 \
 		--test 1400 --seed 0 --train-questions-per-image 16
 	$(PY) -m recipes.train --data data/testbed --init-reference --model-size cpu-small-3 \
-		--vision-pretrain-steps 1200 --vision-pretrain-batch-size 32 --vision-pretrain-lr 2e-3 \
+		--vision-pretrain-steps 2400 --vision-pretrain-batch-size 32 --vision-pretrain-lr 2e-3 \
 		--freeze-vision --grounding-weight 1.0 --question-weight 1.0 --letter-weight 1.0 \
 		--readout-weight 1.0 --evidence-weight 1.0 --count-weight 1.0 --option-weight 1.0 \
 		--neighbour-weight 1.0 --coordinate-weight 1.0 --evidence-layer 1 --bf16 \
@@ -45,7 +46,7 @@ reference-model: $(STAMP)
 		--max-steps 2200 --batch-size 16 --lr 1e-3 --warmup 50 \
 		--save-steps 200 --logging-steps 25 --threads 2 --output-dir runs/reference \
 		--final-dir eval/testbed/reference_model --eval-split validation \
-		--tally-weight 1.0 --vision-tally-label --cache-vision-features
+		--tally-weight 1.0 --vision-tally-label --cache-vision-features --vision-neighbour-label
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1059,8 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
         "LLM's own choice among objects was right about a third of the time. Measured with "
         "the reference recipe: it needs --vision-pretrain-steps 2400 (at 1200 digits fell "
         "from 93 to 45 %%), then the tower is right on 90 %% (nearest) and 97 %% (farthest) of "
-        "shape patches, but validation was 81.0 %% against 81.9 %% without it (farthest 48 -> "
-        "70 %%, nearest 33 -> 36 %%) in 82.7 min, so it is not in the recipe",
+        "shape patches. In the shipped recipe (with --vision-pretrain-steps 2400): validation "
+        "85.4 %% against 84.0 %% without it, test spatial 65.0 %% against 58.5 %%",
     )
     stage.add_argument(
         "--freeze-vision",
@@ -1155,9 +1155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "patches, and the head's first channels, read as counts, must give how many "
         "things of each colour-and-shape and each handwritten digit the image holds (Huber, in "
         "things); a count with a fixed denominator, where --count-weight's sink share needs a "
-        "hundredth's precision for 7-9 things; 0 = off. Not in the shipped recipe: from "
-        "scratch with it, counting on validation was 48 %% against 47 %% (each thing's tally "
-        "spread over the patches around its centre; see the model card)",
+        "hundredth's precision for 7-9 things; 0 = off. In the shipped recipe (1.0), with "
+        "--vision-tally-label and the counting grid centred on patches; on the older grid, "
+        "where a thing's centre sat on a corner of four patches, it gained nothing (counting "
+        "48 %% against 47 %% on validation; see the model card)",
     )
     ground.add_argument(
         "--neighbour-query",

@@ -25,7 +25,7 @@ HELD_OUT_N = 100
 HELD_OUT_SEED = 0 + data.SPLIT_SEED_OFFSETS["test"]
 # Measured accuracy of the shipped weights on exactly these 100 questions is in
 # eval/testbed/reference_model/README.md; the bar sits 5 points below it.
-MIN_ACCURACY = 0.75
+MIN_ACCURACY = 0.78
 
 shipped = pytest.mark.skipif(
     not (DEFAULT_PATH / "model.safetensors").is_file(), reason="reference model not shipped yet"
