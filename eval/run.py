@@ -315,6 +315,8 @@ ANSWER_SETTINGS: tuple[str, ...] = (
     "dtype",
     "model_files",
     "data_files",
+    "adapter_files",
+    "crossget_state_files",
 )
 # Bytes read from each end of a file for its fingerprint: enough to tell retrained or
 # regenerated files apart, little enough for a 7B checkpoint to cost milliseconds.
@@ -337,27 +339,30 @@ def files_fingerprint(files: Sequence[Path], root: Path) -> str:
     return digest.hexdigest()[:16] if files else "none"
 
 
-def model_files_fingerprint(name: str) -> str:
-    """The files directly in a local model folder ('reference': the shipped one). A hub name
-    has no local files to read here; its revision is the hub cache's business."""
+def folder_fingerprint(path: Path | None) -> str:
+    """A file, or the files directly in a folder: a model, a LoRA adapter, a CrossGET state.
+    'none' where there is nothing local to read (unset, or a hub name)."""
+    if path is None or not path.exists():
+        return "none"
+    if path.is_file():
+        return files_fingerprint([path], path.parent)
+    return files_fingerprint([f for f in path.iterdir() if f.is_file()], path)
+
+
+def model_folder(name: str) -> Path:
+    """`--model` as a path: 'reference' is the shipped testbed model's folder."""
     if name == "reference":
         from eval.testbed.model import DEFAULT_PATH
 
-        folder = DEFAULT_PATH
-    else:
-        folder = Path(name)
-    if not folder.is_dir():
-        return "not a local folder"
-    return files_fingerprint([f for f in folder.iterdir() if f.is_file()], folder)
+        return DEFAULT_PATH
+    return Path(name)
 
 
-def data_files_fingerprint(data: Path | None, split: str) -> str:
+def data_files_fingerprint(data: Path, split: str) -> str:
     """Every file under the data folder whose path names the split (`hf/test/...`,
     `parquet/test.parquet`), or the data file itself."""
-    if data is None or not data.exists():
-        return "none"
-    if data.is_file():
-        return files_fingerprint([data], data.parent)
+    if not data.is_dir():
+        return folder_fingerprint(data)
     files = [
         f
         for f in data.rglob("*")
@@ -412,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(m, b) for m in methods for b in budgets if b != "full"]
     rows = []
     # Once per run, before any answer is resumed: read in `check_answer_settings`.
-    args.model_files = model_files_fingerprint(args.model)
+    args.model_files = folder_fingerprint(model_folder(args.model))
     args.data_files = data_files_fingerprint(args.data, args.split)
+    args.adapter_files = folder_fingerprint(args.adapter)
+    args.crossget_state_files = folder_fingerprint(args.crossget_state)
     for method, budget in runs:
         processor = configure(
             model,

@@ -131,6 +131,24 @@ def test_data_fingerprint_reads_only_the_split(tmp_path: Path) -> None:
     assert run.data_files_fingerprint(tmp_path / "missing", "test") == "none"
 
 
+def test_adapter_and_state_folders_are_fingerprinted(model_dir: Path, tmp_path: Path) -> None:
+    """A recovery run redone into the same OUT keeps the --adapter and --crossget-state paths;
+    their files, read by the same fingerprint as the model's, tell the runs apart."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora A")
+    (adapter / "nested").mkdir()
+    before = run.folder_fingerprint(adapter)
+    assert before != "none" and run.folder_fingerprint(None) == "none"
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora B")
+    assert run.folder_fingerprint(adapter) != before
+    state = adapter / "adapter_model.safetensors"
+    assert run.folder_fingerprint(state) == run.files_fingerprint([state], adapter)
+    assert run.model_folder(str(model_dir)) == model_dir
+    assert (run.model_folder("reference") / "config.json").is_file()
+    assert run.folder_fingerprint(run.model_folder("llava-hf/not-here")) == "none"
+
+
 def test_missing_llava_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "questions.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="images, annotations.jsonl are missing"):
