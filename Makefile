@@ -32,11 +32,11 @@ bench: $(STAMP)
 # 25.5 min at 0.70 s a step). This machine's speed varies by day: on earlier days the language
 # stage ran at 1.2-1.9 s a step, and at that speed the whole run would pass 60 min.
 # stage 1 trains the vision tower on dense patch labels, stage 2 the projector and the LLM with
-# the answer loss plus supervised attention (recipes/grounding.py), both in bf16 autocast.
+# the answer loss plus supervised attention (eval/testbed/training/grounding.py), both in bf16 autocast.
 reference-model: $(STAMP)
 	$(PY) -m eval.testbed.data make --out data/testbed --train 96000 --validation 700 \
 		--test 1400 --seed 0 --train-questions-per-image 16
-	$(PY) -m recipes.train --data data/testbed --init-reference --model-size cpu-small-3 \
+	$(PY) -m eval.testbed.training.train --data data/testbed --init-reference --model-size cpu-small-3 \
 		--vision-pretrain-steps 2400 --vision-pretrain-batch-size 32 --vision-pretrain-lr 2e-3 \
 		--freeze-vision --grounding-weight 1.0 --question-weight 1.0 --letter-weight 1.0 \
 		--readout-weight 1.0 --evidence-weight 1.0 --count-weight 1.0 --option-weight 1.0 \

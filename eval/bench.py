@@ -39,13 +39,16 @@ from tqdm import tqdm
 
 import mllm_crossget as crossget
 from eval.timing import DTYPES
+from mllm_crossget import named_models
 from mllm_crossget.config import LLM_POSITION_MODES, atomic_output, atomic_write_text
 from mllm_crossget.flops import FlopsReport
 from mllm_crossget.merge import bipartite_matching, complete_graph_matching
 from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
 from mllm_crossget.peers import fastv as fastv_peer
 
-MODELS = ("reference", "llava-7b-shape")
+# `llava-7b-shape` is built here with random weights; any other --model is a named model
+# (mllm_crossget.named_models), a LLaVA folder or a hub id.
+SHAPE_MODEL = "llava-7b-shape"
 
 # ------------------------------------------------------------------------------ settings
 
@@ -421,16 +424,20 @@ def median_time(fn: Callable[[], Any], repeats: int, device: str) -> float:
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model and a one-line description of it."""
     dtype = DTYPES[args.dtype]
-    if args.model == "reference":
-        from eval.testbed.model import DEFAULT_PATH, build_reference, load_reference
+    if args.model != SHAPE_MODEL:
+        entry = named_models.get(args.model)
+        if entry is not None and entry.name == "reference":
+            folder = entry.folder()
+            if not (folder / "config.json").is_file():
+                from eval.testbed.model import build_reference
 
-        if (DEFAULT_PATH / "config.json").is_file():
-            model, _ = load_reference(DEFAULT_PATH, args.device)
-            description = f"testbed reference model ({DEFAULT_PATH})"
-        else:
-            model, _ = build_reference(seed=args.seed)
-            description = "testbed reference architecture, random weights (not trained yet)"
-        return model.to(args.device, dtype).eval(), description
+                model, _ = build_reference(seed=args.seed)
+                description = "testbed reference architecture, random weights (not trained yet)"
+                return model.to(args.device, dtype).eval(), description
+        model, _ = named_models.load_llava(args.model, dtype=dtype, device=args.device)
+        if entry is not None:
+            return model, f"named model {entry.name!r} ({entry.folder()})"
+        return model, f"LLaVA {args.model}"
     from transformers import LlavaForConditionalGeneration
 
     from eval.bench_llava import llava_7b_config
@@ -647,11 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        choices=MODELS,
         default="reference",
         help="reference: the testbed's tiny LLaVA (eval/testbed/reference_model, or its "
         "architecture with random weights until trained); llava-7b-shape: LLaVA-1.5-7B "
-        "shapes with random weights (--llm-layers decoder layers)",
+        "shapes with random weights (--llm-layers decoder layers); or any other named model, "
+        "LLaVA folder or hub id",
     )
     parser.add_argument(
         "--llm-layers",
@@ -732,6 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy is not None:
         accuracy, metric = load_accuracy(args.accuracy, args.accuracy_metric)
 
+    if args.model not in (SHAPE_MODEL, "reference"):
+        try:  # a --model typo stops here, with the known names, before any work
+            named_models.resolve(args.model)
+        except named_models.UnknownModelError as error:
+            raise SystemExit(f"crossget bench: {error}") from None
     torch.manual_seed(args.seed)
     model, description = load_model(args)
     config = model.config

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -205,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load(args.model)
+    try:
+        model, processor = load(args.model)
+    except FileNotFoundError as error:  # a --model typo: named_models says what exists
+        print(f"crossget bench-serve: {error}", file=sys.stderr)
+        return 2
     engine = Engine(model, processor, "bench")
     full_tokens = engine.check(Setting())
     budget = args.budget or full_tokens // 4

@@ -46,6 +46,7 @@ from eval.testbed.model import (
     load_reference,
     visual_tokens_per_image,
 )
+from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text, write_json_atomic
 from mllm_crossget.peers import METHOD_NAMES, get_method
 
@@ -62,7 +63,7 @@ DEFAULT_OUT = Path("outputs/demo")
 DEFAULT_MAX_NEW_TOKENS = 2
 # The exact recipe that produced the shipped model (see eval/testbed/reference_model/README.md).
 TRAIN_COMMAND = (
-    "make reference-model   # testbed data, then python -m recipes.train --init-reference "
+    "make reference-model   # testbed data, then crossget testbed-train --init-reference "
     "... (the full recipe is in the Makefile)"
 )
 UNTRAINED_NOTE = (
@@ -88,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        type=Path,
-        default=DEFAULT_PATH,
-        help="folder of a testbed LLaVA saved with save_pretrained (model + processor)",
+        type=named_models.folder_argument,
+        default="reference",
+        help="a named model (reference: the shipped testbed model) or the folder of a testbed "
+        "LLaVA saved with save_pretrained (model + processor)",
     )
     parser.add_argument(
         "--data",

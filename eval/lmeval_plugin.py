@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.hf_vlms import HFMultimodalLM
 
 import mllm_crossget as crossget
+from mllm_crossget import named_models
 
 CONFIG_KEYS = frozenset(f.name for f in fields(crossget.CrossGETConfig))
 
@@ -33,6 +34,8 @@ class CrossGETLlavaLM(HFMultimodalLM):
 
     def __init__(self, pretrained: Any, **kwargs: Any) -> None:
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in CONFIG_KEYS}
+        if isinstance(pretrained, str):  # pretrained=reference, a folder or a hub id
+            pretrained = str(named_models.resolve(pretrained))
         super().__init__(pretrained, **kwargs)
         self.crossget_config = None
         if any(options.get(k) is not None for k in ("visual_tokens", "keep_ratio", "r")):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.testbed.data import FAMILIES
-from eval.testbed.model import DEFAULT_PATH
+from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text, write_json_atomic
 
 
@@ -211,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-free vs LoRA-recovered CrossGET accuracy on the testbed, plus the "
         "no-alignment and query-guidance ablations and a no-merging LoRA control, in one table.",
     )
-    parser.add_argument("--model", type=Path, default=DEFAULT_PATH, help="base model folder")
+    parser.add_argument(
+        "--model",
+        type=named_models.folder_argument,
+        default="reference",
+        help="base model: a named model (reference) or a LLaVA folder",
+    )
     parser.add_argument(
         "--data", type=Path, default=Path("data/testbed"), help="testbed export (make one with "
         "`crossget data make`); fine-tuning uses its train split only",

@@ -27,6 +27,7 @@ import mllm_crossget as crossget
 from eval.bench import add_llm_positions_argument
 from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
+from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text
 
 DEFAULT_TEMPLATE = "<image>\nUSER: {question} ASSISTANT:"
@@ -40,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="reference",
-        help="a local folder or hub name of a LLaVA model, or 'reference' "
-        "for the testbed model shipped in eval/testbed/reference_model",
+        help="a named model (reference: the testbed model shipped in "
+        "eval/testbed/reference_model; default), a local LLaVA folder, or a hub id",
     )
     parser.add_argument("--task", choices=TASKS, default="testbed", help="what to evaluate")
     parser.add_argument(
@@ -102,20 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    if name == "reference":
-        from eval.testbed.model import load_reference
-
-        model, processor = load_reference()
-        return model.to(device, dtype).eval(), processor
-    path = Path(name)
-    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"model {name} is not a local folder and the hub is offline")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        name, dtype=dtype, attn_implementation="sdpa"
-    )
-    return model.to(device).eval(), AutoProcessor.from_pretrained(name)
+    """`--model` through the library's named-model registry (a name, a folder or a hub id)."""
+    return named_models.load_llava(name, dtype=dtype, device=device)
 
 
 def merge_adapter(model: Any, adapter: Path, state: Path | None) -> Any:
@@ -350,12 +339,10 @@ def folder_fingerprint(path: Path | None) -> str:
 
 
 def model_folder(name: str) -> Path:
-    """`--model` as a path: 'reference' is the shipped testbed model's folder."""
-    if name == "reference":
-        from eval.testbed.model import DEFAULT_PATH
-
-        return DEFAULT_PATH
-    return Path(name)
+    """`--model` as a path: a named model's folder (see mllm_crossget.named_models), else the
+    name itself (a hub id has no local folder; its fingerprint is 'none')."""
+    entry = named_models.get(name)
+    return entry.folder() if entry is not None else Path(name)
 
 
 def data_files_fingerprint(data: Path, split: str) -> str:
@@ -404,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     args = build_parser().parse_args(argv)
+    try:  # a --model typo stops here, before any data is read or the hub is tried
+        named_models.resolve(args.model)
+    except named_models.UnknownModelError as error:
+        raise SystemExit(f"crossget eval: {error}") from None
     # On CPU, accelerate only forms a process group when asked for one (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
     items = load_task(args.task, args.data, args.split, args.limit)

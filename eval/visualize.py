@@ -14,6 +14,7 @@ after a prefill with ``--prompt`` (its choice depends on the prompt).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 import mllm_crossget as crossget
+from mllm_crossget import named_models
 from mllm_crossget.config import atomic_output
 from mllm_crossget.cross_tokens import unwrap_cross_tokens
 from mllm_crossget.peers import FEATURE_METHODS, METHOD_NAMES
@@ -201,30 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        default=None,
-        help="a LLaVA folder; default: the testbed reference model (random weights until trained)",
+        default="reference",
+        help="a named model (reference: the testbed model, random weights until trained; "
+        "default), a LLaVA folder, or a hub id",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/visualize.png"), help="PNG path")
     return parser
 
 
-def _load(name: str | None) -> tuple[nn.Module, Any]:
-    if name is not None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+def _load(name: str) -> tuple[nn.Module, Any]:
+    """`--model` through the library's named-model registry; the reference model's shape with
+    random weights while it is not trained (or shipped) yet."""
+    entry = named_models.get(name)
+    untrained = entry is not None and not (entry.folder() / "config.json").is_file()
+    if untrained and entry.name == "reference":
+        from eval.testbed.model import build_reference
 
-        model = LlavaForConditionalGeneration.from_pretrained(name, attn_implementation="sdpa")
-        return model.eval(), AutoProcessor.from_pretrained(name)
-    from eval.testbed.model import DEFAULT_PATH, build_reference, load_reference
-
-    if (DEFAULT_PATH / "config.json").is_file():
-        return load_reference(DEFAULT_PATH)
-    model, processor = build_reference(seed=0)
-    return model.eval(), processor
+        model, processor = build_reference(seed=0)
+        return model.eval(), processor
+    return named_models.load_llava(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model, processor = _load(args.model)
+    try:
+        model, processor = _load(args.model)
+    except named_models.UnknownModelError as error:
+        print(f"crossget visualize: {error}", file=sys.stderr)
+        return 2
     if args.image is not None:
         image = Image.open(args.image)
     else:

@@ -27,7 +27,17 @@ VERBS: dict[str, tuple[str, str]] = {
     "lm-eval": ("eval.lmeval_plugin", "lm-eval's CLI with the crossget-llava model registered"),
     "serve": ("mllm_crossget.serving.server", "OpenAI-compatible chat-completions HTTP server"),
     "visualize": ("eval.visualize", "draw which patches ended up in which token, per method"),
-    "train": ("recipes.train", "train / fine-tune a LLaVA model (the recipes' entry point)"),
+    "testbed-train": (
+        "eval.testbed.training.train",
+        "train the testbed's reference model from scratch (`make reference-model`)",
+    ),
+}
+
+# Verbs that were renamed: running one says where its work went instead of "unknown verb".
+RENAMED: dict[str, str] = {
+    "train": "`crossget train` was renamed: `crossget testbed-train` trains the testbed's own "
+    "reference model from scratch; to recover accuracy of YOUR LLaVA after merging, run "
+    "`crossget finetune` (recipes/llava_finetune.py)",
 }
 
 
@@ -46,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in RENAMED:
+        print(f"crossget: {RENAMED[argv[0]]}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         if argv and argv[0] not in ("-h", "--help"):
             parser.print_help(sys.stderr)

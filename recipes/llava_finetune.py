@@ -6,7 +6,7 @@ tower and the base LLM stay frozen; LoRA adapters on the LLM's attention/MLP pro
 CrossGET cross tokens (``model.model.crossget_tokens``, a peft ``modules_to_save`` module) and
 optionally the projector train. The loss is the LM loss on answer tokens only plus
 ``alignment_weight x crossget.alignment_loss(model)`` (symmetric JS between the vision and the
-text cross tokens). Data, collator and Trainer come from :mod:`recipes.train`.
+text cross tokens). Data, collator and Trainer come from :mod:`eval.testbed.training.train`.
 
 Outputs in ``--output-dir``: ``adapter/`` (peft: LoRA + cross tokens), ``crossget/``
 (``crossget.save_pretrained``: config + cross tokens), ``loss.json``, ``loss.png``,
@@ -37,9 +37,7 @@ import torch
 from torch import nn
 
 import mllm_crossget as crossget
-from mllm_crossget.config import GUIDANCE_MODES, write_json_atomic
-from mllm_crossget.schedule import SCHEDULE_MODES
-from recipes.train import (
+from eval.testbed.training.train import (
     BAD_ROW_POLICIES,
     IGNORE_INDEX,
     PackedVQADataset,
@@ -52,6 +50,9 @@ from recipes.train import (
     load_examples,
     trainer_arguments,
 )
+from mllm_crossget import named_models
+from mllm_crossget.config import GUIDANCE_MODES, write_json_atomic
+from mllm_crossget.schedule import SCHEDULE_MODES
 
 ADAPTER_DIR = "adapter"
 CROSSGET_DIR = "crossget"
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         required=True,
-        help="base LLaVA: hub name or local folder (LlavaForConditionalGeneration + AutoProcessor)",
+        help="base LLaVA: a named model (reference), a local folder or a hub id "
+        "(LlavaForConditionalGeneration + AutoProcessor)",
     )
     model.add_argument(
         "--attn-implementation",
@@ -390,6 +392,10 @@ def load_base(
     extra: dict[str, Any] = {}
     if quantization is not None:
         extra = {"quantization_config": quantization, "device_map": {"": _local_rank()}}
+    try:
+        name = named_models.resolve(name)  # `reference` and other named models, offline-safe
+    except named_models.UnknownModelError as error:
+        raise FinetuneError(str(error)) from None
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, **extra

@@ -19,7 +19,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 training images, 2 questions each: the data of the short `recipes.train` CLI runs
+    """8 training images, 2 questions each: the data of the short `testbed-train` CLI runs
     (read only; every run writes to its own --output-dir)."""
     from eval.testbed.data import export, make_dataset_dict
 

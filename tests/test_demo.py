@@ -81,7 +81,7 @@ def test_missing_model_says_how_to_train_it(
 ) -> None:
     assert demo.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert "no reference model" in error and "recipes.train --init-reference" in error
+    assert "no reference model" in error and "crossget testbed-train --init-reference" in error
 
 
 def test_missing_shipped_model_falls_back_to_an_untrained_stand_in(

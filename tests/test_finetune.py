@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 import mllm_crossget as crossget
 from eval.testbed.model import format_prompt
+from eval.testbed.training.train import IGNORE_INDEX, collator_for, load_examples
 from recipes import llava_finetune as ft
-from recipes.train import IGNORE_INDEX, collator_for, load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 32

@@ -22,7 +22,7 @@ from eval.testbed.patch_labels import (
     tally_classes,
     word_patch_targets,
 )
-from recipes.grounding import (
+from eval.testbed.training.grounding import (
     MASKS_KEY,
     POSITIONS_KEY,
     SUPERVISIONS,
@@ -336,7 +336,7 @@ def test_grounding_loss_rejects_bad_layer() -> None:
 
 
 def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> None:
-    from recipes.train import (
+    from eval.testbed.training.train import (
         PackedVQADataset,
         cache_pixels,
         collator_for,
@@ -417,7 +417,7 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
     batch = collator_for(processor)([dataset[0], dataset[1]])
     assert batch[POSITIONS_KEY].shape[0] == 2 and batch[MASKS_KEY].shape[-1] == 256
     assert batch[MASKS_KEY][batch[POSITIONS_KEY] < 0].sum() == 0
-    from recipes.grounding import TALLY_KEY
+    from eval.testbed.training.grounding import TALLY_KEY
 
     first = dataset.items[0][0]
     assert batch[TALLY_KEY].shape == (2, 256)
@@ -425,7 +425,7 @@ def test_dataset_grounding_positions_point_at_grounded_words(tmp_path: Path) -> 
 
 
 def test_train_cli_with_grounding(tmp_path: Path, train_testbed: Path) -> None:
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     out = train_testbed
     run = tmp_path / "run"
@@ -454,7 +454,7 @@ def test_train_cli_with_grounding(tmp_path: Path, train_testbed: Path) -> None:
 
 
 def test_train_cli_grounding_needs_metadata(tmp_path: Path) -> None:
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     out = data.export(
         data.make_dataset_dict(train=4, validation=0, test=0, seed=3), tmp_path / "data"
@@ -467,7 +467,7 @@ def test_train_cli_grounding_needs_metadata(tmp_path: Path) -> None:
 
 
 def test_coordinate_weight_without_evidence_heads_is_refused() -> None:
-    from recipes.train import build_parser, grounding_losses
+    from eval.testbed.training.train import build_parser, grounding_losses
 
     model, _ = build_reference(size="cpu-small", image_size=56, seed=0)  # 4 heads: room for both
     args = build_parser().parse_args(
@@ -481,7 +481,7 @@ def test_coordinate_weight_without_evidence_heads_is_refused() -> None:
 
 
 def test_count_head_moves_the_count_loss() -> None:
-    from recipes.train import build_parser, grounding_losses
+    from eval.testbed.training.train import build_parser, grounding_losses
 
     model, _ = build_reference(size="cpu-small", image_size=56, seed=0)  # 4 heads
     flags = ["--data", "d", "--output-dir", "o", "--count-weight", "1", "--evidence-layer", "1"]
@@ -501,7 +501,7 @@ def test_count_head_moves_the_count_loss() -> None:
 def test_grounding_coordinates_flag_moves_positions_into_the_grounding_head(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from recipes.train import build_parser, grounding_losses, main
+    from eval.testbed.training.train import build_parser, grounding_losses, main
 
     model, _ = build_reference(size="cpu-small", image_size=56, seed=0)
     flags = ["--data", "d", "--output-dir", "o", "--grounding-weight", "1"]
@@ -532,7 +532,7 @@ def test_grounding_coordinates_flag_moves_positions_into_the_grounding_head(
 def test_count_sink_weight_must_be_positive(
     tmp_path: Path, weight: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from recipes.train import main
+    from eval.testbed.training.train import main
 
     flags = ["--data", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     assert main([*flags, "--count-sink-weight", weight]) == 2
@@ -545,8 +545,13 @@ def _packed_training_batch(tmp_path: Path, images: int) -> tuple[object, object,
     """A fresh cpu-small model (eval mode), its processor, and one packed training batch of
     `images` testbed images (4 questions each): model inputs with the isolated-turns mask, and
     the side inputs the extra losses read."""
-    from recipes.grounding import SIDE_KEYS
-    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask, load_examples
+    from eval.testbed.training.grounding import SIDE_KEYS
+    from eval.testbed.training.train import (
+        collator_for,
+        grounded_dataset,
+        isolated_turns_mask,
+        load_examples,
+    )
 
     out = data.export(
         data.make_dataset_dict(
@@ -566,7 +571,7 @@ def _packed_training_batch(tmp_path: Path, images: int) -> tuple[object, object,
 def test_early_answer_loss_matches_a_naive_logit_lens(tmp_path: Path) -> None:
     """Cross-entropy of the LM head on the residual after layer -2, at every answer position,
     against the answer word; for a multiple-choice question, the right option's word."""
-    from recipes.grounding import EarlyAnswerLoss
+    from eval.testbed.training.grounding import EarlyAnswerLoss
 
     model, processor, batch, side = _packed_training_batch(tmp_path, 70)
     term = EarlyAnswerLoss(model, weight=0.5)
@@ -610,7 +615,7 @@ def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
     `release()` they are the unforced model's, bit for bit."""
     from transformers import AttentionInterface
 
-    from recipes.grounding import SUPERVISIONS, OptionHeadForcing
+    from eval.testbed.training.grounding import SUPERVISIONS, OptionHeadForcing
 
     model, processor, batch, side = _packed_training_batch(tmp_path, 40)
     option = SUPERVISIONS["option"]
@@ -659,7 +664,7 @@ def test_option_head_forcing_matches_one_hot_attention(tmp_path: Path) -> None:
 def test_option_letter_loss_matches_a_naive_readout(tmp_path: Path) -> None:
     """Cross-entropy of the LM head on the option head's value at each option word, through that
     head's slice of o_proj and the final norm, against the option's letter."""
-    from recipes.grounding import OptionLetterLoss
+    from eval.testbed.training.grounding import OptionLetterLoss
 
     model, processor, batch, side = _packed_training_batch(tmp_path, 40)
     term = OptionLetterLoss(model, weight=0.5)
@@ -692,8 +697,8 @@ def test_option_letter_loss_matches_a_naive_readout(tmp_path: Path) -> None:
 
 
 def test_answer_path_flags_need_their_supervision() -> None:
-    from recipes.grounding import OptionHeadForcing, OptionLetterLoss
-    from recipes.train import answer_path_terms, build_parser
+    from eval.testbed.training.grounding import OptionHeadForcing, OptionLetterLoss
+    from eval.testbed.training.train import answer_path_terms, build_parser
 
     model, _ = build_reference(size="cpu-small", image_size=56, seed=0)
     base = ["--data", "d", "--output-dir", "o"]
@@ -740,7 +745,7 @@ def test_tally_loss_matches_a_naive_histogram(monkeypatch: pytest.MonkeyPatch) -
     tally classes, counted by hand, plus each patch's value against its own class."""
     from eval.testbed import model as testbed_model
     from eval.testbed.patch_labels import TALLY_CLASSES
-    from recipes.grounding import TALLY_KEY, TALLY_VALUE
+    from eval.testbed.training.grounding import TALLY_KEY, TALLY_VALUE
 
     # cpu-tiny's 16-wide heads cannot hold the 30 tally channels: two 32-wide ones can
     wide = replace(testbed_model.MODEL_SIZES["cpu-tiny"], text_width=64)

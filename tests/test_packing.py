@@ -12,7 +12,7 @@ import torch
 
 from eval.testbed import data
 from eval.testbed.model import build_reference
-from recipes.grounding import (
+from eval.testbed.training.grounding import (
     SIDE_KEYS,
     SUPERVISIONS,
     TURN_IDS_KEY,
@@ -37,7 +37,7 @@ def test_turn_visibility() -> None:
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory):
-    from recipes.train import grounded_dataset, load_examples
+    from eval.testbed.training.train import grounded_dataset, load_examples
 
     out = data.export(
         data.make_dataset_dict(train=12, validation=0, test=0, seed=5, train_questions_per_image=3),
@@ -63,7 +63,7 @@ def _alone(dataset, index: int) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_packed_turn_logits_equal_the_turn_alone(packed, implementation: str) -> None:
-    from recipes.train import collator_for, isolated_turns_mask
+    from eval.testbed.training.train import collator_for, isolated_turns_mask
 
     model, processor, dataset, _ = packed
     model.config._attn_implementation = implementation
@@ -99,7 +99,7 @@ def test_packed_turn_logits_equal_the_turn_alone(packed, implementation: str) ->
 
 
 def test_grounding_loss_rows_of_packed_turns_equal_the_turn_alone(packed) -> None:
-    from recipes.train import collator_for, isolated_turns_mask
+    from eval.testbed.training.train import collator_for, isolated_turns_mask
 
     model, processor, dataset, _ = packed
     supervision = SUPERVISIONS["readout"]
@@ -134,7 +134,7 @@ def test_grounding_loss_rows_of_packed_turns_equal_the_turn_alone(packed) -> Non
 
 
 def test_train_cli_shares_turns_on_request(tmp_path: Path) -> None:
-    from recipes.train import build_parser
+    from eval.testbed.training.train import build_parser
 
     args = build_parser().parse_args(["--data", "x", "--output-dir", str(tmp_path)])
     assert not args.share_turns
@@ -242,7 +242,7 @@ def test_tally_readings_by_hand_and_from_the_report(packed) -> None:
         format_tally_readings,
     )
     from eval.testbed.patch_labels import TALLY_CLASSES
-    from recipes.grounding import TALLY_KEY, TALLY_VALUE
+    from eval.testbed.training.grounding import TALLY_KEY, TALLY_VALUE
 
     classes = torch.full((2, 16), -1)
     classes[0, [1, 6, 9]] = torch.tensor([3, 3, 29])
@@ -285,7 +285,7 @@ def test_tally_readings_by_hand_and_from_the_report(packed) -> None:
 def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:
     from collections import Counter
 
-    from recipes.train import PackedVQADataset
+    from eval.testbed.training.train import PackedVQADataset
 
     _, processor, dataset, examples = packed
     family_of = [example.turns[0].family for example in examples]
@@ -311,7 +311,7 @@ def test_family_weights_repeat_and_thin_images_exactly(packed) -> None:
 
 
 def test_family_weights_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from recipes.train import main, parse_family_weights
+    from eval.testbed.training.train import main, parse_family_weights
 
     assert parse_family_weights(" counting=3, attribute=0.5 ") == {
         "counting": 3.0,
@@ -326,7 +326,7 @@ def test_family_weights_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_neighbour_query_moves_the_nearest_farthest_row_to_the_colour_word(packed) -> None:
-    from recipes.train import grounded_dataset
+    from eval.testbed.training.train import grounded_dataset
 
     model, processor, by_last, examples = packed
     by_colour = grounded_dataset(
@@ -352,7 +352,7 @@ def test_neighbour_query_moves_the_nearest_farthest_row_to_the_colour_word(packe
 
 
 def test_cached_vision_features_are_what_the_projector_would_get(packed) -> None:
-    from recipes.train import (
+    from eval.testbed.training.train import (
         cache_vision_features,
         collator_for,
         image_encoder_outputs,
@@ -390,7 +390,7 @@ def test_train_cli_cache_vision_features_trains_the_same_steps(
 ) -> None:
     import json
 
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     out = train_testbed
     argv = ["--data", str(out), "--init-reference", "--model-size", "cpu-tiny", "--no-progress"]
@@ -412,7 +412,7 @@ def test_train_cli_cache_vision_features_trains_the_same_steps(
 
 
 def test_cache_vision_features_refuses_a_tower_with_dropout(packed) -> None:
-    from recipes.train import cache_vision_features
+    from eval.testbed.training.train import cache_vision_features
 
     model, processor, dataset, _ = packed
     config = model.config.vision_config
@@ -436,7 +436,7 @@ def test_packed_lengths_are_the_items_lengths_without_drawing_randomness(packed)
 
 
 def test_shuffled_length_batches_pad_least_and_mix_the_order() -> None:
-    from recipes.train import ShuffledLengthBatches
+    from eval.testbed.training.train import ShuffledLengthBatches
 
     lengths = [300, 500, 300, 420, 500, 300, 420, 300, 500, 420, 300]  # 5 x 300, 3 x 420, 3 x 500
     torch.manual_seed(0)
@@ -462,7 +462,7 @@ def test_shuffled_length_batches_pad_least_and_mix_the_order() -> None:
 def test_group_by_length_uses_the_packed_lengths(packed, tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
-    from recipes.train import ShuffledLengthBatches, _trainer_class, collator_for
+    from eval.testbed.training.train import ShuffledLengthBatches, _trainer_class, collator_for
 
     model, processor, dataset, _ = packed
 
@@ -488,7 +488,7 @@ def test_group_by_length_uses_the_packed_lengths(packed, tmp_path: Path) -> None
 def test_train_cli_group_by_length_runs(tmp_path: Path, train_testbed: Path) -> None:
     import json
 
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     argv = ["--data", str(train_testbed), "--init-reference", "--model-size", "cpu-tiny"]
     argv += ["--no-progress", "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1"]

@@ -98,7 +98,7 @@ def test_batched_answers_match_single(
 
 def test_processor_prompt_matches_training_tokens() -> None:
     """Training builds token ids itself; they must equal what the processor gives at eval."""
-    from recipes.train import PackedVQADataset, cache_pixels, load_hf_split
+    from eval.testbed.training.train import PackedVQADataset, cache_pixels, load_hf_split
 
     model, processor = build_reference(size="cpu-tiny")
     record = data.generate_examples(1, seed=4)[0]
@@ -117,7 +117,7 @@ def test_processor_prompt_matches_training_tokens() -> None:
     answer_ids = processor.tokenizer.encode(record["answer"], add_special_tokens=False)
     assert item["labels"][n_prompt:].tolist() == answer_ids + [processor.tokenizer.eos_token_id]
     # Cached uint8 pixels normalised by the collator equal the processor's pixel values.
-    from recipes.train import collator_for
+    from eval.testbed.training.train import collator_for
 
     batch = collator_for(processor)([item])
     assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-5)
@@ -125,7 +125,7 @@ def test_processor_prompt_matches_training_tokens() -> None:
 
 def test_train_recipe_smoke(tmp_path: Path) -> None:
     """Two optimizer steps of a throwaway tiny model through the real CLI, then a resume."""
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     out = data.export(
         data.make_dataset_dict(train=14, validation=7, test=7, seed=2, train_questions_per_image=2),
@@ -150,7 +150,7 @@ def test_train_recipe_smoke(tmp_path: Path) -> None:
 
 
 def test_train_recipe_clear_errors(tmp_path: Path) -> None:
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     with pytest.raises(FileNotFoundError, match="data folder not found"):
         train_main(
@@ -200,7 +200,7 @@ def test_option_head_ablation(reference: tuple[object, object], held_out: list[d
     import datasets
 
     from eval.testbed.attention_report import option_head_ablation
-    from recipes.train import load_hf_split
+    from eval.testbed.training.train import load_hf_split
 
     model, processor = reference
     records = [r for r in held_out if r["family"] == "multiple_choice"]

@@ -118,11 +118,15 @@ def test_chat_streams_and_budget_switches_visual_tokens(
 def test_chat_without_reference_model_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import eval.testbed.model as testbed_model
+    from dataclasses import replace
 
-    monkeypatch.setattr(testbed_model, "DEFAULT_PATH", tmp_path / "missing")
+    from mllm_crossget import named_models
+
+    entry = replace(named_models.get("reference"), folder=lambda: tmp_path / "missing")
+    monkeypatch.setitem(named_models._REGISTRY, "reference", entry)
     assert chat.main(["--model", "reference"]) == 2
-    assert "no model at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"has no files at {tmp_path / 'missing'}" in err and "make reference-model" in err
 
 
 @pytest.mark.parametrize(("verb", "flag"), [("chat", "--budget"), ("serve", "--api-key")])

@@ -349,7 +349,7 @@ def test_neighbour_labels_name_the_clearly_nearest_and_farthest_shape(seed: int)
 
 
 def test_optional_patch_labels_follow_the_flags() -> None:
-    from recipes.train import build_parser, optional_patch_labels
+    from eval.testbed.training.train import build_parser, optional_patch_labels
 
     def labels(*flags: str) -> tuple[str, ...]:
         return optional_patch_labels(
@@ -420,7 +420,7 @@ def _language_tensors(model: object) -> dict[str, torch.Tensor]:
 
 
 def test_patch_label_model_gradients_stop_at_feature_layer() -> None:
-    from recipes.vision_pretrain import (
+    from eval.testbed.training.vision_pretrain import (
         PatchLabelCollator,
         PatchLabelDataset,
         PatchLabelModel,
@@ -483,8 +483,8 @@ def test_train_cli_with_vision_pretraining(
     from safetensors.torch import load_file
 
     from eval.testbed.model import load_reference
-    from recipes.train import main as train_main
-    from recipes.vision_pretrain import VISION_WEIGHTS
+    from eval.testbed.training.train import main as train_main
+    from eval.testbed.training.vision_pretrain import VISION_WEIGHTS
 
     out = train_testbed
     run = tmp_path / "run"
@@ -542,7 +542,7 @@ def test_train_cli_bf16_autocasts_both_stages_and_keeps_fp32_weights(tmp_path: P
     """--bf16 changes the arithmetic (the trained weights differ from an fp32 run's by bf16
     rounding) but not what is stored: both stages' weights stay fp32 and close to fp32's."""
     from eval.testbed.model import load_reference
-    from recipes.train import main as train_main
+    from eval.testbed.training.train import main as train_main
 
     out = data.export(
         data.make_dataset_dict(train=6, validation=0, test=0, seed=4, train_questions_per_image=2),

@@ -1,6 +1,6 @@
 """How closely a trained testbed model's heads meet the supervised attention targets.
 
-The reference recipe supervises one head per role (recipes/grounding.SUPERVISIONS). When a
+The reference recipe supervises one head per role (training/grounding.SUPERVISIONS). When a
 question family stays weak, this tells whether its heads fail to find what they should look at
 or whether they find it and the layers after them fail to use it. Each row is scored with the
 training loss itself on isolated single-question turns, as the model is asked at evaluation.
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
+from mllm_crossget import named_models
 
 
 @torch.no_grad()
@@ -44,8 +45,8 @@ def attention_report(
     loss's `head` and `sink_weight`). A `count_shares` dict is filled with, per number of
     things to count, where the count head's attention went (`CountAttention`): the BOS share
     is the count a later layer has to read off. `neighbour_query` is the word the recipe asked
-    for the nearest/farthest object from (recipes.train --neighbour-query)."""
-    from recipes.grounding import (
+    for the nearest/farthest object from (testbed-train --neighbour-query)."""
+    from eval.testbed.training.grounding import (
         SUPERVISIONS,
         TALLY_KEY,
         GroundingLoss,
@@ -139,8 +140,8 @@ def _grounded_batches(
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(model inputs, attention targets) of the examples' isolated single-question turns, in
     batches, with the model in eval mode while they are used."""
-    from recipes.grounding import SIDE_KEYS, TURN_IDS_KEY
-    from recipes.train import collator_for, grounded_dataset, isolated_turns_mask
+    from eval.testbed.training.grounding import SIDE_KEYS, TURN_IDS_KEY
+    from eval.testbed.training.train import collator_for, grounded_dataset, isolated_turns_mask
 
     dataset = grounded_dataset(
         examples,
@@ -184,7 +185,7 @@ def option_head_ablation(
 
     Whether a model answers from its option head at all: if forcing it right gains nothing and
     zeroing it costs nothing, the answer ignores it (the previous model: 43 / 43 / 40 %)."""
-    from recipes.grounding import SUPERVISIONS, OptionHeadForcing, position_targets
+    from eval.testbed.training.grounding import SUPERVISIONS, OptionHeadForcing, position_targets
 
     option = SUPERVISIONS["option"]
     forcings = {
@@ -283,7 +284,7 @@ class CountAttention:
 
 @dataclass
 class TallyReading:
-    """The tally head's reading (recipes/grounding.GroundingLoss `tally_weight`) of every kind
+    """The tally head's reading (training/grounding.GroundingLoss `tally_weight`) of every kind
     of thing with one true count, summed over rows and kinds: how many, the sum and the sum of
     squares of what it read (in things), and how many of those round to the truth. A later
     layer can only pick the asked kind's count out of a histogram that holds it."""
@@ -311,7 +312,7 @@ def _add_tally_readings(
     """`head_outputs`: (rows, heads x head_dim), o_proj's input at the tally rows; `classes`:
     (rows, P) tally class per patch."""
     from eval.testbed.patch_labels import TALLY_CLASSES
-    from recipes.grounding import TALLY_VALUE, tally_histograms
+    from eval.testbed.training.grounding import TALLY_VALUE, tally_histograms
 
     channels = len(TALLY_CLASSES)
     start = head * head_dim
@@ -382,9 +383,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.testbed.attention_report",
         description="Score a testbed model's heads against the supervised attention targets "
-        "(recipes/grounding.SUPERVISIONS) on single-question turns.",
+        "(training/grounding.SUPERVISIONS) on single-question turns.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument(
+        "--model",
+        type=named_models.folder_argument,
+        required=True,
+        help="a named model (reference) or a model folder",
+    )
     parser.add_argument("--data", type=Path, required=True, help="testbed export root")
     parser.add_argument("--split", default="validation", help="split whose images are used")
     parser.add_argument("--images", type=int, default=200, help="use the first N images")
@@ -404,20 +410,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--count-head",
         type=int,
         default=None,
-        help="head of --evidence-layer the count loss trained (recipes.train --count-head; "
+        help="head of --evidence-layer the count loss trained (testbed-train --count-head; "
         "default: the recipe's default)",
     )
     parser.add_argument(
         "--count-sink-weight",
         type=float,
         default=1.0,
-        help="the BOS weight the count loss trained (recipes.train --count-sink-weight)",
+        help="the BOS weight the count loss trained (testbed-train --count-sink-weight)",
     )
     parser.add_argument(
         "--neighbour-query",
         choices=NEIGHBOUR_QUERIES,
         default="last",
-        help="the anchor word the neighbour loss trained (recipes.train --neighbour-query)",
+        help="the anchor word the neighbour loss trained (testbed-train --neighbour-query)",
     )
     parser.add_argument(
         "--count-shares",
@@ -429,7 +435,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tally",
         action="store_true",
-        help="also print, per true count, how the tally head (recipes.train --tally-weight, "
+        help="also print, per true count, how the tally head (testbed-train --tally-weight, "
         "head 0 of --evidence-layer) reads every kind of thing: mean and spread of its "
         "reading in things, and how often it rounds to the truth",
     )
@@ -447,13 +453,13 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from eval.testbed.model import load_reference
-    from recipes.train import SUPERVISION_FLAGS, load_examples
+    from eval.testbed.training.train import SUPERVISION_FLAGS, load_examples
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, processor = load_reference(args.model)
     examples = list(load_examples(args.data, args.split))[: args.images]
-    # the same --*-layer flags as recipes.train, moving the same heads
+    # the same --*-layer flags as eval.testbed.training.train, moving the same heads
     overrides = {
         name: getattr(args, layer_flag)
         for name, (_, layer_flag) in SUPERVISION_FLAGS.items()

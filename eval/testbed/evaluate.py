@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.testbed.data import FAMILIES, KIND_ANSWERS, SPLITS, load_split
-from eval.testbed.model import DEFAULT_PATH, answer, load_reference, normalize_answer
+from eval.testbed.model import answer, load_reference, normalize_answer
+from mllm_crossget import named_models
 from mllm_crossget.config import write_json_atomic
 
 
@@ -146,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Exact-match accuracy per question family, beside chance.",
     )
     parser.add_argument(
-        "--model", type=Path, default=DEFAULT_PATH, help="model folder (default: shipped model)"
+        "--model",
+        type=named_models.folder_argument,
+        default="reference",
+        help="a named model (reference: the shipped model; default) or a model folder",
     )
     parser.add_argument(
         "--data", type=Path, required=True, help="export root or save_to_disk folder"

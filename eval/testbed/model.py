@@ -264,7 +264,8 @@ def load_reference(
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"no model at {folder} (config.json missing); train one with `python -m recipes.train`"
+            f"no model at {folder} (config.json missing); train one with "
+            "`crossget testbed-train` (or `make reference-model`)"
         )
     model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(folder)

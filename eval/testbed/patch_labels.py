@@ -43,13 +43,13 @@ LABEL_CLASSES: dict[str, tuple[str, ...]] = {
     "column": (),
 }
 MAX_LIKE_COUNT = 9
-# What a tally head counts (recipes/grounding.GroundingLoss tally_weight): every colour and shape
+# What a tally head counts (training/grounding.GroundingLoss tally_weight): every colour and shape
 # of a large object, then every handwritten digit, one patch per thing (its centre patch).
 TALLY_CLASSES: tuple[str, ...] = (
     *(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES),
     *(f"digit {digit}" for digit in DIGITS),
 )
-# Pretraining targets only on request (recipes.train --vision-count-label): on every patch of a
+# Pretraining targets only on request (testbed-train --vision-count-label): on every patch of a
 # shape, how many shapes in the image share its colour and shape; on a handwritten digit's
 # patches, how many grid cells show that digit. Counting with softmax attention is hard for a
 # small LLM (a share of 1 / (n + 1) to read off); a tower that has counted lets a question's
@@ -321,7 +321,7 @@ def attention_targets(
     neighbour_query: str = "last",
 ) -> dict[str, list[Target]]:
     """Every attention target of one question (a prompt ending in the token that predicts the
-    answer), by the name of the supervision that uses it (recipes/grounding.SUPERVISIONS).
+    answer), by the name of the supervision that uses it (training/grounding.SUPERVISIONS).
 
     First layer: each grounded word -> its patches ("grounding"); the answer position -> the
     question's first run of colour/shape/digit/... words, present in the image or not

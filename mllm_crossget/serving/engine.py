@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import mllm_crossget as crossget
+from mllm_crossget import named_models
 from mllm_crossget.peers import METHOD_NAMES
 
 __all__ = [
@@ -137,38 +138,21 @@ class GenerationResult:
 def load_model(
     name: str = "reference", dtype: str = "fp32", device: str = "cpu"
 ) -> tuple[Any, Any]:
-    """``reference`` (the testbed model shipped in eval/testbed), a local folder or a hub name.
+    """A named model (``reference``, see :mod:`mllm_crossget.named_models`), a local folder or
+    a hub id.
 
     Raises ``FileNotFoundError``/``OSError`` with a message a command line can print as is.
     """
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    if name == "reference":
-        try:
-            from eval.testbed.model import DEFAULT_PATH, load_reference
-        except ModuleNotFoundError as error:
-            raise FileNotFoundError(
-                f"the reference model needs the eval package of this checkout ({error}); "
-                "pass --model FOLDER instead"
-            ) from error
-        model, processor = load_reference(DEFAULT_PATH, device=device)
-        return model.to(dtype=dtypes[dtype]).eval(), processor
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(
-        name, dtype=dtypes[dtype], attn_implementation="sdpa"
-    )
-    processor = AutoProcessor.from_pretrained(name)
-    if hasattr(processor, "tokenizer"):
-        processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
+    return named_models.load_llava(name, dtype=dtypes[dtype], device=device)
 
 
 def default_model_name(name: str) -> str:
     """What clients put in ``model``: a folder's own name, else the name as given."""
     path = Path(name)
-    return path.name if name != "reference" and path.is_dir() else name
+    return path.name if named_models.get(name) is None and path.is_dir() else name
 
 
 def build_prompt(processor: Any, messages: Sequence[ChatMessage]) -> str:
@@ -479,8 +463,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="reference",
-        help="a local LLaVA folder, a hub name, or 'reference' (the testbed model in "
-        "eval/testbed/reference_model; default)",
+        help="a named model (reference: the testbed model in eval/testbed/reference_model; "
+        "default), a local LLaVA folder, or a hub id",
     )
     parser.add_argument(
         "--budget",

@@ -40,8 +40,16 @@ from eval.testbed.model import (
     load_reference,
 )
 from eval.testbed.patch_labels import NEIGHBOUR_QUERIES
+from eval.testbed.training.grounding import (
+    IGNORE_INDEX,
+    SIDE_KEYS,
+    SUPERVISIONS,
+    TALLY_KEY,
+    TURN_IDS_KEY,
+)
+from eval.testbed.training.pixels import normalize_pixels
+from mllm_crossget import named_models
 from mllm_crossget.config import atomic_output, write_json_atomic
-from recipes.grounding import IGNORE_INDEX, SIDE_KEYS, SUPERVISIONS, TALLY_KEY, TURN_IDS_KEY
 
 # ----------------------------------------------------------------------------- data
 
@@ -353,7 +361,7 @@ def image_encoder_outputs(model: Any, features: torch.Tensor) -> dict[str, Any]:
 class PackedVQADataset(torch.utils.data.Dataset):
     """Token ids, answer-only labels and cached pixels; one item per image (packed turns) or
     per question. With `patch_label_sets` (one per image, from the scene metadata) every item
-    also carries the grounding targets of its question words (see recipes/grounding.py).
+    also carries the grounding targets of its question words (see training/grounding.py).
 
     With `isolate_turns`, every packed turn sees the image and itself only, at the positions
     it would have alone (`turn_ids`, `position_ids`; the trainer turns them into a 4-D mask):
@@ -491,7 +499,7 @@ class PackedVQADataset(torch.utils.data.Dataset):
         return item
 
 
-# Which --*-weight / --*-layer flags set each supervision of recipes.grounding.SUPERVISIONS.
+# Which --*-weight / --*-layer flags set each supervision of grounding.SUPERVISIONS.
 SUPERVISION_FLAGS: dict[str, tuple[str, str | None]] = {
     "grounding": ("grounding_weight", "grounding_layer"),
     "question": ("question_weight", None),
@@ -508,8 +516,8 @@ SUPERVISION_FLAGS: dict[str, tuple[str, str | None]] = {
 
 
 def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
-    """The attention losses switched on by their --*-weight flags (see recipes/grounding.py)."""
-    from recipes.grounding import GroundingLoss
+    """The attention losses switched on by their --*-weight flags (see training/grounding.py)."""
+    from eval.testbed.training.grounding import GroundingLoss
 
     if args.coordinate_weight > 0 and args.evidence_weight <= 0:
         raise ValueError(
@@ -537,7 +545,7 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
         except ValueError as error:
             flag = "--" + weight_flag.replace("_", "-")
             raise ValueError(
-                f"{flag} supervises the {name!r} attention (recipes.grounding.SUPERVISIONS) but "
+                f"{flag} supervises the {name!r} attention (grounding.SUPERVISIONS) but "
                 f"this model cannot take it: {error}. Set {flag} 0 or use a larger LLM."
             ) from error
         losses.append(loss)
@@ -547,7 +555,7 @@ def grounding_losses(model: Any, args: argparse.Namespace) -> list[Callable]:
 def answer_path_terms(model: Any, args: argparse.Namespace) -> tuple[list[Callable], list[Any]]:
     """The losses and training-time forcings on the path from a found option or evidence to the
     answer word (--early-answer-weight, --option-letter-weight, --force-option-head)."""
-    from recipes.grounding import EarlyAnswerLoss, OptionHeadForcing, OptionLetterLoss
+    from eval.testbed.training.grounding import EarlyAnswerLoss, OptionHeadForcing, OptionLetterLoss
 
     losses: list[Callable] = []
     forcings: list[Any] = []
@@ -600,7 +608,7 @@ def grounded_dataset(
     isolate_turns: bool = True,
     neighbour_query: str = "last",
 ) -> PackedVQADataset:
-    """Packed turns with every attention target of recipes/grounding.SUPERVISIONS, from the
+    """Packed turns with every attention target of training/grounding.SUPERVISIONS, from the
     testbed scene metadata (for inspecting a trained model's heads, or tests)."""
     pixels = cache_pixels(examples, processor.image_processor, progress=progress)
     return PackedVQADataset(
@@ -675,18 +683,6 @@ class PixelNormalizingCollator:
         return collated
 
 
-def normalize_pixels(
-    pixels: torch.Tensor,
-    image_mean: Sequence[float],
-    image_std: Sequence[float],
-    rescale_factor: float = 1 / 255,
-) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> the processor's normalised float pixels."""
-    mean = torch.tensor(image_mean).view(1, -1, 1, 1)
-    std = torch.tensor(image_std).view(1, -1, 1, 1)
-    return (pixels.float() * rescale_factor - mean) / std
-
-
 def collator_for(processor: Any) -> PixelNormalizingCollator:
     image_processor = processor.image_processor
     return PixelNormalizingCollator(
@@ -704,7 +700,7 @@ def isolated_turns_mask(turn_ids: torch.Tensor, model: Any) -> torch.Tensor:
     """(B, 1, T, T) mask from per-token turn ids (0 = shared prefix, -1 = padding): causal,
     and a turn's tokens see the prefix and their own turn only. Boolean for sdpa; additive for
     eager attention, which adds the mask to its scores."""
-    from recipes.grounding import turn_visibility
+    from eval.testbed.training.grounding import turn_visibility
 
     allowed = turn_visibility(turn_ids)[:, None]
     if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
@@ -952,7 +948,7 @@ def _save_final(model: Any, processor: Any, final_dir: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.train",
+        prog="crossget testbed-train",
         description="Train a LLaVA-style model on testbed / LLaVA-format VQA data "
         "(loss on answer tokens only).",
     )
@@ -1005,7 +1001,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of a family that is learnt already); default: every image once",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", type=Path, default=None, help="folder to from_pretrained")
+    model.add_argument(
+        "--model",
+        type=named_models.folder_argument,
+        default=None,
+        help="a named model (reference) or a folder to from_pretrained",
+    )
     model.add_argument(
         "--init-reference",
         action="store_true",
@@ -1091,7 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grounding-weight",
         type=float,
         default=0.0,
-        help="weight of the word-to-patch attention loss (recipes/grounding.py) added to the "
+        help="weight of the word-to-patch attention loss (training/grounding.py) added to the "
         "answer loss in the language stage; 0 = off",
     )
     ground.add_argument(
@@ -1340,7 +1341,7 @@ def flag_conflict(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: `python -m recipes.train --help`."""
+    """CLI entry: `crossget testbed-train --help` (or `python -m eval.testbed.training.train`)."""
     args = build_parser().parse_args(argv)
     from transformers import Trainer, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -1406,7 +1407,7 @@ def main(argv: list[str] | None = None) -> int:
     answer_losses, forcings = answer_path_terms(model, args)
     extra_losses += answer_losses
     if args.vision_pretrain_steps > 0:
-        from recipes.vision_pretrain import run_vision_pretrain
+        from eval.testbed.training.vision_pretrain import run_vision_pretrain
 
         run_vision_pretrain(
             model,

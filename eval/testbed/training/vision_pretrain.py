@@ -4,7 +4,7 @@ LLaVA-1.5 trains its language side on top of a CLIP tower that was pretrained el
 kept frozen. The testbed model has no pretrained tower, so this stage plays CLIP's part: the
 tower learns, from the train split's scene metadata only (eval/testbed/patch_labels.py), to
 say per patch what is drawn there. The heads are thrown away afterwards; only the tower's
-weights carry over into the language-model stage (recipes/train.py).
+weights carry over into the language-model stage (eval/testbed/training/train.py).
 
 It runs through the same transformers `Trainer` as the main stage, so it works on CPU, on a
 GPU, and under `accelerate launch` alike.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from eval.testbed.patch_labels import label_sizes, patch_labels
+from eval.testbed.training.pixels import normalize_pixels
 from mllm_crossget.config import atomic_output
 
 LABEL_PREFIX = "patch_"
@@ -73,8 +74,6 @@ class PatchLabelCollator:
     rescale_factor: float = 1 / 255
 
     def __call__(self, batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from recipes.train import normalize_pixels
-
         out = {
             key: torch.stack([item[key] for item in batch])
             for key in batch[0]
