@@ -61,7 +61,7 @@ DEFAULT_OUT = Path("outputs/demo")
 # One answer word is one token of the word-level tokenizer, so a second token (</s> or an extra
 # word) decides exact match: longer generations cannot turn a wrong answer right or vice versa.
 DEFAULT_MAX_NEW_TOKENS = 2
-# The exact recipe that produced the shipped model (see eval/testbed/reference_model/README.md).
+# The exact recipe that produced the shipped model (see docs/reference-model.md).
 TRAIN_COMMAND = (
     "make reference-model   # testbed data, then crossget testbed-train --init-reference "
     "... (the full recipe is in the Makefile)"

@@ -24,7 +24,7 @@ from eval.testbed.model import (
 HELD_OUT_N = 100
 HELD_OUT_SEED = 0 + data.SPLIT_SEED_OFFSETS["test"]
 # Measured accuracy of the shipped weights on exactly these 100 questions is in
-# eval/testbed/reference_model/README.md; the bar sits 5 points below it.
+# docs/reference-model.md; the bar sits 5 points below it.
 MIN_ACCURACY = 0.78
 
 shipped = pytest.mark.skipif(
