@@ -186,7 +186,8 @@ def load_model(folder: Path, device: str, untrained_fallback: bool = False) -> t
         raise DemoError(
             f"no reference model in {folder} (config.json missing).\n"
             f"Train it first:\n  {TRAIN_COMMAND}\n"
-            "or point --model at a folder saved with save_pretrained."
+            "or point --model at a folder saved with save_pretrained, or at a named model "
+            f"({', '.join(named_models.known_names())})."
         )
     return load_reference(folder, device)
 

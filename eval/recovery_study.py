@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        type=named_models.folder_argument,
+        type=named_models.existing_folder_argument,
         default="reference",
         help="base model: a named model (reference) or a LLaVA folder",
     )

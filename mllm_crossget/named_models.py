@@ -32,6 +32,7 @@ __all__ = [
     "NamedModel",
     "REFERENCE_FOLDER",
     "UnknownModelError",
+    "existing_folder_argument",
     "folder_argument",
     "get",
     "known_names",
@@ -204,6 +205,24 @@ def folder_argument(text: str) -> Path:
     folder (whether or not its files are there yet), anything else a ``Path``."""
     entry = get(text)
     return entry.folder() if entry is not None else Path(text).expanduser()
+
+
+def existing_folder_argument(text: str) -> Path:
+    """An argparse ``type`` for verbs that need the model's files on disk: a named model's
+    folder or an existing model folder; anything else is a usage error naming the known names
+    (never a hub download)."""
+    import argparse
+
+    entry = get(text)
+    folder = entry.folder() if entry is not None else Path(text).expanduser()
+    if entry is None and not folder.exists():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: no such folder, and not a named model (known: {_known()})"
+        )
+    try:
+        return _check_folder(folder, text) if entry is None else Path(resolve(text))
+    except UnknownModelError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def local_folder(name: str | Path) -> Path | None:

@@ -259,3 +259,19 @@ def test_old_train_verb_points_at_the_new_ones(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert "crossget testbed-train" in err and "crossget finetune" in err
     assert "testbed-train" in cli.VERBS and "train" not in cli.VERBS
+
+
+def test_folder_verbs_refuse_a_typo_as_a_usage_error(
+    no_network: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eval import recovery_study
+    from eval.testbed import evaluate
+
+    for main in (recovery_study.main, evaluate.main):
+        with pytest.raises(SystemExit) as stop:
+            main(["--model", "referenc"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "'referenc': no such folder, and not a named model (known: reference)" in err
+    if (named_models.REFERENCE_FOLDER / "config.json").is_file():
+        assert named_models.existing_folder_argument("reference") == named_models.REFERENCE_FOLDER

@@ -387,7 +387,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        type=named_models.folder_argument,
+        type=named_models.existing_folder_argument,
         required=True,
         help="a named model (reference) or a model folder",
     )

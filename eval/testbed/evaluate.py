@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--model",
-        type=named_models.folder_argument,
+        type=named_models.existing_folder_argument,
         default="reference",
         help="a named model (reference: the shipped model; default) or a model folder",
     )

@@ -1003,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        type=named_models.folder_argument,
+        type=named_models.existing_folder_argument,
         default=None,
         help="a named model (reference) or a folder to from_pretrained",
     )
