@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import mllm_crossget as crossget
+from mllm_crossget.config import budget_error
 from mllm_crossget.peers import METHOD_NAMES
 
 __all__ = [
@@ -71,12 +72,13 @@ class Setting:
 
 
 def parse_budget(text: str) -> int | None:
-    """``'full'``/``'off'``/``'0'`` -> None, digits -> int; anything else is an error."""
+    """``'full'``/``'off'``/``'none'`` -> None (CrossGET off), digits >= 1 -> int; anything
+    else, 0 included, is an error with the message the API and the server give."""
     value = text.strip().lower()
-    if value in (FULL, "off", "none", "0"):
+    if value in (FULL, "off", "none"):
         return None
-    if not value.isdigit():
-        raise InvalidSetting(f"budget must be a positive integer or 'full', got {text!r}")
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidSetting(budget_error(int(value) if value.isdigit() else text, "budget"))
     return int(value)
 
 
@@ -90,7 +92,7 @@ def make_setting(method: str, visual_tokens: int | None) -> Setting:
     if visual_tokens is None:
         raise InvalidSetting(f"method={method!r} needs a visual-token budget")
     if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or visual_tokens < 1:
-        raise InvalidSetting(f"visual_tokens must be an int >= 1, got {visual_tokens!r}")
+        raise InvalidSetting(budget_error(visual_tokens))
     return Setting(method=method, visual_tokens=visual_tokens)
 
 
