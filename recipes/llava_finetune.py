@@ -739,7 +739,7 @@ def run_artefacts(output_dir: Path) -> list[Path]:
         return []
     named = [output_dir / n for n in (ADAPTER_DIR, CROSSGET_DIR, *RUN_FILES)]
     partial = sorted(output_dir.glob(".adapter.*")) + sorted(output_dir.glob(".crossget.*"))
-    return [p for p in named if p.exists()] + _checkpoints(output_dir)[::-1] + partial
+    return _checkpoints(output_dir) + [p for p in named if p.exists()] + partial
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -748,9 +748,9 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         raise FinetuneError(f"--output-dir {output_dir} is a file, not a folder")
     found = run_artefacts(output_dir)
     if found and not (resume or overwrite):
-        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:6])
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:8])
         raise FinetuneError(
-            f"--output-dir {output_dir} already holds a run ({names}{', ...' if len(found) > 6 else ''}); "
+            f"--output-dir {output_dir} already holds a run ({names}{', ...' if len(found) > 8 else ''}); "
             "continue it with --resume, delete it and start over with --overwrite, or choose "
             "a new --output-dir"
         )
