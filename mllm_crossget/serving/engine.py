@@ -495,7 +495,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=METHOD_NAMES,
         help="token-reduction method used when --budget is a number (default: crossget)",
     )
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="weights' precision: fp32 (default; the reference on CPU), bf16 or fp16 (half "
+        "the memory, faster on a GPU; fp16 is slow or unsupported on many CPUs)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
