@@ -87,6 +87,9 @@ def _finetune(setting: Setting, args: argparse.Namespace, run_dir: Path) -> floa
         # One question per sequence for every setting: what evaluation asks, and what `query`
         # guidance needs anyway. Packed turns for `cross` only would confound the ablation.
         "--no-pack",
+        # A study rerun into the same --out trains each setting afresh, as it always did
+        # (the fine-tune refuses a used folder unless told).
+        "--overwrite",
     ]  # fmt: skip
     if setting.alignment_weight is not None:
         argv += ["--alignment-weight", str(setting.alignment_weight)]

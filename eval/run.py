@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -397,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"crossget eval: {error}") from None
     # On CPU, accelerate only forms a process group when asked for one (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
-    items = load_task(args.task, args.data, args.split, args.limit)
+    try:
+        items = load_task(args.task, args.data, args.split, args.limit)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"crossget eval: {error}", file=sys.stderr)
+        return 2
     shard = items[state.process_index :: state.num_processes]
     model, processor = load_model(args.model, state.device, DTYPES[args.dtype])
     if args.adapter is not None:

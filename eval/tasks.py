@@ -213,7 +213,13 @@ def load_task(
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     root = Path(data)
     if not root.exists():
-        raise FileNotFoundError(f"data folder {root} does not exist")
+        hint = ""
+        if task == "testbed":
+            hint = (
+                f"; create it with `crossget data make --out {root}` (`make demo` writes its "
+                "own copy to data/testbed-demo/seed0-224px, which --data also takes)"
+            )
+        raise FileNotFoundError(f"data folder {root} does not exist{hint}")
     if task == "testbed":
         items = _load_testbed(root, split)
     elif task == "mmbench":

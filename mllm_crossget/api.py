@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from .adapters import blip2, hf_clip, hf_clip_model, llava
 from .adapters import open_clip as open_clip_adapter
 from .adapters.family import Family
-from .config import CrossGETConfig, atomic_output
+from .config import CrossGETConfig, atomic_output, budget_error
 from .cross_tokens import CrossTokens, unwrap_cross_tokens
 from .peers import fastv
 from .planner import TowerPlanner
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 TOKENS_ATTR = "crossget_tokens"
+# A weak reference to the processor that ``apply`` adjusted, so ``remove(model)`` restores it.
+PROCESSOR_ATTR = "_crossget_processor"
 TOKENS_FILE = "crossget_tokens.safetensors"
 # Registry keyed by class *name*, so no model class needs importing to check support.
 SUPPORTED_MODELS: tuple[str, ...] = (
@@ -153,11 +157,13 @@ def apply(
     # Validate the budget now, on the model's own image size, not at the first forward.
     vision_config = getattr(model.config, "vision_config", model.config)
     planner.visual_tokens(vision_config.image_size, vision_config.image_size)
+    _warn_if_r_clamped(planner, vision_config.image_size, vision_config.image_size)
 
     holder = _tokens_holder(model, family)
     previous = getattr(holder, TOKENS_ATTR, None)
+    processor = processor if processor is not None else _adjusted_processor(model)
     if is_applied(model):
-        remove(model)
+        _unpatch(model)
     tokens = _build_tokens(model, family, planner, config)
     if previous is not None and _same_shapes(unwrap_cross_tokens(previous), tokens):
         tokens.load_state_dict(unwrap_cross_tokens(previous).state_dict())
@@ -172,8 +178,47 @@ def apply(
     model.crossget_config = config
     model.crossget_planner = planner
     if processor is not None:
-        return model, adjust_processor(processor, planner)
+        adjust_processor(processor, planner)
+        setattr(model, PROCESSOR_ATTR, weakref.ref(processor))
+        return model, processor
     return model
+
+
+def _adjusted_processor(model: nn.Module) -> Any:
+    """The processor an earlier ``apply`` adjusted for ``model``, if it still is and lives."""
+    reference = getattr(model, PROCESSOR_ATTR, None)
+    processor = reference() if reference is not None else None
+    planner = getattr(model, "crossget_planner", None)
+    if processor is None or getattr(processor, "_crossget_planner", None) is not planner:
+        return None
+    return processor
+
+
+def _warn_if_r_clamped(planner: Any, height: int, width: int) -> None:
+    """``r`` asks each layer to merge r tokens; a layer merges at most half of its unprotected
+    tokens. Say so when the schedule asks for more, with the number of tokens that results."""
+    config = planner.config
+    if config.r is None or not config.merges_in_encoder:
+        return
+    from .schedule import max_merge_count
+
+    n = planner.input_tokens(height, width)
+    clamped = []
+    for layer, r in enumerate(planner.layer_r(n)):
+        allowed = max_merge_count(n, planner.num_protected)
+        if r > allowed:
+            clamped.append(f"layer {layer}: {r} -> {allowed}")
+        n -= min(r, allowed)
+    if clamped:
+        shown = ", ".join(clamped[:3]) + (", ..." if len(clamped) > 3 else "")
+        warnings.warn(
+            f"r={config.r!r} asks more merges than the tower allows (a layer merges at most "
+            f"half of its unprotected tokens); clamped in {len(clamped)} layers ({shown}): "
+            f"{n - planner.dropped_tokens} visual tokens per {height}x{width} image. Give "
+            "visual_tokens=K for an exact count",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _apply_family(
@@ -183,6 +228,7 @@ def _apply_family(
     family.check(model, config)
     planner = family.planner(model, config)
     planner.visual_tokens(*family.image_size(model))  # validate the budget now
+    _warn_if_r_clamped(planner, *family.image_size(model))
     holder = family.holder(model)
     previous = getattr(holder, TOKENS_ATTR, None)
     if is_applied(model):
@@ -242,11 +288,25 @@ def is_applied(model: nn.Module) -> bool:
 
 
 def remove(model: nn.Module, processor: Any = None) -> nn.Module:
-    """Undo :func:`apply`: original classes back, hooks and cross tokens gone."""
+    """Undo :func:`apply`: original classes back, hooks and cross tokens gone.
+
+    The processor that ``apply`` adjusted is restored too, also when it is not passed here
+    (``apply`` keeps a weak reference to it), so it emits the full placeholder count again.
+    """
+    adjusted = _adjusted_processor(model)
+    if adjusted is not None:
+        restore_processor(adjusted)
     if processor is not None:
         restore_processor(processor)
     if not is_applied(model):
         return model
+    return _unpatch(model)
+
+
+def _unpatch(model: nn.Module) -> nn.Module:
+    """Original classes back, hooks and cross tokens gone (the processor is left alone)."""
+    if hasattr(model, PROCESSOR_ATTR):
+        delattr(model, PROCESSOR_ATTR)
     if _family(model) in _FAMILIES:
         _FAMILIES[_family(model)].unpatch(model)
     elif _family(model) == "LlavaForConditionalGeneration":
@@ -281,15 +341,39 @@ def num_visual_tokens(
     return model.crossget_planner.visual_tokens(height, width, visual_tokens)
 
 
+def _check_budget_value(value: Any, where: str) -> int:
+    """One per-call budget: an int >= 1. ``'full'`` and 0 are not budgets (see ``budget``)."""
+    if isinstance(value, str) and value.strip().lower() in ("full", "off", "none"):
+        raise ValueError(
+            f"{where}={value!r}: 'full' (CrossGET off) is not a per-call budget; give K >= 1 "
+            "visual tokens, or call crossget.remove(model, processor) to run the model unreduced "
+            '(what `/budget full` in crossget chat and "visual_tokens": "full" in crossget '
+            "serve do)"
+        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(budget_error(value, where))
+    return value
+
+
 @contextlib.contextmanager
 def budget(visual_tokens: int | Sequence[int]) -> Iterator[None]:
     """Per-call budgets (one int, or one per image) for the processor and the model alike.
 
     ``with crossget.budget([64, 144, 64]): inputs = processor(...); model.generate(**inputs)``
+
+    Every budget is an int >= 1; a list gives one per image, in the order the images reach
+    the processor, and must match their number. Running without reduction ("full") is a
+    model-wide state, not a budget: ``crossget.remove(model, processor)``.
     """
-    token = llava.BUDGET_OVERRIDE.set(
-        visual_tokens if isinstance(visual_tokens, int) else list(visual_tokens)
-    )
+    if isinstance(visual_tokens, (str, bytes)) or not isinstance(visual_tokens, Sequence):
+        value: int | list[int] = _check_budget_value(visual_tokens, "crossget.budget")
+    else:
+        value = [
+            _check_budget_value(v, f"crossget.budget[{i}]") for i, v in enumerate(visual_tokens)
+        ]
+        if not value:
+            raise ValueError("crossget.budget got an empty list; give one budget per image")
+    token = llava.BUDGET_OVERRIDE.set(value)
     try:
         yield
     finally:

@@ -24,6 +24,19 @@ __all__ = [
 ]
 
 CONFIG_NAME = "crossget_config.json"
+
+
+def budget_error(value: object, where: str = "visual_tokens") -> str:
+    """The one message for a budget that is not an int >= 1 (0 included), everywhere: the
+    config, ``crossget.budget``, ``crossget chat``'s ``/budget`` and ``crossget serve``."""
+    return (
+        f"{where} must be an int >= 1, got {value!r}: a budget is visual tokens per image "
+        "(0 does not mean full); for CrossGET off use 'full' in crossget chat (/budget full) "
+        'and crossget serve ("visual_tokens": "full"), crossget.remove(model, processor) in '
+        "Python"
+    )
+
+
 GUIDANCE_MODES: tuple[str, ...] = ("cross", "attention", "query", "none")
 LLM_POSITION_MODES: tuple[str, ...] = ("original", "compact")
 MATCHING_MODES: tuple[str, ...] = ("complete_graph", "bipartite")
@@ -46,7 +59,11 @@ class CrossGETConfig:
     )
     r: int | list[int] | None = field(
         default=None,
-        metadata={"help": "Tokens merged per layer: an int (constant) or one int per layer."},
+        metadata={
+            "help": "Tokens merged per layer: an int (constant) or one int per layer. A layer "
+            "merges at most half of its unprotected tokens: a larger r is clamped to that, and "
+            "crossget.apply warns (UserWarning) with the visual tokens that result."
+        },
     )
     schedule: Literal["even", "front", "decreasing"] = field(
         default="even",
@@ -92,7 +109,8 @@ class CrossGETConfig:
         default="crossget",
         metadata={
             "help": "Token-reduction method: crossget, or a peer measured behind the same "
-            "budget API: tome, visionzip, divprune, pool, random, fastv (mllm_crossget.peers)."
+            "budget API: tome, visionzip, divprune, pool, random, fastv (mllm_crossget.peers). "
+            "Case-insensitive: stored lower-case."
         },
     )
     fastv_layer: int = field(
@@ -111,6 +129,8 @@ class CrossGETConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = self.method.strip().lower()  # "ToMe", "CrossGET" name the same method
         if self.method == "tome":
             # ToMe = CrossGET's merging adapter with bipartite matching and no importance.
             if self.matching == "complete_graph":
@@ -120,6 +140,11 @@ class CrossGETConfig:
         self.validate()
 
     def validate(self) -> None:
+        # The method first: its name decides what the other fields mean.
+        if self.method not in METHOD_NAMES:
+            raise ValueError(
+                f"method must be one of {', '.join(METHOD_NAMES)}, got {self.method!r}"
+            )
         budgets = [
             name for name in ("visual_tokens", "keep_ratio", "r") if getattr(self, name) is not None
         ]
@@ -133,14 +158,20 @@ class CrossGETConfig:
                 "(the authors' LLaVA-1.5 setting)"
             )
         if self.visual_tokens is not None and (
-            not isinstance(self.visual_tokens, int) or self.visual_tokens < 1
+            not isinstance(self.visual_tokens, int)
+            or isinstance(self.visual_tokens, bool)  # True is an int to Python, not a budget
+            or self.visual_tokens < 1
         ):
-            raise ValueError(f"visual_tokens must be an int >= 1, got {self.visual_tokens!r}")
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(budget_error(self.visual_tokens))
+        if self.keep_ratio is not None and (
+            isinstance(self.keep_ratio, bool)
+            or not isinstance(self.keep_ratio, (int, float))
+            or not 0.0 < self.keep_ratio <= 1.0
+        ):
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if self.r is not None:
             values = [self.r] if isinstance(self.r, int) else list(self.r)
-            if any(not isinstance(v, int) or v < 0 for v in values):
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
                 raise ValueError(f"r must be a non-negative int or a list of them, got {self.r!r}")
         if self.schedule not in SCHEDULE_MODES:
             raise ValueError(f"schedule must be one of {SCHEDULE_MODES}, got {self.schedule!r}")
@@ -158,10 +189,6 @@ class CrossGETConfig:
             not isinstance(self.text_r, int) or isinstance(self.text_r, bool) or self.text_r < 0
         ):
             raise ValueError(f"text_r must be a non-negative int or None, got {self.text_r!r}")
-        if self.method not in METHOD_NAMES:
-            raise ValueError(
-                f"method must be one of {', '.join(METHOD_NAMES)}, got {self.method!r}"
-            )
         if self.method == "tome" and (self.matching, self.guidance) != ("bipartite", "none"):
             raise ValueError(
                 "method='tome' is bipartite matching without guidance; drop matching/guidance"

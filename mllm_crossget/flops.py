@@ -27,7 +27,9 @@ class FlopsReport:
     llm_prefill: int
     visual_tokens: int
     tokens_per_layer: tuple[int, ...] = field(default_factory=tuple)
-    kept_tokens: int | None = None  # FastV: visual tokens from its pruning layer on
+    # Visual tokens the LLM keeps: FastV's from its pruning layer on, else visual_tokens
+    # (flops_report always sets it; None only in a report built by hand).
+    kept_tokens: int | None = None
     overhead: int = 0  # FLOPs spent choosing tokens (similarities, attention rows), included
 
     @property
@@ -168,4 +170,6 @@ def flops_report(
             scoring = 2 * (prompt_length + visual) * heads * head_dim
             llm += scoring
             overhead += scoring
+    # Every method but FastV keeps what it hands the LLM, through all LLM layers.
+    kept = visual if kept is None else kept
     return FlopsReport(vision, projector, llm, visual, counts, kept, overhead)

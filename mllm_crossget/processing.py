@@ -23,7 +23,27 @@ def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs
             )
         budget = override[image_idx]
     count = self._crossget_planner.visual_tokens(int(height), int(width), budget)
+    self._crossget_images_seen = max(getattr(self, "_crossget_images_seen", 0), image_idx + 1)
     return self.image_token * count
+
+
+def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The processor's own ``__call__``, then: per-image budgets must match the images."""
+    self._crossget_images_seen = 0
+    try:
+        out = super(type(self), self).__call__(*args, **kwargs)
+        override = BUDGET_OVERRIDE.get()
+        seen = self._crossget_images_seen
+        listed = override is not None and not isinstance(override, int)
+        if listed and seen and len(override) != seen:
+            raise ValueError(
+                f"crossget.budget got {len(override)} per-image budgets but the processor "
+                f"received {seen} image{'' if seen == 1 else 's'}; give one budget per image "
+                "(in the order the images are passed) or a single int"
+            )
+        return out
+    finally:
+        del self._crossget_images_seen
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -41,7 +61,7 @@ def adjust_processor(processor: Any, planner: Any) -> Any:
         _SUBCLASSES[original] = type(
             f"CrossGET{original.__name__}",
             (original,),
-            {"replace_image_token": _replace_image_token},
+            {"replace_image_token": _replace_image_token, "__call__": _call},
         )
     processor.__class__ = _SUBCLASSES[original]
     processor._crossget_original_class = original

@@ -10,7 +10,12 @@ text cross tokens). Data, collator and Trainer come from :mod:`eval.testbed.trai
 
 Outputs in ``--output-dir``: ``adapter/`` (peft: LoRA + cross tokens), ``crossget/``
 (``crossget.save_pretrained``: config + cross tokens), ``loss.json``, ``loss.png``,
-``train_summary.json`` and the Trainer's ``checkpoint-*`` folders (for ``--resume``).
+``train_summary.json``, ``run_config.json`` and the Trainer's ``checkpoint-*`` folders (for
+``--resume``). A folder that already holds a run is refused unless ``--resume`` continues it or
+``--overwrite`` deletes it first. Each run gets an id (``run_config.json``), written into each
+of its checkpoints, and ``--resume`` takes only checkpoints with the folder's run id.
+``adapter/`` and ``crossget/`` are written to a temporary folder and renamed into place, the
+JSON files through ``os.replace``, so a crash never leaves half an output.
 
     python -m recipes.llava_finetune --model llava-hf/llava-1.5-7b-hf \\
         --data llava_v1_5_mix665k.json --image-folder data/images \\
@@ -24,9 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -57,6 +65,9 @@ from mllm_crossget.schedule import SCHEDULE_MODES
 ADAPTER_DIR = "adapter"
 CROSSGET_DIR = "crossget"
 RUN_CONFIG = "run_config.json"
+RUN_MARKER = "crossget_run.json"  # in each checkpoint: its run id and loss sum so far
+# What a run writes into --output-dir: a folder holding any of them is in use.
+RUN_FILES = ("loss.json", "loss.png", "train_summary.json", RUN_CONFIG)
 # LoRA on the language model's decoder layers only: the vision tower stays frozen, and a
 # full-path regex cannot match `vision_tower...q_proj` by accident.
 DEFAULT_LORA_TARGETS = (
@@ -74,6 +85,38 @@ QLORA_SKIP_MODULES: tuple[str, ...] = (
 
 class FinetuneError(Exception):
     """A problem with the command line, the data or the machine, worded for the user."""
+
+
+class _NoKernelsHubNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community"
+    warning, logged on import on AVX512-BF16 CPUs when the optional ``kernels`` package is
+    missing. peft imports bitsandbytes whether or not the run quantises, and this recipe's
+    QLoRA runs on CUDA only, so the notice is noise here; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Installed before peft (and with it bitsandbytes) is imported: the logger is the module's own.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubNotice())
+
+
+class _DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already names its default or
+    there is none to name (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or action.option_strings == []
+        ):
+            return text
+        return text + " (default: %(default)s)"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -96,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recovery fine-tuning of a LLaVA model with CrossGET merging: LoRA on the "
         "LLM + the cross tokens (vision tower frozen); loss = answer-token LM loss + "
         "alignment_weight x cross-token JS alignment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnceFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -235,11 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="adapter/, crossget/, loss.json, loss.png, train_summary.json, checkpoints",
     )
-    run.add_argument(
+    reuse = run.add_mutually_exclusive_group()
+    reuse.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the last checkpoint-* in --output-dir (LoRA, cross tokens, "
-        "optimizer, scheduler and RNG states restored)",
+        help="continue the run in --output-dir from its last checkpoint-* (LoRA, cross tokens, "
+        "optimizer, scheduler and RNG states restored); only checkpoints with the run id of "
+        "the folder's run_config.json are taken",
+    )
+    reuse.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--output-dir already holds a run: delete its outputs and checkpoints first "
+        "(without --resume or --overwrite such a folder is refused)",
     )
     run.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps")
     run.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep")
@@ -528,6 +579,32 @@ class QueryMaskCollator:
         return out
 
 
+def _run_marker(run_id: str, base_loss_sum: float | None) -> Any:
+    """Writes ``crossget_run.json`` (run id, loss sum so far) into each checkpoint it saves."""
+    from transformers import TrainerCallback
+
+    class RunMarker(TrainerCallback):
+        trainer: Any = None  # set once the Trainer exists
+
+        def loss_sum(self) -> float | None:
+            """Summed per-step loss of the run so far (earlier sessions included)."""
+            total = getattr(self.trainer, "_total_loss_scalar", None)
+            pending = getattr(self.trainer, "_tr_loss", None)
+            if base_loss_sum is None or total is None or pending is None:
+                return None
+            return base_loss_sum + float(total) + float(pending)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                marker = {"run_id": run_id, "step": state.global_step, "loss_sum": self.loss_sum()}
+                write_json_atomic(folder / RUN_MARKER, marker, indent=1)
+
+    return RunMarker()
+
+
 def _callbacks(term: AlignmentTerm | None, stop_after: int) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -650,8 +727,105 @@ def _check_run_config(output_dir: Path, record: dict[str, Any], resuming: bool) 
                 f"--resume with different settings than the run in {output_dir}: {changed} "
                 f"changed (see {path}); use the original flags or a new --output-dir"
             )
-    if _is_rank_zero():
-        write_json_atomic(path, record, indent=1)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders, newest (largest N) first."""
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True)
+
+
+def run_artefacts(output_dir: Path) -> list[Path]:
+    """What an earlier run left in ``output_dir`` (outputs, checkpoints, partial writes)."""
+    if not output_dir.is_dir():
+        return []
+    named = [output_dir / n for n in (ADAPTER_DIR, CROSSGET_DIR, *RUN_FILES)]
+    partial = sorted(output_dir.glob(".adapter.*")) + sorted(output_dir.glob(".crossget.*"))
+    return _checkpoints(output_dir) + [p for p in named if p.exists()] + partial
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A folder that holds a run is refused unless the run is continued or deleted on purpose."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FinetuneError(f"--output-dir {output_dir} is a file, not a folder")
+    found = run_artefacts(output_dir)
+    if found and not (resume or overwrite):
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:8])
+        raise FinetuneError(
+            f"--output-dir {output_dir} already holds a run ({names}{', ...' if len(found) > 8 else ''}); "
+            "continue it with --resume, delete it and start over with --overwrite, or choose "
+            "a new --output-dir"
+        )
+
+
+def clear_run(output_dir: Path) -> list[Path]:
+    """``--overwrite``: delete what a run wrote (other files in the folder stay)."""
+    removed = run_artefacts(output_dir)
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    checkpoint: str
+    run_id: str
+    step: int
+    loss_sum: float | None  # the run's summed per-step loss up to ``step`` (None: unknown)
+
+
+def resume_point(output_dir: Path) -> ResumePoint:
+    """The newest checkpoint of the folder's own run (its id in run_config.json)."""
+    checkpoints = _checkpoints(output_dir)
+    if not checkpoints:
+        raise FinetuneError(
+            f"--resume but no checkpoint-* folder in {output_dir}; start it over with --overwrite"
+        )
+    config_path = output_dir / RUN_CONFIG
+    saved = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    run_id = saved.get("run_id")
+    if run_id is None:
+        raise FinetuneError(
+            f"--resume: {output_dir} has checkpoints ({checkpoints[0].name}, ...) but no run id "
+            f"({config_path} is missing or predates run ids), so they cannot be told apart from "
+            "another run's; start over with --overwrite or choose a new --output-dir"
+        )
+    others = []
+    for checkpoint in checkpoints:
+        marker = checkpoint / RUN_MARKER
+        info = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        if info.get("run_id") == run_id:
+            if others:
+                print(f"--resume: skipping {', '.join(others)}: not checkpoints of run {run_id}")
+            step = int(checkpoint.name.removeprefix("checkpoint-"))
+            return ResumePoint(str(checkpoint), run_id, step, info.get("loss_sum"))
+        others.append(checkpoint.name)
+    raise FinetuneError(
+        f"--resume: none of the checkpoints in {output_dir} ({', '.join(others)}) belongs to "
+        f"its run {run_id} (run_config.json); start over with --overwrite or choose a new "
+        "--output-dir"
+    )
+
+
+def _swap_in(source: Path, target: Path) -> None:
+    """Put the finished folder ``source`` at ``target``: a reader sees the old folder or the
+    new one, never a half-written one (os.replace cannot replace a non-empty folder, so the
+    old one is renamed aside first and deleted after)."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _prepare_data(
@@ -686,7 +860,6 @@ def _prepare_data(
 def train(args: argparse.Namespace) -> FinetuneRun:
     """Load, apply CrossGET, wrap with LoRA, train, write the run folder (see module doc)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     if args.data is None:
         raise FinetuneError("--data is required to train (only --merge-only works without it)")
@@ -698,22 +871,19 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     output_dir: Path = args.output_dir
+    resume = bool(args.resume)
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_output_dir(output_dir, resume, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if args.resume:
-        resume_from = get_last_checkpoint(str(output_dir))
-        if resume_from is None:
-            raise FinetuneError(f"--resume but no checkpoint-* folder in {output_dir}")
-    _check_run_config(
-        output_dir,
-        {
-            "model": str(args.model),
-            "crossget": config.to_dict(),
-            "lora": [args.lora_r, args.lora_alpha, args.lora_targets, args.train_projector],
-            "qlora": args.qlora,
-        },
-        resuming=resume_from is not None,
-    )
+    point = resume_point(output_dir) if resume else None
+    resume_from = point.checkpoint if point is not None else None
+    record = {
+        "model": str(args.model),
+        "crossget": config.to_dict(),
+        "lora": [args.lora_r, args.lora_alpha, args.lora_targets, args.train_projector],
+        "qlora": args.qlora,
+    }
+    _check_run_config(output_dir, record, resuming=resume_from is not None)
 
     dtype = _dtype(args)
     quantization = None
@@ -766,13 +936,36 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         use_cpu=not torch.cuda.is_available(),
     )
     rank, world = training_args.process_index, training_args.world_size
+    # Every rank checked the folder above; only now (all ranks past it) does rank 0 change it.
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+    if point is not None:
+        run_id = point.run_id
+        if training_args.process_index == 0:
+            print(f"resuming from {Path(point.checkpoint).name} of run {run_id}")
+    else:
+        # Fresh run: rank 0 picks the id; the other ranks never need it (marker on rank 0).
+        run_id = uuid.uuid4().hex[:12]
+    if training_args.process_index == 0:
+        if overwrite and point is None:
+            cleared = clear_run(output_dir)
+            if cleared:
+                print(f"--overwrite: deleted {len(cleared)} outputs of the earlier run")
+        for stale in (ADAPTER_DIR, CROSSGET_DIR):  # left by a run killed while saving
+            for suffix in ("partial", "old"):
+                if (output_dir / f".{stale}.{suffix}").is_dir():
+                    shutil.rmtree(output_dir / f".{stale}.{suffix}")
+        write_json_atomic(output_dir / RUN_CONFIG, {**record, "run_id": run_id}, indent=1)
+    PartialState().wait_for_everyone()
     counts = trainable_summary(peft_model)
     print(
         f"[rank {rank}/{world}] {n_images} images, {n_questions} questions, {len(dataset)} "
         f"sequences, {visual_tokens} visual tokens/image; trainable: {counts}"
     )
-    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+    resume_step = point.step if point is not None else 0
     control = _callbacks(term, args.stop_after_steps)
+    marker = _run_marker(run_id, point.loss_sum if point is not None else 0.0)
     trainer = _trainer_class()(
         model=peft_model,
         args=training_args,
@@ -780,17 +973,31 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         data_collator=collator,
         callbacks=[
             *control,
+            marker,
             _loss_logger(output_dir / "loss.json", output_dir / "loss.png", resume_step),
         ],
         extra_losses=[term] if term is not None else [],
     )
+    marker.trainer = trainer
     if term is not None:
         term.autocast = trainer.accelerator.autocast
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - started
-    trainer.save_model(str(output_dir / ADAPTER_DIR))  # every rank: FSDP/ZeRO gather here
+    # Written aside, then renamed into place (on rank 0, after every rank's FSDP/ZeRO gather).
+    partial_adapter = output_dir / f".{ADAPTER_DIR}.partial"
+    trainer.save_model(str(partial_adapter))
     stopped = control[0].stopped_early
+    # The whole run's mean step loss: HF's training_loss covers this session's steps only.
+    steps_now = trainer.state.global_step - resume_step
+    train_loss = result.training_loss
+    if point is not None:
+        earlier = point.loss_sum
+        train_loss = (
+            None
+            if earlier is None
+            else (earlier + result.training_loss * steps_now) / max(trainer.state.global_step, 1)
+        )
     summary = {
         "world_size": world,
         "steps": trainer.state.global_step,
@@ -798,7 +1005,8 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         "stopped_early": stopped,
         "resumed_from": resume_from,
         "wall_time_s": wall,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
+        "train_loss_this_session": result.training_loss,
         "images": n_images,
         "questions": n_questions,
         "sequences": len(dataset),
@@ -811,7 +1019,12 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         "argv": list(getattr(args, "argv", [])),
     }
     if trainer.is_world_process_zero():
-        crossget.save_pretrained(model, output_dir / CROSSGET_DIR)
+        _swap_in(partial_adapter, output_dir / ADAPTER_DIR)
+        partial_state = output_dir / f".{CROSSGET_DIR}.partial"
+        if partial_state.exists():
+            shutil.rmtree(partial_state)
+        crossget.save_pretrained(model, partial_state)
+        _swap_in(partial_state, output_dir / CROSSGET_DIR)
         write_json_atomic(output_dir / "train_summary.json", summary, indent=1)
         print(
             f"trained {trainer.state.global_step} steps in {wall / 60:.1f} min -> {output_dir}"

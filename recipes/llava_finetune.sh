@@ -18,7 +18,8 @@
 #   LAUNCHER           accelerate | torchrun  (default: accelerate)
 #   MAIN_PROCESS_PORT  rendezvous port of a multi-process run  (default: the launcher's, 29500;
 #                      accelerate only — torchrun --standalone picks a free one)
-#   PYTHON             interpreter with the project installed  (default: python)
+#   PYTHON             interpreter with the project installed  (default: the checkout's
+#                      .venv/bin/python when it exists, else python)
 # It sets no environment variables itself. Every argument ("$@") goes to recipes.llava_finetune
 # (see `python -m recipes.llava_finetune --help`), e.g. --bf16, --qlora, --resume, --max-steps N.
 #
@@ -31,11 +32,41 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PYTHON=${PYTHON:-python}
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+
+# The interpreter must have the project's dependencies (a bare ModuleNotFoundError says little).
+python_ok() {
+    "$PYTHON" -c 'import torch, transformers, peft, accelerate' >/dev/null 2>&1
+}
+python_hint() {
+    echo "error: PYTHON=$PYTHON cannot import torch/transformers/peft/accelerate; point PYTHON" \
+        "at the environment with the project installed (PYTHON=.venv/bin/python after" \
+        "\`make install\`), or install it into this one: pip install -e ." >&2
+}
+
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+        # The comment block at the top of this file, then the recipe's own flags.
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+        echo
+        if python_ok; then
+            exec "$PYTHON" -m recipes.llava_finetune --help
+        fi
+        python_hint
+        echo "(the recipe's flags: \`python -m recipes.llava_finetune --help\`)" >&2
+        exit 0
+    fi
+done
 BASE_MODEL=${BASE_MODEL:-llava-hf/llava-1.5-7b-hf}
 BUDGET=${BUDGET-144}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/llava-ft-${BUDGET:-custom}}
 LAUNCHER=${LAUNCHER:-accelerate}
+if ! python_ok; then
+    python_hint
+    exit 2
+fi
 if [[ -z "${DATA:-}" ]]; then
     echo "error: set DATA to a LLaVA JSON/JSONL file, a datasets folder or a testbed export" >&2
     exit 2

@@ -116,6 +116,65 @@ def test_help_explains_every_flag() -> None:
     assert undocumented == []
 
 
+def test_help_names_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        ft.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    entries = text.split(" --")[1:]  # one per flag (usage line included, harmless)
+    twice = [e[:60] for e in entries if e.count("(default") > 1]
+    assert twice == []
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "images/) (default" not in text
+    assert "(default: 16)" in text  # --lora-r still names its default
+
+
+def test_bitsandbytes_kernels_notice_is_silenced(caplog: pytest.LogCaptureFixture) -> None:
+    """bitsandbytes logs this on import on AVX512-BF16 CPUs without the `kernels` package;
+    peft imports bitsandbytes on every fine-tune start, quantising or not."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+            "you already `pip install kernels` and the kernels >= 0.11.1",
+            ModuleNotFoundError("No module named 'kernels'"),
+        )
+        logger.warning("any other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["any other bitsandbytes warning"]
+
+
+def test_shell_wrapper_help_and_a_python_without_the_project(tmp_path: Path) -> None:
+    script = ["bash", str(REPO / "recipes" / "llava_finetune.sh")]
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA", "PYTHON")}
+    shown = subprocess.run(
+        [*script, "--help"],
+        env={**env, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "error" not in shown.stderr
+    assert "DATA " in shown.stdout and "BUDGET " in shown.stdout  # the wrapper's variables
+    assert "--output-dir" in shown.stdout and "--overwrite" in shown.stdout  # the recipe's flags
+    bare = tmp_path / "python-without-site-packages"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S -I "$@"\n')
+    bare.chmod(0o755)
+    failed = subprocess.run(
+        script,
+        env={**env, "PYTHON": str(bare), "DATA": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr and "ModuleNotFoundError" not in failed.stderr
+    assert f"PYTHON={bare} cannot import torch" in failed.stderr
+    assert "PYTHON=.venv/bin/python" in failed.stderr and "pip install -e ." in failed.stderr
+
+
 def test_only_lora_and_cross_tokens_train(run: Any, model_dir: Path) -> None:
     trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
     assert trainable
@@ -217,14 +276,22 @@ def test_eval_cli_takes_the_adapter(run: Any, model_dir: Path, testbed: Path, tm
 
 
 def test_resume_matches_an_uninterrupted_run(
-    run: Any, model_dir: Path, testbed: Path, tmp_path: Path
+    run: Any, model_dir: Path, testbed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = _argv(model_dir, testbed, tmp_path, "--max-steps", str(STEPS), "--save-steps", "2")
     first = _train([*argv, "--stop-after-steps", str(STEPS // 2)])  # "killed" after step 2
     assert first.summary["stopped_early"] and first.summary["steps"] == STEPS // 2
+    capsys.readouterr()
     second = _train([*argv, "--resume"])
+    assert f"resuming from checkpoint-{STEPS // 2} of run " in capsys.readouterr().out
     assert second.summary["resumed_from"].endswith(f"checkpoint-{STEPS // 2}")
     assert second.summary["steps"] == STEPS
+    # train_loss is the mean over all STEPS steps, as in the uninterrupted run, not over the
+    # resumed half only.
+    assert second.summary["train_loss"] == pytest.approx(run.summary["train_loss"], abs=1e-5)
+    assert second.summary["train_loss_this_session"] != pytest.approx(
+        run.summary["train_loss"], abs=1e-5
+    )
     resumed = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     straight = load_file(str(run.out / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == straight.keys()
@@ -236,6 +303,79 @@ def test_resume_matches_an_uninterrupted_run(
     ]
     assert len(losses[0]) == STEPS
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=0)
+
+
+def test_a_used_output_dir_is_refused_without_resume_or_overwrite(
+    run: Any, model_dir: Path, testbed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = (run.out / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, err = _main(capsys, _argv(model_dir, testbed, run.out, "--max-steps", "2"))
+    assert code == 2
+    assert f"--output-dir {run.out} already holds a run" in err
+    assert "adapter/" in err and "checkpoint-4/" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert (run.out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert sorted(p.name for p in run.out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    parser = ft.build_parser()
+    with pytest.raises(SystemExit):  # both at once makes no sense
+        parser.parse_args(_argv(model_dir, testbed, run.out, "--resume", "--overwrite"))
+
+
+def test_overwrite_then_resume_takes_only_the_runs_own_checkpoints(
+    run: Any,
+    model_dir: Path,
+    testbed: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import Trainer
+
+    out = tmp_path / "reused"
+    shutil.copytree(run.out, out)  # a finished 4-step run with checkpoint-2 and -4
+    (out / "notes.txt").write_text("mine")
+    argv = _argv(model_dir, testbed, out, "--save-steps", "1")
+    fresh = _train([*argv, "--max-steps", "1", "--overwrite"])
+    assert fresh.summary["steps"] == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files went
+    run_id = json.loads((out / "run_config.json").read_text())["run_id"]
+    old_id = json.loads((run.out / "run_config.json").read_text())["run_id"]
+    assert run_id != old_id
+    assert json.loads((out / "checkpoint-1" / ft.RUN_MARKER).read_text())["run_id"] == run_id
+    # Another run's checkpoint with a higher step, dropped into the folder: never resumed.
+    shutil.copytree(run.out / "checkpoint-4", out / "checkpoint-300")
+    step_one = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    # A run killed while writing its final adapter leaves the previous adapter/ whole.
+    save_model = Trainer.save_model
+
+    def dies_half_way(self: Any, output_dir: str | None = None, **kwargs: Any) -> None:
+        if kwargs.get("_internal_call"):  # a checkpoint: saved as usual
+            return save_model(self, output_dir, **kwargs)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_model", dies_half_way)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        _train([*argv, "--max-steps", "2", "--resume"])
+    printed = capsys.readouterr().out
+    assert "skipping checkpoint-300" in printed and "resuming from checkpoint-1 of run" in printed
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == step_one
+    monkeypatch.undo()
+    resumed = _train([*argv, "--max-steps", "3", "--resume"])
+    assert resumed.summary["resumed_from"].endswith("checkpoint-2")
+    assert resumed.summary["steps"] == 3
+    assert not list(out.glob(".adapter.*")) and not list(out.glob(".crossget.*"))
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != step_one
+    # Only the foreign checkpoint left: --resume refuses instead of restoring it.
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    shutil.copytree(run.out / "checkpoint-4", out / "checkpoint-300")
+    code, err = _main(capsys, [*argv, "--max-steps", "4", "--resume"])
+    assert code == 2 and "checkpoint-300" in err and f"belongs to its run {run_id}" in err
 
 
 # --------------------------------------------------------------------------- query guidance

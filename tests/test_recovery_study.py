@@ -64,6 +64,7 @@ def test_every_fine_tune_sees_one_question_per_sequence(tmp_path: Path, monkeypa
         _finetune(setting, args, tmp_path / setting.name)
     assert len(seen) == len(trained) == 5
     assert all("--no-pack" in argv for argv in seen)
+    assert all("--overwrite" in argv for argv in seen)  # a rerun retrains, as before
     assert {argv[argv.index("--guidance") + 1] for argv in seen} == {"cross", "query"}
 
 

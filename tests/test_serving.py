@@ -98,7 +98,7 @@ def test_chat_streams_and_budget_switches_visual_tokens(
     )
     monkeypatch.setattr(sys, "stdin", io.StringIO(script + "\n"))
     argv = ["--model", str(model_dir), "--image", str(image_file), "--max-new-tokens", "3"]
-    assert chat.main(argv) == 0
+    assert chat.main([*argv, "--turns", "multi"]) == 0
     out = capsys.readouterr().out
     status = [line for line in out.splitlines() if line.startswith("[")]
     assert len(status) == 5, out
@@ -113,6 +113,78 @@ def test_chat_streams_and_budget_switches_visual_tokens(
     # Same image, two turns: the second prompt holds the first answer and the 32 tokens.
     prompt_tokens = [int(line.rsplit("| ", 1)[1].split()[0]) for line in status]
     assert prompt_tokens[1] > prompt_tokens[0] - (FULL_TOKENS - 32)
+
+
+def _status_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("[")]
+
+
+def _prompt_tokens(status: str) -> int:
+    return int(status.rsplit("| ", 1)[1].split()[0])
+
+
+def test_chat_keeps_one_turn_for_a_single_turn_model(
+    model_dir: Path,
+    image_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The testbed model (no chat template, like the reference model) was trained on one
+    question per image: every question goes alone with the image, also after /budget."""
+    script = ["what color is the circle?", "what color is the circle?", "/budget 32"]
+    script += ["what color is the circle?", "/budget 0", "what color is the circle?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    argv = ["--model", str(model_dir), "--image", str(image_file), "--max-new-tokens", "2"]
+    assert chat.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "single-turn model" in out and "--turns multi" in out
+    status = _status_lines(out)
+    assert len(status) == 4, out
+    tokens = [_prompt_tokens(line) for line in status]
+    assert tokens[0] == tokens[1]  # the first answer is not sent back
+    assert tokens[2] == tokens[0] - (FULL_TOKENS - 32) == tokens[3]
+    assert status[2].startswith("[32 visual tokens") and status[3].startswith("[32 visual tokens")
+    # /budget 0 is refused with the message the API and the server give; the setting stays.
+    assert "error: budget must be an int >= 1, got 0" in out and "0 does not mean full" in out
+
+
+def test_chat_without_an_image_says_it_is_text_only(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert chat.main(["--model", str(model_dir), "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no --image: text-only" in out and "/image PATH" in out
+    assert _status_lines(out)[0].startswith("[0 visual tokens")
+
+
+def test_a_model_config_flag_decides_the_turns(model_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    model, processor = load_model(str(model_dir))
+    assert chat.single_turn_model(model, processor)  # no chat template: single
+    model.config.single_turn = False
+    assert not chat.single_turn_model(model, processor)
+    templated = SimpleNamespace(chat_template="{{ messages }}")
+    del model.config.single_turn
+    assert not chat.single_turn_model(model, templated)
+
+
+def test_budget_zero_gets_one_message_in_chat_api_and_server(server: Any) -> None:
+    import mllm_crossget as crossget
+    from mllm_crossget.serving.engine import InvalidSetting, parse_budget
+
+    ok = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    answer = _post(server, {**ok, "crossget": {"visual_tokens": 0}})
+    assert answer.status_code == 400
+    served = answer.json()["error"]["message"]
+    with pytest.raises(InvalidSetting) as in_chat:
+        parse_budget("0")
+    with pytest.raises(ValueError) as in_api, crossget.budget(0):
+        pass
+    tails = {m.split(":", 1)[1] for m in (served, str(in_chat.value), str(in_api.value))}
+    assert len(tails) == 1 and "0 does not mean full" in served, tails
+    assert parse_budget("full") is None and parse_budget("64") == 64
 
 
 def test_chat_without_reference_model_says_so(

@@ -933,7 +933,7 @@ def load_split(data_dir: str | os.PathLike[str], split: str) -> Any:
     if not ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()):
         raise FileNotFoundError(
             f"{root} is neither an export root (hf/ or parquet/) nor a save_to_disk folder; "
-            "create one with `python -m eval.testbed.data make --out DIR`"
+            "create one with `crossget data make --out DIR`"
         )
     loaded = datasets.load_from_disk(str(root))
     if isinstance(loaded, datasets.DatasetDict):
@@ -1081,7 +1081,7 @@ def lmeval_task_yaml(parquet_dir: Path, splits: Sequence[str]) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.testbed.data",
+        prog="crossget data",
         description="Generate the offline CrossGET VQA testbed (deterministic by seed).",
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -5,6 +5,17 @@ tokens the image used, the time to the first token and the decode rate, so the e
 budget can be felt as well as read. Commands: ``/image PATH``, ``/budget K|full``,
 ``/method NAME``, ``/reset``, ``/help``, ``/quit``.
 
+Turns: a model trained on one question per image (the testbed reference model) answers a
+second question in the same conversation with noise, so such a model is chatted with one turn
+at a time: each question goes with the image alone and the history is not sent. ``--turns
+auto`` (default) decides from the model: ``"single_turn": true/false`` in its config.json if
+present, else single-turn when the processor has no chat template (the testbed's
+``USER: ... ASSISTANT:`` format), multi-turn when it has one. ``--turns single|multi``
+overrides. Without ``--image`` the chat is text-only until ``/image PATH``.
+
+``/budget 0`` is refused, as the API and the server refuse 0: ``/budget full`` is CrossGET
+off.
+
     crossget chat --model reference --image photo.jpg --budget 64
 """
 
@@ -13,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -34,7 +45,8 @@ from .engine import (
 
 HELP = """commands:
   /image PATH     use another image (starts a new conversation)
-  /budget K|full  visual tokens per image, or full (CrossGET off); keeps the conversation
+  /budget K|full  visual tokens per image (K >= 1), or full (CrossGET off); keeps the
+                  conversation
   /method NAME    token-reduction method: {methods}
   /reset          forget the conversation (keeps the image and the setting)
   /help           this text
@@ -44,19 +56,46 @@ HELP = """commands:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossget chat",
-        description="Multi-turn chat with a LLaVA model about an image, tokens streamed, with "
-        "a status line per answer (visual tokens, time to first token, tokens/s). "
-        + HELP.format(methods=", ".join(METHODS)).replace("\n", " "),
+        description="Chat with a LLaVA model about an image, tokens streamed, with "
+        "a status line per answer (visual tokens, time to first token, tokens/s). Models "
+        "without multi-turn training (the testbed reference model) answer each question on "
+        "its own (see --turns). " + HELP.format(methods=", ".join(METHODS)).replace("\n", " "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--image", type=Path, default=None, help="image to talk about")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="image to talk about (without it the chat is text-only until /image PATH)",
+    )
+    parser.add_argument(
+        "--turns",
+        choices=TURN_MODES,
+        default="auto",
+        help="single: each question answered on its own with the image, history not sent "
+        "(models trained on one question per image, such as the reference model); multi: the "
+        "conversation is sent each turn; auto (default): the model config's single_turn flag "
+        "if it has one, else single when the processor has no chat template",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
     parser.add_argument("--system", default=None, help="optional system text before the chat")
     return parser
+
+
+TURN_MODES = ("auto", "single", "multi")
+
+
+def single_turn_model(model: Any, processor: Any) -> bool:
+    """True for a model without multi-turn training: ``config.single_turn`` when the model
+    says, else no chat template (the testbed format, trained one question per image)."""
+    flag = getattr(model.config, "single_turn", None)
+    if isinstance(flag, bool):
+        return flag
+    return not getattr(processor, "chat_template", None)
 
 
 def load_image(path: Path) -> Image.Image:
@@ -88,8 +127,10 @@ class ChatSession:
         out: TextIO,
         system: str | None,
         method: str = "crossget",
+        single_turn: bool = False,
     ) -> None:
         self.engine = engine
+        self.single_turn = single_turn  # keep no history: each question on its own
         self.method = method  # what /budget K turns on while the setting is full
         self.sampling = sampling
         self.out = out
@@ -155,6 +196,8 @@ class ChatSession:
         )
         self.say("")
         self.say(status_line(result))
+        if self.single_turn:
+            return result  # the next question starts afresh (with the image again)
         self.history += [
             ChatMessage("user", question, images),
             ChatMessage("assistant", result.text.strip()),
@@ -201,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crossget chat: {error}", file=sys.stderr)
         return 2
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature or None)
-    session = ChatSession(engine, sampling, sys.stdout, args.system, args.method)
+    single = (
+        single_turn_model(engine.model, engine.processor)
+        if args.turns == "auto"
+        else args.turns == "single"
+    )
+    session = ChatSession(engine, sampling, sys.stdout, args.system, args.method, single)
     session.image = image
     tokens = engine.check(engine.default)
     print(
@@ -209,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         f"per image{'' if image is None else f', image {args.image}'}. /help for commands.",
         flush=True,
     )
+    if single:
+        print(
+            "(single-turn model: each question is answered on its own about the image; "
+            "earlier turns are not sent. --turns multi sends them)",
+            flush=True,
+        )
+    if image is None:
+        print("(no --image: text-only; /image PATH adds one)", flush=True)
     run(session, sys.stdin)
     return 0
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 import mllm_crossget as crossget
 from mllm_crossget import named_models
+from mllm_crossget.config import budget_error
 from mllm_crossget.peers import METHOD_NAMES
 
 __all__ = [
@@ -72,12 +73,13 @@ class Setting:
 
 
 def parse_budget(text: str) -> int | None:
-    """``'full'``/``'off'``/``'0'`` -> None, digits -> int; anything else is an error."""
+    """``'full'``/``'off'``/``'none'`` -> None (CrossGET off), digits >= 1 -> int; anything
+    else, 0 included, is an error with the message the API and the server give."""
     value = text.strip().lower()
-    if value in (FULL, "off", "none", "0"):
+    if value in (FULL, "off", "none"):
         return None
-    if not value.isdigit():
-        raise InvalidSetting(f"budget must be a positive integer or 'full', got {text!r}")
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidSetting(budget_error(int(value) if value.isdigit() else text, "budget"))
     return int(value)
 
 
@@ -91,7 +93,7 @@ def make_setting(method: str, visual_tokens: int | None) -> Setting:
     if visual_tokens is None:
         raise InvalidSetting(f"method={method!r} needs a visual-token budget")
     if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or visual_tokens < 1:
-        raise InvalidSetting(f"visual_tokens must be an int >= 1, got {visual_tokens!r}")
+        raise InvalidSetting(budget_error(visual_tokens))
     return Setting(method=method, visual_tokens=visual_tokens)
 
 
@@ -477,7 +479,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=METHOD_NAMES,
         help="token-reduction method used when --budget is a number (default: crossget)",
     )
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="weights' precision: fp32 (default; the reference on CPU), bf16 or fp16 (half "
+        "the memory, faster on a GPU; fp16 is slow or unsupported on many CPUs)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 

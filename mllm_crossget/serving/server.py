@@ -1,7 +1,8 @@
 """``crossget serve``: an OpenAI-compatible chat-completions API over one CrossGET model.
 
     crossget serve --model reference --budget 64 --port 8000
-    curl http://127.0.0.1:8000/v1/chat/completions -d '{"model": "reference", "messages": [...]}'
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "reference", "messages": [...]}'
 
 - ``POST /v1/chat/completions``: text and ``image_url`` parts (base64 ``data:`` URLs; local
   paths only under ``--allow-local-files ROOT``), ``stream: true`` for server-sent events in
@@ -14,6 +15,15 @@
 One model, one worker thread: requests queue up and run one at a time (the model's classes are
 swapped per setting, which is not safe to share). A request that fails answers 500 and the
 server goes on. Errors use OpenAI's ``{"error": {"message", "type", "code"}}`` body.
+
+Limits, checked before a request reaches the model: the body must be ``Content-Type:
+application/json`` (else 415); image data URLs must be ``data:image/...`` (else 400); the
+prompt, text plus the visual tokens the LLM will read, must fit ``--max-prompt-tokens``
+(default: the model's positions) and leave room for one answer token (else 400, code
+``context_length_exceeded``), and the answer is cut where the positions end. A non-streamed
+request whose client disconnects is cancelled at the next token, as a streamed one is. SIGTERM
+(or Ctrl-C) stops accepting connections, gives requests in flight ``--shutdown-grace`` seconds
+to finish, then cancels them and exits.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
+import dataclasses
 import hmac
 import io
 import ipaddress
@@ -41,7 +53,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -122,6 +134,7 @@ class ApiError(Exception):
         403: "permission_error",
         404: "not_found_error",
         413: "request_too_large",
+        415: "unsupported_media_type",
         503: "server_busy",
     }
 
@@ -148,6 +161,7 @@ class ServerOptions:
     max_new_tokens: int = 256  # when the request gives none
     max_tokens_limit: int = 4096
     max_queue: int = 256
+    max_prompt_tokens: int | None = None  # None: the model's positions
 
 
 # ----------------------------------------------------------------------------- images
@@ -190,6 +204,14 @@ def load_image_url(url: str, options: ServerOptions) -> Image.Image:
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise ApiError(400, "image data URLs must look like data:image/png;base64,...")
+        mime = header.removeprefix("data:").split(";", 1)[0].strip().lower()
+        if not mime.startswith("image/"):
+            raise ApiError(
+                400,
+                f"image data URL has MIME type {mime or '(none)'!r}; image_url parts take images "
+                "only: data:image/png;base64,... (or image/jpeg, image/webp, ...)",
+                "invalid_image_type",
+            )
         _check_bytes(len(payload.rstrip("=")) * 3 // 4, options)  # before decoding it
         try:
             data = base64.b64decode(payload, validate=True)
@@ -299,6 +321,86 @@ def _validation_message(error: ValidationError) -> str:
     return "invalid request: " + "; ".join(problems)
 
 
+# ----------------------------------------------------------------------------- prompt length
+def full_visual_tokens(model: Any) -> int:
+    """Visual tokens per image of the unreduced model at its own image size."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    return patches if strategy == "default" else patches + 1
+
+
+class PromptLength:
+    """Counts a request's prompt tokens (text + the visual tokens the LLM will read) without
+    touching the model, so an over-long prompt is refused before it queues for the worker.
+
+    Uses its own copy of the tokenizer (fast tokenizers must not be shared across threads).
+    A cheap lower bound (one token per whitespace-separated word, or per longest-vocabulary-
+    entry characters) refuses a huge text before it is tokenized at all.
+    """
+
+    def __init__(self, engine: Engine, limit: int | None) -> None:
+        config = engine.model.config
+        text_config = getattr(config, "text_config", config)
+        positions = getattr(text_config, "max_position_embeddings", None)
+        self.context: int | None = int(positions) if positions else None
+        self.limit: int | None = limit if limit is not None else self.context
+        if self.limit is not None and self.context is not None and self.limit > self.context:
+            raise InvalidSetting(
+                f"--max-prompt-tokens {self.limit} is above the model's {self.context} positions"
+            )
+        self.processor = engine.processor
+        self.tokenizer = copy.deepcopy(engine.processor.tokenizer)
+        self.lock = threading.Lock()
+        self.image_token_id = engine.model.config.image_token_id
+        self.full = full_visual_tokens(engine.model)
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.chars_per_token = max(longest, 1) + 1  # +1: a leading space marker
+
+    def visual_per_image(self, setting: Setting) -> int:
+        # Every method hands the LLM exactly K tokens, except FastV (all, pruned inside).
+        if setting.method in (FULL, "fastv") or setting.visual_tokens is None:
+            return self.full
+        return int(setting.visual_tokens)
+
+    def check(self, messages: list[ChatMessage], setting: Setting) -> int:
+        """The prompt's token count; raises ApiError(400) past the limit."""
+        if self.limit is None:
+            return 0
+        from .engine import build_prompt
+
+        images = sum(len(m.images) for m in messages)
+        visual = images * self.visual_per_image(setting)
+        prompt = build_prompt(self.processor, messages)
+        lower = max(len(prompt.split()), len(prompt) // self.chars_per_token)
+        if lower + visual - images > self.limit:
+            self._refuse(f"at least {lower + visual - images}", visual)
+        with self.lock:
+            ids = self.tokenizer(prompt)["input_ids"]
+        placeholders = sum(1 for i in ids if i == self.image_token_id)
+        total = len(ids) - placeholders + visual
+        if total > self.limit:
+            self._refuse(str(total), visual)
+        if self.context is not None and total >= self.context:
+            self._refuse(str(total), visual, "leaves no position for the answer")
+        return total
+
+    def _refuse(self, total: str, visual: int, why: str = "") -> None:
+        context = f"; the model reads {self.context} positions" if self.context else ""
+        raise ApiError(
+            400,
+            f"prompt is {total} tokens ({visual} of them visual); "
+            + (f"it {why}" if why else f"this server's limit is {self.limit} (--max-prompt-tokens")
+            + ("" if why else ")")
+            + f"{context}: shorten the messages or send fewer images",
+            "context_length_exceeded",
+        )
+
+    def answer_room(self, total: int) -> int | None:
+        """Tokens the answer may take before the positions run out (None: no limit known)."""
+        return None if self.context is None else self.context - total
+
+
 # ----------------------------------------------------------------------------- the worker
 @dataclass
 class _Event:
@@ -315,6 +417,8 @@ class ModelWorker:
         self.pending = 0
         self.served = 0
         self.failed = 0
+        self.cancelled = 0  # stopped because the client left or the server shut down
+        self._active: set[threading.Event] = set()
         self._count_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossget-model")
 
@@ -341,8 +445,11 @@ class ModelWorker:
                 cancel.set()
 
         def job() -> None:
+            with self._count_lock:
+                self._active.add(cancel)
             try:
                 if cancel.is_set():
+                    self.cancelled += 1
                     emit("error", "cancelled before it started")
                     return
                 result = self.engine.generate(
@@ -353,6 +460,10 @@ class ModelWorker:
                     on_text=(lambda text: emit("text", text)) if stream else None,
                     cancel=cancel,
                 )
+                if cancel.is_set():  # stopped early: the client left, or shutdown
+                    self.cancelled += 1
+                    emit("error", "cancelled")
+                    return
                 self.served += 1
                 emit("done", result)
             except InvalidSetting as error:
@@ -364,11 +475,16 @@ class ModelWorker:
             finally:
                 with self._count_lock:
                     self.pending -= 1
+                    self._active.discard(cancel)
 
         self._executor.submit(job)
         return events
 
     def shutdown(self) -> None:
+        """Cancel what runs (it stops at its next token) and what waits; do not block."""
+        with self._count_lock:
+            for cancel in self._active:
+                cancel.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -423,6 +539,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Any:
             **{**options.__dict__, "allow_local_files": options.allow_local_files.resolve()}
         )
     worker = ModelWorker(engine, options.max_queue)
+    try:
+        length = PromptLength(engine, options.max_prompt_tokens)
+    except InvalidSetting as error:
+        raise ValueError(str(error)) from error
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -466,6 +586,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Any:
             "queued": worker.pending,
             "served": worker.served,
             "failed": worker.failed,
+            "cancelled": worker.cancelled,
+            "max_prompt_tokens": length.limit,
         }
 
     @app.get("/v1/models")
@@ -477,6 +599,14 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Any:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         authorize(request)
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";", 1)[0].strip().lower() != "application/json":
+            raise ApiError(
+                415,
+                f"Content-Type must be application/json, got {content_type or 'none'!r} (with "
+                "curl: -H 'Content-Type: application/json')",
+                "unsupported_media_type",
+            )
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > options.max_request_bytes:
             raise ApiError(413, f"request body over {options.max_request_bytes} bytes")
@@ -503,9 +633,31 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Any:
             raise ApiError(400, str(error), "invalid_crossget") from error
         sampling = sampling_for(chat, options)
         messages = await run_in_threadpool(to_chat_messages, chat, options)
+        total = await run_in_threadpool(length.check, messages, setting)
+        room = length.answer_room(total)
+        if room is not None and sampling.max_new_tokens > room:  # the positions end there
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
         cancel = threading.Event()
         events = worker.submit(messages, setting, sampling, chat.stream, cancel)
-        first = await events.get()
+
+        async def next_event() -> _Event | None:
+            """The job's next event, or None when the client has gone (job cancelled)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        cancel.set()
+                        logger.info("client disconnected: request cancelled")
+                        return None
+
+        try:
+            first = await next_event()
+        except BaseException:
+            cancel.set()  # e.g. cancelled at shutdown while queued
+            raise
+        if first is None:
+            return Response(status_code=499)  # nobody is listening
         if first.kind == "invalid":
             raise ApiError(400, first.payload, "invalid_crossget")
         if first.kind == "error":
@@ -517,7 +669,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Any:
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
             while True:
-                event = await events.get()
+                event = await next_event()
+                if event is None:
+                    return Response(status_code=499)
                 if event.kind == "done":
                     return _completion(request_id, engine.name, event.payload)
                 if event.kind == "error":
@@ -666,6 +820,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-queue", type=int, default=256, help="queued requests before 503 (default 256)"
     )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt, text plus visual tokens, a request may send (400 past it, "
+        "before any model work; default: the model's positions, e.g. 1024 for the reference "
+        "model; at most that)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/Ctrl-C: seconds requests in flight get to finish before they are "
+        "cancelled and the server exits (default 10)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser
 
@@ -702,7 +871,16 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        print("crossget serve: --max-prompt-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(engine, options)
+    except ValueError as error:
+        print(f"crossget serve: {error}", file=sys.stderr)
+        return 2
     import uvicorn
 
     print(
@@ -711,7 +889,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     uvicorn.run(
-        create_app(engine, options), host=args.host, port=args.port, log_level=args.log_level
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(args.shutdown_grace, 0.0),
     )
     return 0
 
