@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import blip2, hf_clip, hf_clip_model, llava
+from .adapters import blip2, hf_clip, hf_clip_model, llava, llava_tiled
 from .adapters import open_clip as open_clip_adapter
 from .adapters.family import Family
 from .config import CrossGETConfig, atomic_output
@@ -36,6 +36,8 @@ TOKENS_FILE = "crossget_tokens.safetensors"
 # Registry keyed by class *name*, so no model class needs importing to check support.
 SUPPORTED_MODELS: tuple[str, ...] = (
     "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
     "CLIPVisionModel",
     "Blip2ForConditionalGeneration",
     "InstructBlipForConditionalGeneration",
@@ -47,6 +49,8 @@ _FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         llava.LLAVA,
+        llava_tiled.LLAVA_NEXT,
+        llava_tiled.LLAVA_ONEVISION,
         hf_clip.CLIP_VISION,
         blip2.BLIP2,
         blip2.INSTRUCTBLIP,
@@ -87,8 +91,9 @@ def apply(
     family = _FAMILIES[_family(model)]
     if not config.merges_in_encoder and not family.supports_peers:
         raise ValueError(
-            f"method={config.method!r} (mllm_crossget.peers) is implemented for LLaVA models "
-            f"only; {family.name} supports the merging methods crossget and tome"
+            f"method={config.method!r} (mllm_crossget.peers) is implemented for "
+            f"LlavaForConditionalGeneration (one tower pass per image) only; {family.name} "
+            "supports the merging methods crossget and tome"
         )
     family.check(model, config)
     planner = family.planner(model, config)

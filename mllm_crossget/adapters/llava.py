@@ -403,6 +403,8 @@ def _llava_forward(
         vision_feature_layer=kwargs.pop("vision_feature_layer", None),
         vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
         crossget_query_offset=query_offset,
+        # the tiled models' (LLaVA-NeXT, OneVision) inputs; LLaVA-1.5 ignores them
+        **{key: kwargs[key] for key in ("image_sizes", "batch_num_images") if key in kwargs},
     )
     produced = [f.shape[0] for f in outputs.pooler_output]
     if produced != lengths:
@@ -474,7 +476,7 @@ def _with_text_states(
 ) -> Any:
     """Run the parent forward with the text cross tokens active (and their states collected)."""
     if not (runtime.config.text_cross_tokens and runtime.config.merges_in_encoder):
-        return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+        return _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
     first = None
     if attention_mask is not None and attention_mask.dim() == 2:
         # The text cross token sits on each row's first real token, also under left padding.
@@ -482,12 +484,29 @@ def _with_text_states(
     context = _TextCrossContext(unwrap_cross_tokens(self.crossget_tokens).text_prompts, first)
     token = _TEXT_CONTEXT.set(context)
     try:
-        result = parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+        result = _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
     finally:
         _TEXT_CONTEXT.reset(token)
     if context.collected:
         runtime.last.text_cross = context.collected
     return result
+
+
+def _call_parent(
+    parent_forward: Any,
+    input_ids: Tensor | None,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The parent forward by keyword (LLaVA-NeXT's third positional parameter is image_sizes);
+    extra positional arguments keep LLaVA-1.5's order."""
+    if args:
+        return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+    return parent_forward(
+        input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
+    )
 
 
 def _text_cross_hook(layer_index: int) -> Any:
@@ -530,12 +549,16 @@ def _attention_module(layer: nn.Module) -> nn.Module:
     return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
 
 
-def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> LlavaRuntime:
-    """Swap the LlavaModel's class, patch its tower's layers, hook the LLM layers."""
+def patch_llava(
+    model: nn.Module, config: CrossGETConfig, planner: Any, get_image_features: Any = None
+) -> LlavaRuntime:
+    """Swap the LlavaModel's class, patch its tower's layers, hook the LLM layers.
+
+    ``get_image_features`` replaces LLaVA-1.5's (the tiled models pack their tiles)."""
     inner = model.model
     patch_layers(tower_kind(inner.vision_tower).layers(inner.vision_tower))
     original = type(inner)
-    patched = _llava_subclass(original)
+    patched = _llava_subclass(original, get_image_features or _llava_get_image_features)
     inner.__class__ = patched
     runtime = LlavaRuntime(config=config, planner=planner, original_model_class=original)
     inner._crossget_llava = runtime
@@ -569,17 +592,18 @@ def _no_pre_encoding() -> bool:
     return False
 
 
-_LLAVA_SUBCLASSES: dict[type, type] = {}
+_LLAVA_SUBCLASSES: dict[tuple[type, Any], type] = {}
 
 
-def _llava_subclass(original: type) -> type:
-    if original not in _LLAVA_SUBCLASSES:
-        _LLAVA_SUBCLASSES[original] = type(
+def _llava_subclass(original: type, get_image_features: Any) -> type:
+    key = (original, get_image_features)
+    if key not in _LLAVA_SUBCLASSES:
+        _LLAVA_SUBCLASSES[key] = type(
             f"CrossGET{original.__name__}",
             (original,),
-            {"forward": _llava_forward, "get_image_features": _llava_get_image_features},
+            {"forward": _llava_forward, "get_image_features": get_image_features},
         )
-    return _LLAVA_SUBCLASSES[original]
+    return _LLAVA_SUBCLASSES[key]
 
 
 def alignment_loss(runtime: LlavaRuntime, projector: nn.Module) -> Tensor:
