@@ -414,3 +414,48 @@ def test_cls_less_tower_with_default_strategy_is_refused() -> None:
 def test_unknown_layer_type_is_named() -> None:
     with pytest.raises(TypeError, match="no description of Linear"):
         layer_ops(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ each description vs its layer
+
+
+def _layers_of_every_type() -> dict[str, Any]:
+    from tiny_models import tiny_llava
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    torch.manual_seed(0)
+    blip = Blip2VisionModel(
+        Blip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+            qkv_bias=True,
+        )
+    ).eval()
+    with torch.no_grad():  # BLIP-2 initialises the q/v biases to zero: make them show
+        blip.encoder.layers[0].self_attn.qkv.bias.normal_()
+    return {
+        "clip": tiny_llava().model.vision_tower.encoder.layers[0],
+        "siglip": tiny_tower_llava("siglip").model.vision_tower.encoder.layers[0],
+        "dinov2": tiny_tower_llava("dinov2").model.vision_tower.encoder.layer[0],
+        "blip2": blip.encoder.layers[0],
+    }
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "blip2"])
+def test_each_layer_description_reproduces_its_layer(kind: str) -> None:
+    """The shared merging forward with nothing to merge equals the library's own forward, so
+    each description (q/k/v split, norms, MLP, layer scales) is checked against the model."""
+    from mllm_crossget.adapters.vit_layer import TokenState, merging_block
+
+    layer = _layers_of_every_type()[kind]
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+    state = TokenState(x, torch.ones(2, 17), torch.zeros(2, 17, dtype=torch.bool))
+    with torch.no_grad():
+        mine, _ = merging_block(layer_ops(layer), state, r=0, plan=EncoderPlan(layer_r=(0,)))
+        theirs = layer(x) if kind == "blip2" else layer(x, None)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    torch.testing.assert_close(mine.hidden, theirs, atol=1e-5, rtol=1e-5)
