@@ -459,3 +459,29 @@ def test_each_layer_description_reproduces_its_layer(kind: str) -> None:
         theirs = layer(x) if kind == "blip2" else layer(x, None)
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     torch.testing.assert_close(mine.hidden, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_flops_report_counts_the_tower_as_it_runs(tower: str) -> None:
+    model = crossget.apply(tiny_tower_llava(tower), CrossGETConfig(visual_tokens=20))
+    report = crossget.flops_report(model, image_size=IMAGE_SIZE)
+    assert report.visual_tokens == 20
+    full = crossget.flops_report(tiny_tower_llava(tower), image_size=IMAGE_SIZE)
+    assert full.visual_tokens == PATCHES
+    assert 0 < report.vision < full.vision
+
+
+def test_bench_towers_smoke(tmp_path: Any) -> None:
+    import json
+
+    from eval.bench_towers import main
+
+    path = tmp_path / "bench.json"
+    argv = ["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "0", "--json", str(path)]
+    assert main(argv) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["tower"], r["setting"], r["visual_tokens"]) for r in rows] == [
+        (tower, setting, tokens)
+        for tower in ("clip-l", "siglip-so400m", "dinov2-s")
+        for setting, tokens in (("full", 64), ("50%", 32), ("25%", 16))
+    ]
