@@ -62,7 +62,12 @@ def images() -> list[Image.Image]:
 
 
 def tiny_tower_llava(
-    tower: str, *, seed: int = 0, attn: str = "sdpa", dtype: torch.dtype = torch.float32
+    tower: str,
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    feature: tuple[int, str] | None = None,
 ) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     common = dict(
@@ -88,6 +93,8 @@ def tiny_tower_llava(
             **common,
         )
         layer, strategy = -1, "default"
+    if feature is not None:
+        layer, strategy = feature
     text = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -485,3 +492,26 @@ def test_bench_towers_smoke(tmp_path: Any) -> None:
         for tower in ("clip-l", "siglip-so400m", "dinov2-s")
         for setting, tokens in (("full", 64), ("50%", 32), ("25%", 16))
     ]
+
+
+def test_dinov2_second_to_last_layer_with_cls_kept() -> None:
+    """DINOv2 with vision_feature_layer=-2 and strategy "full": CLS stays and counts."""
+    images = random_images(2, seed=8)
+    reference = tiny_tower_llava("dinov2", feature=(-2, "full"))
+    processor = tiny_processor()
+    processor.vision_feature_select_strategy = "full"
+    inputs = encode(processor, images, PROMPTS)
+    assert placeholders(inputs) == [PATCHES + 1] * 2
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+    model = tiny_tower_llava("dinov2", feature=(-2, "full"))
+    crossget.apply(model, CrossGETConfig(r=0))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+    _, processor = crossget.apply(model, CrossGETConfig(visual_tokens=30), processor)
+    merged = encode(processor, images, PROMPTS)
+    assert placeholders(merged) == [30, 30]
+    with torch.no_grad():
+        model(**merged)
+    assert model.model._crossget_llava.last.visual_tokens == [30, 30]
+    assert model.crossget_planner.layers_run == 3
