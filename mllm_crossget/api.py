@@ -80,10 +80,13 @@ def apply(
 
     Idempotent: applying again replaces the previous configuration (learned cross tokens are
     kept when their shapes still fit).  Supported: ``LlavaForConditionalGeneration`` with a
-    CLIP tower, a bare ``CLIPVisionModel``, ``Blip2ForConditionalGeneration``,
+    CLIP, SigLIP or DINOv2 tower, ``LlavaNextForConditionalGeneration`` and
+    ``LlavaOnevisionForConditionalGeneration`` (a budget per image split over its tiles, see
+    ``adapters.llava_tiled``), a bare ``CLIPVisionModel``, ``Blip2ForConditionalGeneration``,
     ``InstructBlipForConditionalGeneration`` (their processors need no change: the LLM still
     reads ``num_query_tokens``), HF ``CLIPModel`` and open_clip ``CLIP`` (image tower by the
-    budget, text tower by ``config.text_r``).
+    budget, text tower by ``config.text_r``).  Each family is one ``adapters.family.Family``
+    record; every ViT layer runs through ``adapters.vit_layer``.
     """
     if not isinstance(config, CrossGETConfig):
         raise TypeError(f"config must be a CrossGETConfig, got {type(config).__name__}")
