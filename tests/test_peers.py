@@ -112,7 +112,9 @@ def test_tome_method_is_bipartite_without_guidance_and_round_trips(tmp_path: Any
 def test_peers_need_a_llava_model() -> None:
     from tiny_models import tiny_clip_vision
 
-    with pytest.raises(ValueError, match="LLaVA models only"):
+    with pytest.raises(
+        ValueError, match="LlavaForConditionalGeneration .one tower pass per image. only"
+    ):
         crossget.apply(tiny_clip_vision(), CrossGETConfig(visual_tokens=16, method="pool"))
 
 

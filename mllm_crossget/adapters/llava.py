@@ -39,6 +39,8 @@ __all__ = [
     "BUDGET_OVERRIDE",
     "TOWERS",
     "TowerKind",
+    "attention_module",
+    "tower_kind",
     "LlavaRuntime",
     "MergedImageFeatures",
     "original_position_ids",
@@ -285,7 +287,7 @@ def _llava_get_image_features(
             keep_cls = kind.has_cls and not drop_first
             selected, assignment = reduce_after_encoder(
                 encode_unmerged,
-                _attention_module(layers[plan.num_layers - 1]),
+                attention_module(layers[plan.num_layers - 1]),
                 hidden,
                 plan,
                 grid=(height // patch, width // patch),
@@ -543,7 +545,7 @@ def _text_cross_hook(layer_index: int) -> Any:
     return hook
 
 
-def _attention_module(layer: nn.Module) -> nn.Module:
+def attention_module(layer: nn.Module) -> nn.Module:
     """The self-attention module of a CLIP/SigLIP (``self_attn``) or DINOv2 (``attention``)
     layer: the peers that read attention hook its ``q_proj``/``k_proj``."""
     return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
