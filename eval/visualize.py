@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 import mllm_crossget as crossget
 from mllm_crossget import named_models
+from mllm_crossget.adapters.llava import attention_module, tower_kind
+from mllm_crossget.adapters.vit_layer import run_encoder
 from mllm_crossget.config import atomic_output
 from mllm_crossget.cross_tokens import unwrap_cross_tokens
 from mllm_crossget.peers import FEATURE_METHODS, METHOD_NAMES
@@ -58,18 +60,30 @@ def assignment_for(
             assignment = _fastv_assignment(model, processor, pixels, prompt)
         else:
             plan = model.crossget_planner.plan(height, width)
-            hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+            kind = tower_kind(tower)
+            layers = kind.layers(tower)
+            hidden = kind.embed(tower, pixels)
             if method in FEATURE_METHODS:
                 _, assignment = reduce_after_encoder(
-                    tower, hidden, plan, grid, False, budget, method, model.crossget_config.seed
+                    lambda embeds, plan_: run_encoder(layers, embeds, plan_).last_hidden_state,
+                    attention_module(layers[plan.num_layers - 1]),
+                    hidden,
+                    plan,
+                    grid,
+                    kind.has_cls,
+                    False,
+                    budget,
+                    method,
+                    model.crossget_config.seed,
                 )
                 assignment = assignment[0]
             else:
                 prompts = unwrap_cross_tokens(model.model.crossget_tokens).vision_prompts
-                encoded = tower.encoder(
-                    inputs_embeds=hidden, crossget_plan=plan, crossget_cross_offsets=prompts
+                encoded = run_encoder(
+                    layers, hidden, plan, has_cls=kind.has_cls, cross_offsets=prompts
                 )
-                source = encoded.source_map[0, 1:, 1:]  # tokens x patches, CLS excluded
+                start = int(kind.has_cls)  # tokens x patches, CLS excluded
+                source = encoded.source_map[0, start:, start:]
                 assignment = source.argmax(dim=0)
     finally:
         crossget.remove(model)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 import weakref
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import blip2, hf_clip, hf_clip_model, llava
+from .adapters import blip2, hf_clip, hf_clip_model, llava, llava_tiled
 from .adapters import open_clip as open_clip_adapter
 from .adapters.family import Family
 from .config import CrossGETConfig, atomic_output, budget_error
 from .cross_tokens import CrossTokens, unwrap_cross_tokens
-from .peers import fastv
-from .planner import TowerPlanner
-from .processing import adjust_processor, restore_processor
+from .processing import restore_processor
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -36,22 +34,28 @@ __all__ = [
 ]
 
 TOKENS_ATTR = "crossget_tokens"
+TOKENS_FILE = "crossget_tokens.safetensors"
 # A weak reference to the processor that ``apply`` adjusted, so ``remove(model)`` restores it.
 PROCESSOR_ATTR = "_crossget_processor"
-TOKENS_FILE = "crossget_tokens.safetensors"
 # Registry keyed by class *name*, so no model class needs importing to check support.
 SUPPORTED_MODELS: tuple[str, ...] = (
     "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
     "CLIPVisionModel",
     "Blip2ForConditionalGeneration",
     "InstructBlipForConditionalGeneration",
     "CLIPModel",
     "open_clip.CLIP",  # qualified: "CLIP" alone is too common a class name
 )
-# Families that describe themselves with an ``adapters.family.Family`` record.
+# Every family describes itself with an ``adapters.family.Family`` record.
 _FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
+        llava.LLAVA,
+        llava_tiled.LLAVA_NEXT,
+        llava_tiled.LLAVA_ONEVISION,
+        hf_clip.CLIP_VISION,
         blip2.BLIP2,
         blip2.INSTRUCTBLIP,
         hf_clip_model.HF_CLIP,
@@ -73,60 +77,6 @@ def _family(model: nn.Module) -> str:
     )
 
 
-def _feature_layers_run(num_layers: int, feature_layer: int) -> int:
-    """Encoder layers needed for hidden state ``feature_layer`` (index 0 = embeddings)."""
-    if not -(num_layers + 1) <= feature_layer <= num_layers:
-        raise ValueError(f"vision_feature_layer={feature_layer} out of range for {num_layers}")
-    return feature_layer % (num_layers + 1)
-
-
-def _planner(model: nn.Module, config: CrossGETConfig) -> TowerPlanner:
-    family = _family(model)
-    if family == "LlavaForConditionalGeneration":
-        vision_config = model.config.vision_config
-        feature_layer = model.config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise ValueError(
-                f"CrossGET supports a single vision_feature_layer, this model uses {feature_layer}"
-            )
-        layers_run = _feature_layers_run(vision_config.num_hidden_layers, feature_layer)
-        strategy = model.config.vision_feature_select_strategy
-        dropped = 1 if strategy == "default" else 0
-    else:
-        vision_config = model.config
-        layers_run, dropped = vision_config.num_hidden_layers, 0
-    if config.first_merge_layer >= layers_run:
-        raise ValueError(
-            f"first_merge_layer={config.first_merge_layer} leaves no merging layer: the tower "
-            f"runs {layers_run} layers"
-        )
-    return TowerPlanner(
-        config=config,
-        patch_size=vision_config.patch_size,
-        layers_run=layers_run,
-        dropped_tokens=dropped,
-    )
-
-
-def _check_attention(model: nn.Module, config: CrossGETConfig) -> None:
-    vision_config = getattr(model.config, "vision_config", model.config)
-    implementation = getattr(vision_config, "_attn_implementation", None) or "eager"
-    if implementation.startswith("flash") and (
-        (config.merges_in_encoder and config.proportional_attention) or config.uses_cross_token
-    ):
-        raise ValueError(
-            f"the vision tower uses attn_implementation={implementation!r}, which cannot take "
-            "the proportional-attention bias or the cross-token mask; load it with "
-            "attn_implementation='sdpa' (or 'eager'), or use proportional_attention=False and "
-            "guidance='none'"
-        )
-    if config.uses_cross_token and config.guidance == "attention" and implementation != "eager":
-        raise ValueError(
-            "guidance='attention' needs full attention probabilities: load the model with "
-            "attn_implementation='eager', or use guidance='cross' (works with SDPA)"
-        )
-
-
 def apply(
     model: nn.Module, config: CrossGETConfig, processor: Any = None
 ) -> nn.Module | tuple[nn.Module, Any]:
@@ -134,54 +84,47 @@ def apply(
 
     Idempotent: applying again replaces the previous configuration (learned cross tokens are
     kept when their shapes still fit).  Supported: ``LlavaForConditionalGeneration`` with a
-    CLIP tower, a bare ``CLIPVisionModel``, ``Blip2ForConditionalGeneration``,
+    CLIP, SigLIP or DINOv2 tower, ``LlavaNextForConditionalGeneration`` and
+    ``LlavaOnevisionForConditionalGeneration`` (a budget per image split over its tiles, see
+    ``adapters.llava_tiled``), a bare ``CLIPVisionModel``, ``Blip2ForConditionalGeneration``,
     ``InstructBlipForConditionalGeneration`` (their processors need no change: the LLM still
     reads ``num_query_tokens``), HF ``CLIPModel`` and open_clip ``CLIP`` (image tower by the
-    budget, text tower by ``config.text_r``).
+    budget, text tower by ``config.text_r``).  Each family is one ``adapters.family.Family``
+    record; every ViT layer runs through ``adapters.vit_layer``.
     """
     if not isinstance(config, CrossGETConfig):
         raise TypeError(f"config must be a CrossGETConfig, got {type(config).__name__}")
     config.validate()
-    family = _family(model)
-    if not config.merges_in_encoder and family != "LlavaForConditionalGeneration":
+    family = _FAMILIES[_family(model)]
+    if not config.merges_in_encoder and not family.supports_peers:
         raise ValueError(
-            f"method={config.method!r} (mllm_crossget.peers) is implemented for LLaVA models "
-            f"only; {family} supports the merging methods crossget and tome"
+            f"method={config.method!r} (mllm_crossget.peers) is implemented for "
+            f"LlavaForConditionalGeneration (one tower pass per image) only; {family.name} "
+            "supports the merging methods crossget and tome"
         )
-    if family in _FAMILIES:
-        return _apply_family(_FAMILIES[family], model, config, processor)
-    _check_attention(model, config)
-    if config.method == "fastv":
-        fastv.check(model.model.language_model, config.fastv_layer)
-    planner = _planner(model, config)
-    # Validate the budget now, on the model's own image size, not at the first forward.
-    vision_config = getattr(model.config, "vision_config", model.config)
-    planner.visual_tokens(vision_config.image_size, vision_config.image_size)
-    _warn_if_r_clamped(planner, vision_config.image_size, vision_config.image_size)
-
-    holder = _tokens_holder(model, family)
+    family.check(model, config)
+    planner = family.planner(model, config)
+    planner.visual_tokens(*family.image_size(model))  # validate the budget now
+    _warn_if_r_clamped(planner, *family.image_size(model))
+    holder = family.holder(model)
     previous = getattr(holder, TOKENS_ATTR, None)
     processor = processor if processor is not None else _adjusted_processor(model)
     if is_applied(model):
         _unpatch(model)
-    tokens = _build_tokens(model, family, planner, config)
+    reference = next(model.parameters())
+    tokens = family.build_tokens(model, planner, config).to(reference.device, torch.float32)
     if previous is not None and _same_shapes(unwrap_cross_tokens(previous), tokens):
         tokens.load_state_dict(unwrap_cross_tokens(previous).state_dict())
     holder.add_module(TOKENS_ATTR, tokens)
-    if family == "LlavaForConditionalGeneration":
-        llava.patch_llava(model, config, planner)
-    else:
-        runtime = hf_clip.ClipRuntime(
-            config=config, num_layers=len(model.encoder.layers), plan_for=planner.plan_for_length
-        )
-        hf_clip.patch_clip_encoder(model.encoder, runtime)
+    family.patch(model, config, planner)
     model.crossget_config = config
     model.crossget_planner = planner
-    if processor is not None:
-        adjust_processor(processor, planner)
+    if processor is None:
+        return model
+    if family.adjust_processor is not None:
+        processor = family.adjust_processor(processor, planner)
         setattr(model, PROCESSOR_ATTR, weakref.ref(processor))
-        return model, processor
-    return model
+    return model, processor
 
 
 def _adjusted_processor(model: nn.Module) -> Any:
@@ -202,6 +145,8 @@ def _warn_if_r_clamped(planner: Any, height: int, width: int) -> None:
         return
     from .schedule import max_merge_count
 
+    if hasattr(planner, "tile"):  # tiled models: every tile runs the same tower plan
+        planner, height, width = planner.tile, planner.tile_size, planner.tile_size
     n = planner.input_tokens(height, width)
     clamped = []
     for layer, r in enumerate(planner.layer_r(n)):
@@ -221,61 +166,10 @@ def _warn_if_r_clamped(planner: Any, height: int, width: int) -> None:
         )
 
 
-def _apply_family(
-    family: Family, model: nn.Module, config: CrossGETConfig, processor: Any
-) -> nn.Module | tuple[nn.Module, Any]:
-    """``apply`` for self-describing families (their processors need no change)."""
-    family.check(model, config)
-    planner = family.planner(model, config)
-    planner.visual_tokens(*family.image_size(model))  # validate the budget now
-    _warn_if_r_clamped(planner, *family.image_size(model))
-    holder = family.holder(model)
-    previous = getattr(holder, TOKENS_ATTR, None)
-    if is_applied(model):
-        remove(model)
-    reference = next(model.parameters())
-    tokens = family.build_tokens(model, planner, config).to(reference.device, torch.float32)
-    if previous is not None and _same_shapes(unwrap_cross_tokens(previous), tokens):
-        tokens.load_state_dict(unwrap_cross_tokens(previous).state_dict())
-    holder.add_module(TOKENS_ATTR, tokens)
-    family.patch(model, config, planner)
-    model.crossget_config = config
-    model.crossget_planner = planner
-    return model if processor is None else (model, processor)
-
-
-def _tokens_holder(model: nn.Module, family: str) -> nn.Module:
-    """The submodule that owns ``crossget_tokens``: it reads them in its own forward, so a
-    copied model (``copy.deepcopy``) uses its own copy."""
-    if family in _FAMILIES:
-        return _FAMILIES[family].holder(model)
-    return model.model if family == "LlavaForConditionalGeneration" else model.encoder
-
-
 def cross_tokens(model: nn.Module) -> CrossTokens:
     """The model's learnable cross tokens (peft's trainable copy when it wraps them)."""
     _require_applied(model)
-    return unwrap_cross_tokens(getattr(_tokens_holder(model, _family(model)), TOKENS_ATTR))
-
-
-def _build_tokens(
-    model: nn.Module, family: str, planner: TowerPlanner, config: CrossGETConfig
-) -> CrossTokens:
-    vision_config = getattr(model.config, "vision_config", model.config)
-    text_layers = text_width = 0
-    if family == "LlavaForConditionalGeneration":
-        text_config = model.config.text_config
-        text_width = text_config.hidden_size
-        text_layers = text_config.num_hidden_layers if config.text_cross_tokens else 0
-    reference = next(model.parameters())
-    tokens = CrossTokens(
-        vision_layers=planner.layers_run,
-        vision_width=vision_config.hidden_size,
-        text_layers=text_layers,
-        text_width=text_width,
-        query_guidance=config.guidance == "query",
-    )
-    return tokens.to(device=reference.device, dtype=torch.float32)
+    return unwrap_cross_tokens(getattr(_FAMILIES[_family(model)].holder(model), TOKENS_ATTR))
 
 
 def _same_shapes(first: nn.Module, second: nn.Module) -> bool:
@@ -307,13 +201,9 @@ def _unpatch(model: nn.Module) -> nn.Module:
     """Original classes back, hooks and cross tokens gone (the processor is left alone)."""
     if hasattr(model, PROCESSOR_ATTR):
         delattr(model, PROCESSOR_ATTR)
-    if _family(model) in _FAMILIES:
-        _FAMILIES[_family(model)].unpatch(model)
-    elif _family(model) == "LlavaForConditionalGeneration":
-        llava.unpatch_llava(model)
-    else:
-        hf_clip.unpatch_clip_encoder(model.encoder)
-    holder = _tokens_holder(model, _family(model))
+    family = _FAMILIES[_family(model)]
+    family.unpatch(model)
+    holder = family.holder(model)
     if hasattr(holder, TOKENS_ATTR):
         delattr(holder, TOKENS_ATTR)
     del model.crossget_config
@@ -333,10 +223,8 @@ def num_visual_tokens(
 ) -> int:
     """Exact number of visual tokens an image of ``image_size`` yields under the config."""
     _require_applied(model)
-    if image_size is None and _family(model) in _FAMILIES:
+    if image_size is None:
         image_size = _FAMILIES[_family(model)].image_size(model)
-    elif image_size is None:
-        image_size = getattr(model.config, "vision_config", model.config).image_size
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     return model.crossget_planner.visual_tokens(height, width, visual_tokens)
 
@@ -383,15 +271,7 @@ def budget(visual_tokens: int | Sequence[int]) -> Iterator[None]:
 def alignment_loss(model: nn.Module) -> Tensor:
     """Symmetric JS alignment loss between vision and text cross tokens of the last forward."""
     _require_applied(model)
-    if _family(model) in _FAMILIES:
-        return _FAMILIES[_family(model)].alignment_loss(model)
-    if _family(model) != "LlavaForConditionalGeneration":
-        raise RuntimeError(
-            f"alignment_loss pairs vision and text cross tokens of a LLaVA model; "
-            f"{type(model).__name__} has no language side"
-        )
-    inner = model.model
-    return llava.alignment_loss(inner._crossget_llava, inner.multi_modal_projector)
+    return _FAMILIES[_family(model)].alignment_loss(model)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:

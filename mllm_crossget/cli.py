@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench-merge": ("eval.bench_merge", "time CGSM vs ToMe matching vs one CLIP-L layer"),
     "bench-blip2": ("eval.bench_blip2", "ViT and generate time of a BLIP-2-shaped model"),
     "bench-clip": ("eval.bench_clip", "image-tower throughput of ViT-B/16 CLIP models"),
+    "bench-towers": ("eval.bench_towers", "vision-tower speed: CLIP-L, SigLIP-So400m, DINOv2-S"),
     "bench-serve": ("eval.bench_serve", "concurrent-request load check of `crossget serve`"),
     "chat": ("mllm_crossget.serving.chat", "chat with a LLaVA model about an image, streamed"),
     "clip-eval": ("eval.clip_eval", "CLIP zero-shot / retrieval recall on local files"),

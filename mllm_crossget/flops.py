@@ -55,15 +55,18 @@ def _vision_flops(
     layer_r: tuple[int, ...],
     layers_run: int,
     cross_token: bool,
+    prefix: int = 1,
 ) -> tuple[int, tuple[int, ...], int]:
     width = vision_config.hidden_size
-    inner = vision_config.intermediate_size
+    inner = getattr(vision_config, "intermediate_size", None)
+    if inner is None:  # DINOv2 states the MLP width as a ratio
+        inner = int(width * vision_config.mlp_ratio)
     heads = vision_config.num_attention_heads
     head_dim = width // heads
     patch = vision_config.patch_size
     patches = (image_size // patch) ** 2
     total = 2 * patches * width * 3 * patch * patch  # patch embedding convolution
-    n = patches + 1
+    n = patches + prefix  # CLS (SigLIP has none)
     counts = []
     overhead = 0
     schedule = layer_r if layer_r else (0,) * layers_run
@@ -72,7 +75,7 @@ def _vision_flops(
         t = n + (1 if cross_token and merging else 0)
         total += 4 * 2 * t * width * width  # q, k, v, out projections
         total += 2 * 2 * t * t * width  # QK^T and AV
-        removed = min(r, (n - 1) // 2)
+        removed = min(r, (n - prefix) // 2)
         if removed:
             overhead += 2 * n * n * head_dim  # cosine similarity of head-averaged keys
             if cross_token:
@@ -120,6 +123,12 @@ def flops_report(
     size = image_size or vision_config.image_size
     planner = getattr(model, "crossget_planner", None)
     crossget = getattr(model, "crossget_config", None)
+    prefix = 0 if getattr(vision_config, "model_type", "") == "siglip_vision_model" else 1
+    if planner is not None and not hasattr(planner, "input_tokens"):
+        raise ValueError(
+            f"flops_report counts one tower pass per image; {type(model).__name__} encodes "
+            "tiles (use crossget.num_visual_tokens for its token counts)"
+        )
     if planner is not None:
         n = planner.input_tokens(size, size)
         layer_r = planner.layer_r(n, visual_tokens)
@@ -134,8 +143,10 @@ def flops_report(
         if hasattr(config, "vision_feature_select_strategy"):
             dropped = 1 if config.vision_feature_select_strategy == "default" else 0
         layer_r, cross = (0,) * layers_run, False
-        visual = (size // vision_config.patch_size) ** 2 + 1 - dropped
-    vision, counts, overhead = _vision_flops(vision_config, size, tuple(layer_r), layers_run, cross)
+        visual = (size // vision_config.patch_size) ** 2 + prefix - dropped
+    vision, counts, overhead = _vision_flops(
+        vision_config, size, tuple(layer_r), layers_run, cross, prefix
+    )
     kept = None
     if crossget is not None and not crossget.merges_in_encoder:
         visual = planner.visual_tokens(size, size, visual_tokens)

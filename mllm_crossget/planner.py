@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapters.hf_clip import EncoderPlan
+from .adapters.vit_layer import EncoderPlan
 from .config import CrossGETConfig
 from .schedule import (
     constant_schedule,

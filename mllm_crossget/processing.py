@@ -46,24 +46,28 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
         del self._crossget_images_seen
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, Any], type] = {}
 
 
-def adjust_processor(processor: Any, planner: Any) -> Any:
-    """Swap the processor instance's class so it asks the planner for each image's count."""
+def adjust_processor(processor: Any, planner: Any, replace: Any = None) -> Any:
+    """Swap the processor instance's class so it asks the planner for each image's count.
+
+    ``replace`` is the ``replace_image_token`` to install (default: one image, one tower pass;
+    the tiled models pass their own)."""
+    replace = replace or _replace_image_token
     if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
         raise TypeError(
             f"{type(processor).__name__} has no replace_image_token/image_token; CrossGET can "
             "adjust LlavaProcessor-style processors only"
         )
     original = getattr(processor, "_crossget_original_class", type(processor))
-    if original not in _SUBCLASSES:
-        _SUBCLASSES[original] = type(
+    if (original, replace) not in _SUBCLASSES:
+        _SUBCLASSES[original, replace] = type(
             f"CrossGET{original.__name__}",
             (original,),
-            {"replace_image_token": _replace_image_token, "__call__": _call},
+            {"replace_image_token": replace, "__call__": _call},
         )
-    processor.__class__ = _SUBCLASSES[original]
+    processor.__class__ = _SUBCLASSES[original, replace]
     processor._crossget_original_class = original
     processor._crossget_planner = planner
     return processor

@@ -34,7 +34,7 @@ from mllm_crossget import CrossGETConfig
 from mllm_crossget.adapters import clip_pair, hf_clip_model
 from mllm_crossget.adapters import open_clip as open_clip_adapter
 from mllm_crossget.adapters.hf_clip import EncoderPlan
-from mllm_crossget.adapters.token_block import TokenState, merging_block
+from mllm_crossget.adapters.vit_layer import TokenState, merging_block
 
 NUM_TOKENS = 65
 BOS, EOS, PAD = 2, 3, 1

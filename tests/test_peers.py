@@ -28,6 +28,7 @@ from transformers import BatchFeature, DynamicCache
 
 import mllm_crossget as crossget
 from mllm_crossget import CrossGETConfig
+from mllm_crossget.adapters.vit_layer import run_encoder
 from mllm_crossget.peers import FEATURE_METHODS, METHOD_NAMES, FeatureInputs
 from mllm_crossget.peers.divprune import divprune_indices
 from mllm_crossget.peers.encoder import reduce_after_encoder
@@ -111,7 +112,9 @@ def test_tome_method_is_bipartite_without_guidance_and_round_trips(tmp_path: Any
 def test_peers_need_a_llava_model() -> None:
     from tiny_models import tiny_clip_vision
 
-    with pytest.raises(ValueError, match="LLaVA models only"):
+    with pytest.raises(
+        ValueError, match="LlavaForConditionalGeneration .one tower pass per image. only"
+    ):
         crossget.apply(tiny_clip_vision(), CrossGETConfig(visual_tokens=16, method="pool"))
 
 
@@ -386,7 +389,15 @@ def test_visionzip_reads_the_cls_attention_of_the_feature_layer() -> None:
         spec = METHODS["visionzip"]
         object.__setattr__(spec, "reduce", spy)
         try:
-            reduce_after_encoder(tower, hidden, plan, (8, 8), False, 10, "visionzip")
+            layers = tower.encoder.layers
+
+            def encode(embeds: torch.Tensor, plan: Any) -> torch.Tensor:
+                return run_encoder(layers, embeds, plan).last_hidden_state
+
+            attention = layers[plan.num_layers - 1].self_attn
+            reduce_after_encoder(
+                encode, attention, hidden, plan, (8, 8), True, False, 10, "visionzip"
+            )
         finally:
             object.__setattr__(spec, "reduce", original)
     torch.testing.assert_close(seen["attention"], expected_rows, atol=1e-5, rtol=1e-4)

@@ -37,8 +37,10 @@ SLOW: dict[str, str] = {
     "pip install -e .": "installs the package; CI's fresh clone does it (.ci/run -> make test)",
     "make demo": "the 2.5-minute demo job; tests/test_demo.py runs its code on a tiny model",
     "make test": "this test suite itself",
-    "crossget data make --out data/testbed --train 96000 --validation 700 --test 1400 --seed 0 "
-    "--train-questions-per-image 16": "renders 98,100 questions (2.6 min)",
+    "crossget data make --out data/testbed --train 0 --validation 700 --test 1400 --seed 0": (
+        "renders 2,100 questions into the checkout's data/ (tests/test_testbed_data.py makes "
+        "splits in a temporary folder)"
+    ),
     "crossget eval --model reference --task testbed --data data/testbed --budgets 128,64 "
     "--methods crossget,tome": "1,400 questions x 4 settings (about a minute)",
     "python -m eval.recovery_study --model reference --data data/testbed --limit 1400 --steps "

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from ..config import CrossGETConfig
 from ..loss import symmetric_js_divergence
-from .hf_clip import EncoderPlan
-from .token_block import BlockOps, TokenState, merging_block
+from .vit_layer import BlockOps, EncoderPlan, TokenState, merging_block
 
 __all__ = [
     "LastPair",

@@ -1,8 +1,8 @@
 """What :mod:`mllm_crossget.api` needs from one model family, as one small record.
 
-The LLaVA and bare-CLIP towers predate this record and are dispatched inline in ``api.py``;
-families added since (BLIP-2 / InstructBLIP, CLIP two-tower models) describe themselves with
-a :class:`Family`, so the public functions stay one line per family.
+Every family (LLaVA, bare CLIP towers, BLIP-2 / InstructBLIP, CLIP two-tower models)
+describes itself with a :class:`Family`, so the public functions in ``api.py`` stay one line
+per family.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..config import CrossGETConfig
 from ..cross_tokens import CrossTokens
 
-__all__ = ["Family"]
+__all__ = ["Family", "check_attention"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class Family:
     ``holder`` is the submodule that owns ``crossget_tokens`` (it reads them in its own
     forward, so a deep copy uses its own copy); ``patch``/``unpatch`` swap instance classes
     and hooks; ``image_size`` is the default ``(height, width)``; ``alignment_loss`` pairs
-    cross tokens of the last forward (or raises when the family has no second side).
+    cross tokens of the last forward (or raises when the family has no second side);
+    ``adjust_processor(processor, planner)`` makes a processor emit the merged placeholder
+    count (``None``: the processor needs no change; ``remove`` restores any adjusted one);
+    ``supports_peers``: the feature- and LLM-stage peers (``mllm_crossget.peers``) apply.
     """
 
     name: str
@@ -40,3 +43,24 @@ class Family:
     unpatch: Callable[[nn.Module], None]
     image_size: Callable[[nn.Module], tuple[int, int]]
     alignment_loss: Callable[[nn.Module], Tensor]
+    adjust_processor: Callable[[Any, Any], Any] | None = None
+    supports_peers: bool = False
+
+
+def check_attention(vision_config: Any, config: CrossGETConfig) -> None:
+    """A vision tower's attention implementation must take what the config needs."""
+    implementation = getattr(vision_config, "_attn_implementation", None) or "eager"
+    if implementation.startswith("flash") and (
+        (config.merges_in_encoder and config.proportional_attention) or config.uses_cross_token
+    ):
+        raise ValueError(
+            f"the vision tower uses attn_implementation={implementation!r}, which cannot take "
+            "the proportional-attention bias or the cross-token mask; load it with "
+            "attn_implementation='sdpa' (or 'eager'), or use proportional_attention=False and "
+            "guidance='none'"
+        )
+    if config.uses_cross_token and config.guidance == "attention" and implementation != "eager":
+        raise ValueError(
+            "guidance='attention' needs full attention probabilities: load the model with "
+            "attn_implementation='eager', or use guidance='cross' (works with SDPA)"
+        )

@@ -1,230 +1,42 @@
-"""CrossGET inside Hugging Face CLIP vision encoders, by swapping the class of each instance.
+"""CrossGET inside Hugging Face ViT encoders that are called as a whole (a bare
+``CLIPVisionModel``, BLIP-2's ViT), by swapping the class of each instance.
 
-``CLIPEncoderLayer`` and ``CLIPEncoder`` instances get a subclass (created once per original
-class) whose ``forward`` merges tokens; weights, state-dict keys and the output-capture hooks
-are untouched, and ``remove`` restores the original class.  Per-forward state — token sizes,
-the cross token, the plan — travels as arguments and return values, never as module
-attributes, so gradient checkpointing recomputes exactly what ran.
+The encoder instance gets a subclass whose ``forward`` runs :func:`.vit_layer.run_encoder`
+over its layers, which get :mod:`.vit_layer`'s merging subclasses; weights, state-dict keys
+and the output-capture hooks are untouched, and ``remove`` restores the original classes.
+Per-forward state — token sizes, the cross token, the plan — travels as arguments and return
+values, never as module attributes, so gradient checkpointing recomputes exactly what ran.
 
-The cross token is appended after the visible tokens inside each layer only: it reads the
-image (its query against all keys) but is masked out as a key, so it never changes the
-visible tokens and never appears in captured hidden states.
+The bare ``CLIPVisionModel`` family record lives here too: its cross tokens sit on the
+encoder, every output token (CLS included) counts, and it has no language side.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import BaseModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import CrossGETConfig
-from ..cross_tokens import unwrap_cross_tokens
-from ..guidance import cross_row_importance, mean_received_attention
-from ..merge import Matching, bipartite_matching, complete_graph_matching
+from ..cross_tokens import CrossTokens, unwrap_cross_tokens
+from .family import Family, check_attention
+from .vit_layer import (
+    EncoderPlan,
+    MergingEncoderOutput,
+    patch_layers,
+    run_encoder,
+    unpatch_layers,
+)
 
 __all__ = [
+    "CLIP_VISION",
+    "ClipRuntime",
     "EncoderPlan",
     "MergingEncoderOutput",
     "patch_clip_encoder",
     "unpatch_clip_encoder",
 ]
-
-
-@dataclass(frozen=True)
-class EncoderPlan:
-    """What one encoder call does: how many layers run and ``r`` for each of them."""
-
-    layer_r: tuple[int, ...]
-    matching: str = "complete_graph"
-    guidance: str = "cross"
-    proportional_attention: bool = True
-    track_source: bool = False
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_r)
-
-    @property
-    def merges(self) -> bool:
-        return any(self.layer_r)
-
-    @property
-    def uses_cross_token(self) -> bool:
-        return self.merges and self.guidance in ("cross", "attention", "query")
-
-    @classmethod
-    def from_config(cls, config: CrossGETConfig, layer_r: Sequence[int]) -> EncoderPlan:
-        return cls(
-            layer_r=tuple(layer_r),
-            matching=config.matching,
-            guidance=config.guidance,
-            proportional_attention=config.proportional_attention,
-            track_source=config.track_source,
-        )
-
-
-@dataclass
-class MergingEncoderOutput(BaseModelOutput):
-    """The encoder's output plus what merging produced (sizes, cross states, source map).
-
-    ``first_patch`` [B, T]: for every output token, the lowest input index it holds (CLS is
-    index 0), which the LLaVA adapter turns into the token's position in the LLM.
-    """
-
-    token_size: Tensor | None = None
-    first_patch: Tensor | None = None
-    cross_states: tuple[Tensor, ...] | None = None
-    source_map: Tensor | None = None
-
-
-def _attention_bias(
-    token_size: Tensor, with_cross: bool, proportional: bool, dtype: torch.dtype
-) -> Tensor | None:
-    """[B, 1, 1, T]: log(size) per visible key and -inf for the cross token's key."""
-    if not proportional and not with_cross:
-        return None
-    bias = token_size.log() if proportional else torch.zeros_like(token_size)
-    if with_cross:
-        bias = torch.cat([bias, bias.new_full((bias.shape[0], 1), -torch.inf)], dim=1)
-    return bias[:, None, None, :].to(dtype)
-
-
-def _merging_layer_forward(
-    self: nn.Module,
-    hidden_states: Tensor,
-    token_size: Tensor | None = None,
-    cross_state: Tensor | None = None,
-    cross_offset: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    *,
-    layer_r: int = 0,
-    plan: EncoderPlan | None = None,
-    **kwargs: Any,
-) -> Tensor | tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-    """One CLIP layer with proportional attention, guidance and a merge after attention.
-
-    Returns ``(hidden, size, cross_state, src_idx, dst_idx, kept_idx)``; the indices let the
-    caller update a source map without the layer holding state.  Without a plan it is the
-    original layer, bit for bit (the parent class's forward).
-    """
-    if plan is None:
-        if attention_mask is None and not type(self)._crossget_takes_mask:
-            return super(type(self), self).forward(hidden_states, **kwargs)  # BLIP-2 layers
-        return super(type(self), self).forward(hidden_states, attention_mask, **kwargs)
-    if attention_mask is not None:
-        raise ValueError("CrossGET vision layers take no attention mask (image tokens only)")
-    batch, num_visible, width = hidden_states.shape
-    attn = self.self_attn
-    with_cross = cross_state is not None
-    sequence = hidden_states
-    if with_cross:
-        cross_in = cross_state.detach()
-        if cross_offset is not None:
-            cross_in = cross_in + cross_offset.to(cross_in.dtype)
-        sequence = torch.cat([hidden_states, cross_in], dim=1)
-    residual = sequence
-    normed = self.layer_norm1(sequence)
-    shape = (batch, sequence.shape[1], -1, attn.head_dim)
-    query, key, value = _project_qkv(attn, normed, shape)
-
-    bias = _attention_bias(token_size, with_cross, plan.proportional_attention, query.dtype)
-    implementation = attn.config._attn_implementation
-    need_probs = layer_r > 0 and plan.guidance == "attention"
-    if need_probs and implementation != "eager":
-        raise ValueError(
-            "guidance='attention' needs full attention probabilities: load the model with "
-            "attn_implementation='eager', or use guidance='cross' (works with SDPA)"
-        )
-    if bias is not None and implementation.startswith("flash"):
-        raise ValueError(
-            f"attn_implementation={implementation!r} cannot add the proportional-attention "
-            "bias or mask the cross token; load the vision tower with attn_implementation="
-            "'sdpa' (or 'eager'), or set proportional_attention=False and guidance='none'"
-        )
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_attention)
-    attended, probs = interface(
-        attn,
-        query,
-        key,
-        value,
-        bias,
-        scaling=attn.scale,
-        dropout=0.0 if not attn.training else _attention_dropout(attn),
-    )
-    out_proj = attn.out_proj if hasattr(attn, "out_proj") else attn.projection  # BLIP-2 names
-    attended = out_proj(attended.reshape(batch, sequence.shape[1], width).contiguous())
-    sequence = residual + attended
-
-    visible, cross_out = (sequence[:, :num_visible], sequence[:, num_visible:])
-    src_idx = dst_idx = torch.empty(batch, 0, dtype=torch.long, device=sequence.device)
-    kept_idx = torch.arange(num_visible, device=sequence.device).expand(batch, -1)
-    if layer_r > 0:
-        visible_keys = key[:, :, :num_visible]
-        metric = visible_keys.mean(dim=1)
-        protected = torch.zeros(batch, num_visible, dtype=torch.bool, device=visible.device)
-        protected[:, 0] = True  # CLS
-        importance = None
-        if with_cross and plan.guidance != "none":
-            key_bias = None if bias is None else bias[..., :num_visible]
-            importance = cross_row_importance(
-                query[:, :, num_visible:], visible_keys, attn.scale, key_bias
-            )
-            if need_probs:
-                importance = importance + mean_received_attention(probs, num_visible)
-        if plan.matching == "bipartite":
-            matching = bipartite_matching(metric, layer_r, protected=protected)
-        else:
-            matching = complete_graph_matching(metric, layer_r, importance, protected)
-        visible, token_size = matching.merge(visible, token_size, importance)
-        src_idx, dst_idx, kept_idx = matching.src_idx, matching.dst_idx, matching.kept_idx
-        sequence = torch.cat([visible, cross_out], dim=1) if with_cross else visible
-
-    sequence = sequence + self.mlp(self.layer_norm2(sequence))
-    hidden_out = sequence[:, : sequence.shape[1] - (1 if with_cross else 0)]
-    cross_final = sequence[:, -1:] if with_cross else None
-    return hidden_out, token_size.detach(), cross_final, src_idx, dst_idx, kept_idx
-
-
-def _project_qkv(attn: nn.Module, normed: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """[B, H, T, D] queries, keys, values: CLIP/SigLIP project separately, BLIP-2's ViT
-    (``Blip2Attention``/``InstructBlipAttention``) through one fused ``qkv`` linear."""
-    if hasattr(attn, "qkv"):
-        batch, tokens, _, head_dim = shape
-        mixed = attn.qkv(normed).reshape(batch, tokens, 3, -1, head_dim).permute(2, 0, 3, 1, 4)
-        return mixed[0], mixed[1], mixed[2]
-    return tuple(
-        proj(normed).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
-    )
-
-
-def _attention_dropout(attn: nn.Module) -> float:
-    """CLIP stores the probability as ``dropout``, BLIP-2 as ``attention_dropout``."""
-    value = getattr(attn, "attention_dropout", None)
-    return float(value if value is not None else attn.dropout)
-
-
-def _eager_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **_: Any,
-) -> tuple[Tensor, Tensor]:
-    logits = (query @ key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        logits = logits + attention_mask
-    probs = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
 def _merging_encoder_forward(
@@ -237,74 +49,21 @@ def _merging_encoder_forward(
     crossget_query_offset: Tensor | None = None,
     **kwargs: Any,
 ) -> MergingEncoderOutput:
-    """Run the first ``plan.num_layers`` layers, merging as planned.
-
-    ``crossget_cross_offsets`` [L, C] are the learnable vision prompts ``P`` (one per layer);
-    ``crossget_query_offset`` [B, 1, C] the prompt-conditioned offset (query guidance).  The
-    cross token starts as the CLS state and, before each layer, becomes
-    ``stopgrad(previous) + P_l (+ query offset)``.
-    """
+    """Run the first ``plan.num_layers`` layers, merging as planned (see ``run_encoder``)."""
     runtime: ClipRuntime = self._crossget_runtime
     plan = crossget_plan if crossget_plan is not None else runtime.default_plan(inputs_embeds)
-    if plan.num_layers > len(self.layers):
-        raise ValueError(f"plan runs {plan.num_layers} layers, encoder has {len(self.layers)}")
-    if not plan.merges:
-        # The original encoder loop, through __call__ so output-capture hooks still fire.
-        hidden = inputs_embeds
-        for layer in self.layers[: plan.num_layers]:
-            hidden = layer(hidden, None, None, None, attention_mask, **kwargs)
-        return MergingEncoderOutput(last_hidden_state=hidden)
-
-    if kwargs.get("output_attentions"):
-        raise ValueError(
-            "output_attentions is not available while CrossGET merges tokens (the merged "
-            "layers compute attention themselves); call crossget.remove(model) to inspect "
-            "attention maps"
-        )
-    if crossget_cross_offsets is None and hasattr(self, "crossget_tokens"):
+    if crossget_cross_offsets is None and hasattr(self, "crossget_tokens") and plan.merges:
         # A bare CLIP tower holds its cross tokens on the encoder itself.
         crossget_cross_offsets = unwrap_cross_tokens(self.crossget_tokens).vision_prompts
-    batch, n, _ = inputs_embeds.shape
-    hidden = inputs_embeds
-    token_size = torch.ones(batch, n, device=hidden.device, dtype=torch.float32)
-    cross_state = hidden[:, :1] if plan.uses_cross_token else None
-    source = None
-    if plan.track_source:
-        source = torch.eye(n, device=hidden.device, dtype=torch.float32).expand(batch, n, n)
-    first_patch = torch.arange(n, device=hidden.device).expand(batch, n)
-    cross_states: list[Tensor] = []
-    for index, layer in enumerate(self.layers[: plan.num_layers]):
-        offset = None
-        if cross_state is not None:
-            offset = crossget_cross_offsets[index] if crossget_cross_offsets is not None else None
-            if offset is not None and not torch.is_grad_enabled():
-                # A view of a Parameter under no_grad claims requires_grad without a grad_fn,
-                # which trips module hooks (e.g. FlopCounterMode's tracker).
-                offset = offset.detach()
-            if crossget_query_offset is not None:
-                offset = crossget_query_offset if offset is None else offset + crossget_query_offset
-        hidden, token_size, cross_state, src, dst, kept = layer(
-            hidden,
-            token_size,
-            cross_state,
-            offset,
-            attention_mask,
-            layer_r=plan.layer_r[index],
-            plan=plan,
-        )
-        if cross_state is not None:
-            cross_states.append(cross_state[:, 0])
-        if src.shape[1]:
-            matching = Matching(src, dst, kept)
-            first_patch = matching.merge_first_patch(first_patch)
-            if source is not None:
-                source = matching.merge_source(source)
-    return MergingEncoderOutput(
-        last_hidden_state=hidden,
-        token_size=token_size,
-        first_patch=first_patch,
-        cross_states=tuple(cross_states),
-        source_map=source,
+    return run_encoder(
+        self.layers,
+        inputs_embeds,
+        plan,
+        has_cls=True,
+        cross_offsets=crossget_cross_offsets,
+        query_offset=crossget_query_offset,
+        attention_mask=attention_mask,
+        **kwargs,
     )
 
 
@@ -321,33 +80,26 @@ class ClipRuntime:
         return self.plan_for(inputs_embeds.shape[1])
 
 
-_SUBCLASS_CACHE: dict[tuple[type, str], type] = {}
+_SUBCLASS_CACHE: dict[type, type] = {}
 
 
-def _merging_subclass(original: type, kind: str) -> type:
-    """One subclass per original class (so isinstance checks and hooks keep working)."""
-    key = (original, kind)
-    if key not in _SUBCLASS_CACHE:
-        forward = _merging_layer_forward if kind == "layer" else _merging_encoder_forward
-        # CLIP layers take (hidden, attention_mask); BLIP-2 layers take hidden states only.
-        takes_mask = "attention_mask" in inspect.signature(original.forward).parameters
-        _SUBCLASS_CACHE[key] = type(
-            f"CrossGET{original.__name__}",
-            (original,),
-            {"forward": forward, "_crossget_takes_mask": takes_mask},
+def _encoder_subclass(original: type) -> type:
+    if original not in _SUBCLASS_CACHE:
+        _SUBCLASS_CACHE[original] = type(
+            f"CrossGET{original.__name__}", (original,), {"forward": _merging_encoder_forward}
         )
-    return _SUBCLASS_CACHE[key]
+    return _SUBCLASS_CACHE[original]
 
 
 def patch_clip_encoder(encoder: nn.Module, runtime: ClipRuntime) -> None:
-    """Swap the classes of a CLIP encoder and its layers; remember the originals."""
+    """Swap the classes of an HF encoder (``.layers``) and its layers; remember the originals."""
     if hasattr(encoder, "_crossget_runtime"):
         unpatch_clip_encoder(encoder)
-    for module, kind in [(encoder, "encoder"), *((layer, "layer") for layer in encoder.layers)]:
-        original = type(module)
-        patched = _merging_subclass(original, kind)
-        runtime.original_classes[patched] = original
-        module.__class__ = patched
+    patch_layers(encoder.layers)
+    original = type(encoder)
+    patched = _encoder_subclass(original)
+    runtime.original_classes[patched] = original
+    encoder.__class__ = patched
     encoder._crossget_runtime = runtime
 
 
@@ -355,6 +107,67 @@ def unpatch_clip_encoder(encoder: nn.Module) -> None:
     runtime: ClipRuntime | None = getattr(encoder, "_crossget_runtime", None)
     if runtime is None:
         return
-    for module in [encoder, *encoder.layers]:
-        module.__class__ = runtime.original_classes.get(type(module), type(module))
+    unpatch_layers(encoder.layers)
+    encoder.__class__ = runtime.original_classes.get(type(encoder), type(encoder))
     del encoder._crossget_runtime
+
+
+# ------------------------------------------------------------------ bare CLIPVisionModel
+
+
+def _planner(model: nn.Module, config: CrossGETConfig) -> Any:
+    from ..planner import TowerPlanner
+
+    layers = model.config.num_hidden_layers
+    if config.first_merge_layer >= layers:
+        raise ValueError(
+            f"first_merge_layer={config.first_merge_layer} leaves no merging layer: the tower "
+            f"runs {layers} layers"
+        )
+    return TowerPlanner(
+        config=config, patch_size=model.config.patch_size, layers_run=layers, dropped_tokens=0
+    )
+
+
+def _check(model: nn.Module, config: CrossGETConfig) -> None:
+    check_attention(model.config, config)
+
+
+def _build_tokens(model: nn.Module, planner: Any, config: CrossGETConfig) -> CrossTokens:
+    return CrossTokens(
+        vision_layers=planner.layers_run,
+        vision_width=model.config.hidden_size,
+        query_guidance=config.guidance == "query",
+    )
+
+
+def _patch(model: nn.Module, config: CrossGETConfig, planner: Any) -> None:
+    runtime = ClipRuntime(
+        config=config, num_layers=len(model.encoder.layers), plan_for=planner.plan_for_length
+    )
+    patch_clip_encoder(model.encoder, runtime)
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    size = model.config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+
+
+def _no_alignment(model: nn.Module) -> Tensor:
+    raise RuntimeError(
+        f"alignment_loss pairs vision and text cross tokens of a LLaVA model; "
+        f"{type(model).__name__} has no language side"
+    )
+
+
+CLIP_VISION = Family(
+    name="CLIPVisionModel",
+    planner=_planner,
+    check=_check,
+    holder=lambda model: model.encoder,
+    build_tokens=_build_tokens,
+    patch=_patch,
+    unpatch=lambda model: unpatch_clip_encoder(model.encoder),
+    image_size=_image_size,
+    alignment_loss=_no_alignment,
+)

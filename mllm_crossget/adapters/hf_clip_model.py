@@ -4,7 +4,7 @@
   :mod:`.hf_clip`'s merging subclasses, exactly as for a bare ``CLIPVisionModel``; the budget
   counts every token leaving the encoder, CLS included.
 * Text tower (``config.text_r > 0``): the ``CLIPTextModel`` instance gets a subclass whose
-  forward runs each ``CLIPEncoderLayer`` through :func:`.token_block.merging_block` (causal,
+  forward runs each ``CLIPEncoderLayer`` through :func:`.vit_layer.merging_block` (causal,
   EOT and padding protected, see :mod:`.clip_pair`) and pools at the tracked EOT token.  Its
   layers' classes are not changed.
 * The ``CLIPModel`` instance gets a subclass whose ``get_image_features`` /
@@ -31,7 +31,7 @@ from ..planner import TowerPlanner
 from . import clip_pair
 from .family import Family
 from .hf_clip import ClipRuntime, EncoderPlan, patch_clip_encoder, unpatch_clip_encoder
-from .token_block import BlockOps
+from .vit_layer import clip_ops
 
 __all__ = ["HF_CLIP", "MergedTextOutput", "clip_layer_ops", "eot_index"]
 
@@ -48,24 +48,7 @@ class MergedTextOutput(BaseModelOutputWithPooling):
     cross_states: tuple[Tensor, ...] | None = None
 
 
-def clip_layer_ops(layer: nn.Module) -> BlockOps:
-    """A ``CLIPEncoderLayer`` as :class:`BlockOps` (separate q/k/v projections)."""
-    attn = layer.self_attn
-
-    def qkv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        shape = (x.shape[0], x.shape[1], -1, attn.head_dim)
-        return tuple(  # type: ignore[return-value]
-            proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
-
-    return BlockOps(
-        norm1=layer.layer_norm1,
-        qkv=qkv,
-        out=attn.out_proj,
-        mlp=lambda x: x + layer.mlp(layer.layer_norm2(x)),
-        scale=attn.scale,
-        dropout=float(attn.dropout),
-    )
+clip_layer_ops = clip_ops  # a CLIPEncoderLayer as BlockOps (kept name)
 
 
 def eot_index(input_ids: Tensor, eos_token_id: int) -> Tensor:

@@ -1,10 +1,18 @@
-"""CrossGET inside Hugging Face LLaVA-1.5 (``LlavaForConditionalGeneration``, CLIP tower).
+"""CrossGET inside Hugging Face LLaVA (``LlavaForConditionalGeneration``) with a CLIP,
+SigLIP or DINOv2 tower.
 
 The ``LlavaModel`` instance gets a subclass that computes image features itself: only the
-vision layers up to ``vision_feature_layer`` run, merging as planned; CLS is dropped per
-``vision_feature_select_strategy``; features go to the LLM through LLaVA's own
-``mm_encoder_outputs`` route, which accepts a different token count per image.  Text cross
-tokens are forward pre-hooks on the LLM's decoder layers (removable handles).
+vision layers up to ``vision_feature_layer`` run, merging as planned (every tower's layers go
+through :mod:`.vit_layer`); CLS is dropped per ``vision_feature_select_strategy``; features go
+to the LLM through LLaVA's own ``mm_encoder_outputs`` route, which accepts a different token
+count per image.  Text cross tokens are forward pre-hooks on the LLM's decoder layers
+(removable handles).
+
+Towers (:data:`TOWERS`): ``CLIPVisionModel`` (CLS, ``pre_layrnorm``), ``Dinov2Model`` (CLS,
+layer scales, positions interpolated to the input size by its embeddings) and
+``SiglipVisionModel`` (no CLS).  A tower without CLS needs
+``vision_feature_select_strategy="full"`` (``"default"`` would drop a patch as if it were
+CLS); nothing is protected or dropped, and the cross token starts as the mean patch.
 """
 
 from __future__ import annotations
@@ -24,10 +32,15 @@ from ..loss import symmetric_js_divergence
 from ..peers import FEATURE_METHODS, fastv
 from ..peers.encoder import reduce_after_encoder
 from ..peers.reduction import first_patch_of_tokens
-from .hf_clip import ClipRuntime, patch_clip_encoder, unpatch_clip_encoder
+from .family import Family
+from .vit_layer import patch_layers, run_encoder, unpatch_layers
 
 __all__ = [
     "BUDGET_OVERRIDE",
+    "TOWERS",
+    "TowerKind",
+    "attention_module",
+    "tower_kind",
     "LlavaRuntime",
     "MergedImageFeatures",
     "original_position_ids",
@@ -39,6 +52,54 @@ __all__ = [
 BUDGET_OVERRIDE: contextvars.ContextVar[Sequence[int] | int | None] = contextvars.ContextVar(
     "crossget_budget_override", default=None
 )
+
+
+@dataclass(frozen=True)
+class TowerKind:
+    """How LLaVA's adapter runs one vision-tower class: its embeddings (everything before the
+    first layer, as the tower's own forward computes them), its layer list and whether index
+    0 is a class token."""
+
+    name: str
+    has_cls: bool
+    embed: Any  # Callable[[nn.Module, Tensor], Tensor]: (tower, pixels) -> [I, T, C]
+    layers: Any  # Callable[[nn.Module], Sequence[nn.Module]]
+
+
+TOWERS: dict[str, TowerKind] = {
+    kind.name: kind
+    for kind in (
+        TowerKind(
+            "CLIPVisionModel",
+            True,
+            lambda tower, pixels: tower.pre_layrnorm(tower.embeddings(pixels)),
+            lambda tower: tower.encoder.layers,
+        ),
+        TowerKind(
+            "SiglipVisionModel",
+            False,
+            lambda tower, pixels: tower.embeddings(pixels),
+            lambda tower: tower.encoder.layers,
+        ),
+        TowerKind(
+            "Dinov2Model",
+            True,
+            lambda tower, pixels: tower.embeddings(pixels),
+            lambda tower: tower.encoder.layer,
+        ),
+    )
+}
+
+
+def tower_kind(tower: nn.Module) -> TowerKind:
+    """The :class:`TowerKind` of a vision tower instance (by its original class name)."""
+    for cls in type(tower).__mro__:
+        if cls.__name__ in TOWERS:
+            return TOWERS[cls.__name__]
+    raise TypeError(
+        f"CrossGET's LLaVA adapter supports the vision towers {', '.join(TOWERS)}; got "
+        f"{type(tower).__name__}"
+    )
 
 
 @dataclass
@@ -195,6 +256,12 @@ def _llava_get_image_features(
         )
     kwargs.pop("image_sizes", None)
     tower = self.vision_tower
+    kind = tower_kind(tower)
+    layers = kind.layers(tower)
+
+    def encode_unmerged(embeds: Tensor, plan: Any) -> Tensor:
+        return run_encoder(layers, embeds, plan).last_hidden_state
+
     num_images = pixel_values.shape[0]
     budgets = _resolve_budgets(crossget_visual_tokens, num_images)
     groups: dict[int | None, list[int]] = {}
@@ -210,18 +277,21 @@ def _llava_get_image_features(
         plan = runtime.planner.plan(pixels.shape[-2], pixels.shape[-1], budget)
         for index in indices:
             unreduced[index] = runtime.planner.unreduced_tokens(*pixels.shape[-2:])
-        hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+        hidden = kind.embed(tower, pixels)
         query = crossget_query_offset[indices] if crossget_query_offset is not None else None
-        keep_cls = strategy != "default"
+        drop_first = strategy == "default"  # CLS (towers without one refuse it at apply)
         if runtime.config.method in FEATURE_METHODS:
             # --- peers (mllm_crossget/peers): the unmerged tower, then exactly K tokens ---
             height, width = pixels.shape[-2:]
-            patch = tower.config.patch_size
+            patch = self.config.vision_config.patch_size
+            keep_cls = kind.has_cls and not drop_first
             selected, assignment = reduce_after_encoder(
-                tower,
+                encode_unmerged,
+                attention_module(layers[plan.num_layers - 1]),
                 hidden,
                 plan,
                 grid=(height // patch, width // patch),
+                has_cls=kind.has_cls,
                 keep_cls=keep_cls,
                 k=runtime.planner.visual_tokens(height, width, budget),
                 method=runtime.config.method,
@@ -229,24 +299,26 @@ def _llava_get_image_features(
             )
             projected = self.multi_modal_projector(selected)
             first = first_patch_of_tokens(assignment, selected.shape[1] - int(keep_cls))
-            if keep_cls:  # CLS stays first, patches count after it
+            if kind.has_cls and not drop_first:  # CLS stays first, patches count after it
                 first = torch.cat([torch.zeros_like(first[:, :1]), first + 1], dim=1)
             for position, index in enumerate(indices):
                 features[index] = projected[position]
                 first_patches[index] = first[position]
             continue
             # --- end of peers ---
-        encoded = tower.encoder(
-            inputs_embeds=hidden,
-            crossget_plan=plan,
-            crossget_cross_offsets=unwrap_cross_tokens(self.crossget_tokens).vision_prompts,
-            crossget_query_offset=query,
+        encoded = run_encoder(
+            layers,
+            hidden,
+            plan,
+            has_cls=kind.has_cls,
+            cross_offsets=unwrap_cross_tokens(self.crossget_tokens).vision_prompts,
+            query_offset=query,
         )
         selected = encoded.last_hidden_state
         first = encoded.first_patch
         if first is None:  # nothing merged: every token is its own patch
             first = torch.arange(selected.shape[1], device=selected.device).expand(len(indices), -1)
-        if not keep_cls:
+        if drop_first:
             selected, first = selected[:, 1:], first[:, 1:] - 1
         projected = self.multi_modal_projector(selected)
         for position, index in enumerate(indices):
@@ -333,6 +405,8 @@ def _llava_forward(
         vision_feature_layer=kwargs.pop("vision_feature_layer", None),
         vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
         crossget_query_offset=query_offset,
+        # the tiled models' (LLaVA-NeXT, OneVision) inputs; LLaVA-1.5 ignores them
+        **{key: kwargs[key] for key in ("image_sizes", "batch_num_images") if key in kwargs},
     )
     produced = [f.shape[0] for f in outputs.pooler_output]
     if produced != lengths:
@@ -404,7 +478,7 @@ def _with_text_states(
 ) -> Any:
     """Run the parent forward with the text cross tokens active (and their states collected)."""
     if not (runtime.config.text_cross_tokens and runtime.config.merges_in_encoder):
-        return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+        return _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
     first = None
     if attention_mask is not None and attention_mask.dim() == 2:
         # The text cross token sits on each row's first real token, also under left padding.
@@ -412,12 +486,29 @@ def _with_text_states(
     context = _TextCrossContext(unwrap_cross_tokens(self.crossget_tokens).text_prompts, first)
     token = _TEXT_CONTEXT.set(context)
     try:
-        result = parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+        result = _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
     finally:
         _TEXT_CONTEXT.reset(token)
     if context.collected:
         runtime.last.text_cross = context.collected
     return result
+
+
+def _call_parent(
+    parent_forward: Any,
+    input_ids: Tensor | None,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The parent forward by keyword (LLaVA-NeXT's third positional parameter is image_sizes);
+    extra positional arguments keep LLaVA-1.5's order."""
+    if args:
+        return parent_forward(input_ids, pixel_values, attention_mask, *args, **kwargs)
+    return parent_forward(
+        input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
+    )
 
 
 def _text_cross_hook(layer_index: int) -> Any:
@@ -454,20 +545,22 @@ def _text_cross_hook(layer_index: int) -> Any:
     return hook
 
 
-def patch_llava(model: nn.Module, config: CrossGETConfig, planner: Any) -> LlavaRuntime:
-    """Swap the LlavaModel's class, patch its CLIP tower, hook the LLM layers."""
+def attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention module of a CLIP/SigLIP (``self_attn``) or DINOv2 (``attention``)
+    layer: the peers that read attention hook its ``q_proj``/``k_proj``."""
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+
+
+def patch_llava(
+    model: nn.Module, config: CrossGETConfig, planner: Any, get_image_features: Any = None
+) -> LlavaRuntime:
+    """Swap the LlavaModel's class, patch its tower's layers, hook the LLM layers.
+
+    ``get_image_features`` replaces LLaVA-1.5's (the tiled models pack their tiles)."""
     inner = model.model
-    tower = inner.vision_tower
-    if type(tower).__name__ not in ("CLIPVisionModel",):
-        raise TypeError(
-            f"CrossGET's LLaVA adapter needs a CLIPVisionModel tower, got {type(tower).__name__}"
-        )
-    clip_runtime = ClipRuntime(
-        config=config, num_layers=len(tower.encoder.layers), plan_for=planner.plan_for_length
-    )
-    patch_clip_encoder(tower.encoder, clip_runtime)
+    patch_layers(tower_kind(inner.vision_tower).layers(inner.vision_tower))
     original = type(inner)
-    patched = _llava_subclass(original)
+    patched = _llava_subclass(original, get_image_features or _llava_get_image_features)
     inner.__class__ = patched
     runtime = LlavaRuntime(config=config, planner=planner, original_model_class=original)
     inner._crossget_llava = runtime
@@ -491,7 +584,7 @@ def unpatch_llava(model: nn.Module) -> None:
         return
     for handle in runtime.hook_handles:
         handle.remove()
-    unpatch_clip_encoder(inner.vision_tower.encoder)
+    unpatch_layers(tower_kind(inner.vision_tower).layers(inner.vision_tower))
     inner.__class__ = runtime.original_model_class
     del inner._crossget_llava
     model.__dict__.pop("_supports_mm_encoder_outputs", None)
@@ -501,17 +594,18 @@ def _no_pre_encoding() -> bool:
     return False
 
 
-_LLAVA_SUBCLASSES: dict[type, type] = {}
+_LLAVA_SUBCLASSES: dict[tuple[type, Any], type] = {}
 
 
-def _llava_subclass(original: type) -> type:
-    if original not in _LLAVA_SUBCLASSES:
-        _LLAVA_SUBCLASSES[original] = type(
+def _llava_subclass(original: type, get_image_features: Any) -> type:
+    key = (original, get_image_features)
+    if key not in _LLAVA_SUBCLASSES:
+        _LLAVA_SUBCLASSES[key] = type(
             f"CrossGET{original.__name__}",
             (original,),
-            {"forward": _llava_forward, "get_image_features": _llava_get_image_features},
+            {"forward": _llava_forward, "get_image_features": get_image_features},
         )
-    return _LLAVA_SUBCLASSES[original]
+    return _LLAVA_SUBCLASSES[key]
 
 
 def alignment_loss(runtime: LlavaRuntime, projector: nn.Module) -> Tensor:
@@ -539,3 +633,105 @@ def alignment_loss(runtime: LlavaRuntime, projector: nn.Module) -> Tensor:
         )
         total = total + symmetric_js_divergence(projected.float(), text_state[rows].float())
     return total / num_text
+
+
+# ------------------------------------------------------------------ family callbacks
+
+
+def feature_layers_run(num_layers: int, feature_layer: int) -> int:
+    """Encoder layers needed for hidden state ``feature_layer`` (index 0 = embeddings)."""
+    if not -(num_layers + 1) <= feature_layer <= num_layers:
+        raise ValueError(f"vision_feature_layer={feature_layer} out of range for {num_layers}")
+    return feature_layer % (num_layers + 1)
+
+
+def _planner(model: nn.Module, config: CrossGETConfig) -> Any:
+    from ..planner import TowerPlanner
+
+    vision_config = model.config.vision_config
+    feature_layer = model.config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(
+            f"CrossGET supports a single vision_feature_layer, this model uses {feature_layer}"
+        )
+    layers_run = feature_layers_run(vision_config.num_hidden_layers, feature_layer)
+    if config.first_merge_layer >= layers_run:
+        raise ValueError(
+            f"first_merge_layer={config.first_merge_layer} leaves no merging layer: the tower "
+            f"runs {layers_run} layers"
+        )
+    has_cls = tower_kind(model.model.vision_tower).has_cls
+    strategy = model.config.vision_feature_select_strategy
+    return TowerPlanner(
+        config=config,
+        patch_size=vision_config.patch_size,
+        layers_run=layers_run,
+        dropped_tokens=1 if strategy == "default" else 0,
+        num_protected=1 if has_cls else 0,
+    )
+
+
+def _check(model: nn.Module, config: CrossGETConfig) -> None:
+    from ..peers import get_method
+    from .family import check_attention
+
+    kind = tower_kind(model.model.vision_tower)
+    check_attention(model.config.vision_config, config)
+    strategy = model.config.vision_feature_select_strategy
+    if not kind.has_cls and strategy == "default":
+        raise ValueError(
+            f"vision_feature_select_strategy='default' drops the first token as CLS, but a "
+            f"{kind.name} tower has no CLS (it would drop a patch); set the model's "
+            "config.vision_feature_select_strategy='full'"
+        )
+    if not kind.has_cls and get_method(config.method).needs_attention:
+        raise ValueError(
+            f"method={config.method!r} ranks patches by the CLS token's attention, and a "
+            f"{kind.name} tower has no CLS; use crossget, tome, divprune, pool, random or fastv"
+        )
+    if config.method == "fastv":
+        fastv.check(model.model.language_model, config.fastv_layer)
+
+
+def _build_tokens(model: nn.Module, planner: Any, config: CrossGETConfig) -> Any:
+    from ..cross_tokens import CrossTokens
+
+    text_config = model.config.text_config
+    return CrossTokens(
+        vision_layers=planner.layers_run,
+        vision_width=model.config.vision_config.hidden_size,
+        text_layers=text_config.num_hidden_layers if config.text_cross_tokens else 0,
+        text_width=text_config.hidden_size,
+        query_guidance=config.guidance == "query",
+    )
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    size = model.config.vision_config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+
+
+def _alignment_loss(model: nn.Module) -> Tensor:
+    inner = model.model
+    return alignment_loss(inner._crossget_llava, inner.multi_modal_projector)
+
+
+def _adjust_processor(processor: Any, planner: Any) -> Any:
+    from ..processing import adjust_processor
+
+    return adjust_processor(processor, planner)
+
+
+LLAVA = Family(
+    name="LlavaForConditionalGeneration",
+    planner=_planner,
+    check=_check,
+    holder=lambda model: model.model,
+    build_tokens=_build_tokens,
+    patch=patch_llava,
+    unpatch=unpatch_llava,
+    image_size=_image_size,
+    alignment_loss=_alignment_loss,
+    adjust_processor=_adjust_processor,
+    supports_peers=True,
+)

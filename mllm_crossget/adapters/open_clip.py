@@ -2,7 +2,7 @@
 
 open_clip's ``ResidualAttentionBlock`` runs ``nn.MultiheadAttention``, which hides the keys
 CrossGET matches on and takes no per-key bias beyond a mask.  Each block is therefore run by
-:func:`.token_block.merging_block` from its own parameters: q/k/v from
+:func:`.vit_layer.merging_block` from its own parameters: q/k/v from
 ``attn.in_proj_weight``/``in_proj_bias`` (``[q; k; v]`` stacked, as MHA stores them), SDPA
 with the ``log(size)`` bias, ``attn.out_proj`` and the layer scales, then the MLP branch.  Block
 classes and weights are untouched (open_clip 3.3 blocks are batch-first; the adapter works on
@@ -32,33 +32,14 @@ from ..cross_tokens import CrossTokens, unwrap_cross_tokens
 from ..planner import TowerPlanner
 from . import clip_pair
 from .family import Family
-from .token_block import BlockOps
+from .vit_layer import open_clip_ops
 
 __all__ = ["OPEN_CLIP", "block_ops"]
 
 RUNTIME_ATTR = "_crossget_clip"
 
 
-def block_ops(block: nn.Module) -> BlockOps:
-    """An open_clip ``ResidualAttentionBlock`` as :class:`BlockOps`."""
-    attn = block.attn
-    heads = attn.num_heads
-    head_dim = attn.embed_dim // heads
-
-    def qkv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        batch, tokens, _ = x.shape
-        mixed = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        mixed = mixed.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        return mixed[0], mixed[1], mixed[2]
-
-    return BlockOps(
-        norm1=block.ln_1,
-        qkv=qkv,
-        out=lambda x: block.ls_1(attn.out_proj(x)),
-        mlp=lambda x: x + block.ls_2(block.mlp(block.ln_2(x))),
-        scale=head_dim**-0.5,
-        dropout=float(attn.dropout),
-    )
+block_ops = open_clip_ops  # a ResidualAttentionBlock as BlockOps (kept name)
 
 
 def _project(x: Tensor, projection: nn.Module | Tensor | None) -> Tensor:

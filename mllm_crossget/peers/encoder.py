@@ -1,13 +1,16 @@
-"""Feature-stage peers inside a CLIP tower: run it unmerged, then reduce to exactly K tokens.
+"""Feature-stage peers inside a ViT tower (CLIP, SigLIP, DINOv2): run it unmerged, then
+reduce to exactly K tokens.
 
 The tower runs the adapter's plan with zero merges (the original layers, bit for bit) up to
 the feature layer.  Methods that read attention get the feature layer's CLS attention row
 and head-averaged keys from forward hooks on that layer's ``q_proj``/``k_proj`` (the
-projections the layer computes anyway; the hooks live only for this call).
+projections the layer computes anyway; the hooks live only for this call); towers without
+CLS refuse them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +23,12 @@ __all__ = ["reduce_after_encoder"]
 
 
 def reduce_after_encoder(
-    tower: nn.Module,
+    encode: Callable[[Tensor, Any], Tensor],
+    attention: nn.Module,
     hidden: Tensor,
     plan: Any,
     grid: tuple[int, int],
+    has_cls: bool,
     keep_cls: bool,
     k: int,
     method: str,
@@ -31,35 +36,41 @@ def reduce_after_encoder(
 ) -> tuple[Tensor, Tensor]:
     """``(features [I, K, C], assignment [I, N])`` for embedded images ``hidden`` [I, T, C].
 
-    ``keep_cls``: the select strategy keeps CLS (``"full"``); it then stays first and counts
-    as one of the K tokens.  ``assignment`` maps each patch to its output token (-1 dropped),
-    counted among the patch tokens (after CLS).
+    ``encode(hidden, plan)`` runs the tower's layers unmerged; ``attention`` is the feature
+    layer's self-attention module (hooked for the methods that read attention).  ``has_cls``:
+    index 0 is a class token (the features are the tokens after it); ``keep_cls``: the select
+    strategy keeps it (``"full"``), it then stays first and counts as one of the K tokens.
+    ``assignment`` maps each patch to its output token (-1 dropped), counted among the patch
+    tokens.
     """
     spec = get_method(method)
     if spec.reduce is None:
         raise ValueError(f"method {method!r} does not reduce features after the encoder")
+    if spec.needs_attention and not has_cls:
+        raise ValueError(
+            f"method {method!r} ranks patches by the CLS token's attention; this tower has no "
+            "CLS token"
+        )
     captured: dict[str, Tensor] = {}
     handles = []
     if spec.needs_attention:
-        attn = tower.encoder.layers[plan.num_layers - 1].self_attn
         for name in ("q_proj", "k_proj"):
-            projection = getattr(attn, name, None)
+            projection = getattr(attention, name, None)
             if projection is None:
-                raise TypeError(f"{method} needs separate q/k projections, got {type(attn)}")
+                raise TypeError(f"{method} needs separate q/k projections, got {type(attention)}")
             handles.append(projection.register_forward_hook(_store(captured, name)))
     try:
-        encoded = tower.encoder(inputs_embeds=hidden, crossget_plan=plan)
+        states = encode(hidden, plan)
     finally:
         for handle in handles:
             handle.remove()
-    states = encoded.last_hidden_state
     cls_attention = keys = None
     if spec.needs_attention:
-        attn = tower.encoder.layers[plan.num_layers - 1].self_attn
-        cls_attention, keys = _cls_row_and_keys(attn, captured["q_proj"], captured["k_proj"])
+        cls_attention, keys = _cls_row_and_keys(attention, captured["q_proj"], captured["k_proj"])
+    start = 1 if has_cls else 0
     prefix = states[:, :1] if keep_cls else states[:, :0]
     inputs = FeatureInputs(
-        features=states[:, 1:],
+        features=states[:, start:],
         grid=grid,
         cls_attention=cls_attention,
         keys=keys,
@@ -83,6 +94,7 @@ def _cls_row_and_keys(attn: nn.Module, query: Tensor, key: Tensor) -> tuple[Tens
     head_dim = attn.head_dim
     q = query[:, 0].view(batch, -1, head_dim).float()  # [I, H, D]
     k = key.view(batch, tokens, -1, head_dim).float()  # [I, T, H, D]
-    logits = torch.einsum("bhd,bthd->bht", q, k) * attn.scale
+    scale = attn.scale if hasattr(attn, "scale") else attn.scaling  # CLIP/SigLIP, DINOv2
+    logits = torch.einsum("bhd,bthd->bht", q, k) * scale
     row = logits.softmax(dim=-1).sum(dim=1)  # softmax over CLS + patches, as the layer does
     return row[:, 1:], k.mean(dim=2)[:, 1:]
