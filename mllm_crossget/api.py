@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
