@@ -4,9 +4,13 @@ For each (method, budget) the same batch goes through ``model.generate`` and hoo
 stages: the vision tower (``get_image_features``), the LLM prefill, time to first token (from
 the ``generate`` call to the end of the first forward) and decode tokens/s (the rest of the
 call).  Rounds go round-robin over all settings (load changes on a shared machine hit all
-alike) after warm-up rounds; medians are reported.  Peak memory is taken in the first warm-up
-round (CUDA: ``max_memory_allocated``; CPU: growth of the process RSS, sampled every 2 ms —
-a lower bound, as the allocator reuses freed memory).  Next to the measurements:
+alike) after warm-up rounds; medians are reported.  Memory per setting: the KV cache's bytes
+per request, summed over the tensors of the cache object ``generate`` returns, beside the
+analytic size (2 x layers x KV heads x head size x cached tokens x bytes); and the peak
+memory of a request — on CUDA the allocator's peak (``max_memory_allocated``) in the first
+round, on CPU the peak resident set (``VmHWM``) of a fresh process per setting that loads the
+model, runs one warm-up request and then the measured one (``eval.bench_memory``).  Next to
+the measurements:
 ``crossget.flops_report`` FLOPs and the FLOPs-bound speedup, the measured speedup over the
 unmodified model, and the token-choosing overhead (matching+merging or selection alone, timed
 on tensors of the real shapes).  Writes ``bench.json``, ``bench.md`` and ``speedup.png`` (and
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import mllm_crossget as crossget
+from eval.bench_memory import measure_in_subprocess
 from eval.timing import DTYPES
 from mllm_crossget import named_models
 from mllm_crossget.config import LLM_POSITION_MODES, atomic_output, atomic_write_text
@@ -49,6 +55,13 @@ from mllm_crossget.peers import fastv as fastv_peer
 # `llava-7b-shape` is built here with random weights; any other --model is a named model
 # (mllm_crossget.named_models), a LLaVA folder or a hub id.
 SHAPE_MODEL = "llava-7b-shape"
+MEMORY_NOTES = {
+    "process": "peak MB: peak resident set (VmHWM) of a fresh process per setting during one "
+    "request after a warm-up one; working MB: that peak minus the resident set before it.",
+    "allocator": "peak MB: CUDA max_memory_allocated during the first request of the setting "
+    "(weights included); working MB: that peak minus what was allocated before it.",
+    "none": "peak memory not measured (--memory none).",
+}
 
 # ------------------------------------------------------------------------------ settings
 
@@ -66,7 +79,7 @@ class Setting:
     input_ids: Tensor | None = None
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
-    peak_mb: float | None = None
+    memory: dict[str, float] = field(default_factory=dict)  # peak/working/KV MB
     overhead_s: float = 0.0
 
     @property
@@ -216,55 +229,73 @@ class StageTimer:
         self.model.model.__dict__.pop("get_image_features", None)
 
 
-class PeakMemory:
-    """Peak memory growth of one call: CUDA allocator peak, or sampled CPU RSS growth."""
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by the key and value tensors of a KV cache object (every layer)."""
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a legacy tuple of (key, value) pairs
+        layers = cache
+    total = 0
+    for layer in layers:
+        pair = (layer.keys, layer.values) if hasattr(layer, "keys") else tuple(layer)
+        total += sum(t.numel() * t.element_size() for t in pair if isinstance(t, Tensor))
+    return total
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> PeakMemory:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        import psutil
+def analytic_kv_bytes(
+    model: nn.Module, setting: Setting, new_tokens: int, dtype: torch.dtype
+) -> int:
+    """Bytes one request's KV cache must hold after ``generate``: 2 (K and V) x layers x KV
+    heads x head size x cached tokens x element size.  The cache holds the prompt with its
+    visual tokens and every generated token but the last; FastV's layers from K on hold only
+    its kept visual tokens."""
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = text.num_key_value_heads or text.num_attention_heads
+    assert setting.input_ids is not None
+    length = setting.input_ids.shape[1] + new_tokens - 1
+    per_token = 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    pruned_from = text.num_hidden_layers
+    if setting.method == "fastv" and setting.config is not None:
+        pruned_from = setting.config.fastv_layer
+    dropped = setting.visual_tokens - setting.kept_tokens
+    tokens = sum(
+        length - (dropped if layer >= pruned_from else 0) for layer in range(text.num_hidden_layers)
+    )
+    return per_token * tokens
 
-        process = psutil.Process()
-        self._base = process.memory_info().rss
-        self._peak = self._base
 
-        def sample() -> None:
-            while not self._stop.wait(0.002):
-                self._peak = max(self._peak, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak_mb = (self._peak - self._base) / 2**20
+def autocast_context(device: str, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def run_once(
-    model: nn.Module, setting: Setting, pixels: Tensor, device: str, new_tokens: int
+    model: nn.Module,
+    setting: Setting,
+    pixels: Tensor,
+    device: str,
+    new_tokens: int,
+    *,
+    autocast: torch.dtype | None = None,
+    keep_cache: list[Any] | None = None,
 ) -> dict[str, float]:
-    """One ``generate`` call of ``new_tokens`` tokens; returns the stage times of this call."""
+    """One ``generate`` call of ``new_tokens`` tokens; returns the stage times of this call.
+
+    With ``keep_cache`` (a list) the call returns its KV cache object, appended there.
+    """
     ids = setting.input_ids
     assert ids is not None
-    with StageTimer(model, device) as timer, torch.inference_mode():
+    with (
+        StageTimer(model, device) as timer,
+        torch.inference_mode(),
+        autocast_context(device, autocast),
+    ):
         start = timer._now()
-        model.generate(
+        output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             pixel_values=pixels,
@@ -273,8 +304,11 @@ def run_once(
             do_sample=False,
             num_beams=1,
             pad_token_id=0,
+            return_dict_in_generate=keep_cache is not None,
         )
         end = timer._now()
+    if keep_cache is not None:
+        keep_cache.append(output.past_key_values)
     first_end = timer.forward_ends[0]
     vision = sum(b - a for a, b in timer.vision if b <= first_end)
     decode_s = end - first_end
@@ -287,6 +321,36 @@ def run_once(
     }
 
 
+def measure_cache(
+    model: nn.Module,
+    setting: Setting,
+    pixels: Tensor,
+    device: str,
+    new_tokens: int,
+    autocast: torch.dtype | None,
+) -> dict[str, float]:
+    """Run one request and read its KV cache (and on CUDA the allocator's peak)."""
+    caches: list[Any] = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = run_once(
+        model, setting, pixels, device, new_tokens, autocast=autocast, keep_cache=caches
+    )
+    batch = pixels.shape[0]
+    kv_dtype = autocast or next(model.parameters()).dtype
+    memory = {
+        "kv_mb": cache_bytes(caches[0]) / batch / 2**20,
+        "kv_analytic_mb": analytic_kv_bytes(model, setting, new_tokens, kv_dtype) / 2**20,
+    }
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        memory |= {"peak_mb": peak / 2**20, "working_mb": (peak - base) / 2**20}
+    setting.memory.update(memory)
+    return times
+
+
 def time_round_robin(
     model: nn.Module,
     settings: Sequence[Setting],
@@ -296,11 +360,13 @@ def time_round_robin(
     warmup: int,
     repeats: int,
     progress: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> None:
-    """Fill ``setting.samples`` (and ``peak_mb``) of every setting, one round over all at a time.
+    """Fill ``setting.samples`` (and its KV cache / CUDA memory) of every setting.
 
-    Rounds go round-robin so that load changes on a shared machine hit every setting alike;
-    the first round measures peak memory and the first ``warmup`` rounds are not kept.
+    Rounds go round-robin (one call of each setting per round) so that load changes on a
+    shared machine hit every setting alike; the first round reads the KV cache and CUDA
+    memory, and the first ``warmup`` rounds are not kept.
     """
     rounds = warmup + repeats
     with tqdm(total=rounds * len(settings), desc="timing", unit="run", disable=not progress) as bar:
@@ -309,11 +375,11 @@ def time_round_robin(
                 bar.set_postfix_str(setting.label)
                 with configured(model, setting):
                     if round_index == 0:
-                        with PeakMemory(device) as memory:
-                            times = run_once(model, setting, pixels, device, new_tokens)
-                        setting.peak_mb = memory.peak_mb
+                        times = measure_cache(model, setting, pixels, device, new_tokens, autocast)
                     else:
-                        times = run_once(model, setting, pixels, device, new_tokens)
+                        times = run_once(
+                            model, setting, pixels, device, new_tokens, autocast=autocast
+                        )
                     if round_index >= warmup or warmup == 0:
                         for key, value in times.items():
                             setting.samples.setdefault(key, []).append(value)
@@ -442,7 +508,14 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
     from eval.bench_llava import llava_7b_config
 
-    config = llava_7b_config(args.llm_layers, args.attn)
+    config = llava_7b_config(
+        args.llm_layers,
+        args.attn,
+        llm_width=args.llm_width,
+        vision_width=args.vision_width,
+        vision_layers=args.vision_layers,
+        image_size=args.image_size,
+    )
     torch.manual_seed(args.seed)
     # Built directly on the target device in the target dtype (a device context), so a full
     # 7B never materialises on the CPU first.
@@ -452,6 +525,13 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
         f"LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + LLaMA-7B width, {args.llm_layers} LLM "
         "layers), random weights"
     )
+    shape = (args.llm_width, args.vision_width, args.vision_layers, args.image_size)
+    if shape != (4096, 1024, 24, 336):
+        description = (
+            f"LLaVA-shaped test model (LLM width {args.llm_width}, {args.llm_layers} layers; "
+            f"tower width {args.vision_width}, {args.vision_layers} layers, "
+            f"{args.image_size} px), random weights"
+        )
     return model.eval(), description
 
 
@@ -471,7 +551,7 @@ def result_rows(settings: Sequence[Setting]) -> list[dict[str, Any]]:
             "visual_tokens": setting.visual_tokens,
             "kept_tokens": setting.kept_tokens,
             **medians,
-            "peak_mem_mb": setting.peak_mb,
+            "memory": setting.memory,
             "flops": flops.as_dict(),
             "overhead_ms": setting.overhead_s * 1e3,
             "note": setting.note,
@@ -529,6 +609,9 @@ def markdown(
         "TTFT s",
         "decode tok/s",
         "peak MB",
+        "working MB",
+        "KV MB/req",
+        "KV analytic MB",
         "GFLOPs",
         "FLOPs-bound x",
         "measured x",
@@ -547,7 +630,10 @@ def markdown(
             _fmt(row.get("prefill_s"), ".3f"),
             _fmt(row.get("ttft_s"), ".3f"),
             _fmt(row.get("decode_tok_s"), ".1f"),
-            _fmt(row.get("peak_mem_mb"), ".0f"),
+            _fmt(row["memory"].get("peak_mb"), ".0f"),
+            _fmt(row["memory"].get("working_mb"), ".0f"),
+            _fmt(row["memory"].get("kv_mb"), ".2f"),
+            _fmt(row["memory"].get("kv_analytic_mb"), ".2f"),
             _fmt(row["flops"]["total"] / 1e9, ".2f"),
             _fmt(row.get("flops_speedup"), ".2f"),
             _fmt(row.get("speedup"), ".2f"),
@@ -677,6 +763,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list: full (the unmodified model), rN (r per layer; merging methods "
         "only), K visual tokens, or a keep ratio like 0.25",
     )
+    parser.add_argument(
+        "--llm-width",
+        type=int,
+        default=4096,
+        help="llava-7b-shape: LLM hidden size (128-wide heads; 4096 = LLaMA-7B); smaller "
+        "only to test the harness",
+    )
+    parser.add_argument(
+        "--vision-width",
+        type=int,
+        default=1024,
+        help="llava-7b-shape: vision tower hidden size (64-wide heads; 1024 = CLIP-L)",
+    )
+    parser.add_argument(
+        "--vision-layers", type=int, default=24, help="llava-7b-shape: vision tower layers"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=336,
+        help="llava-7b-shape: image side in pixels (14-pixel patches; 336 = 576 patches)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="images (and prompts) per batch")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens per prompt")
     parser.add_argument(
@@ -698,6 +806,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu"
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=("none", *sorted(DTYPES)),
+        default="none",
+        help="run every request under torch.autocast to this dtype (e.g. bf16 on an "
+        "AVX-512/AMX CPU); --dtype still sets the weights",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("auto", "process", "allocator", "none"),
+        default="auto",
+        help="peak memory: process = a fresh CPU process per setting reads its peak resident "
+        "set (VmHWM) around one request after a warm-up; allocator = CUDA "
+        "max_memory_allocated; none = KV cache only; auto = allocator on cuda, process on cpu",
     )
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa/eager)")
     parser.add_argument(
@@ -723,14 +846,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def finish_args(args: argparse.Namespace) -> None:
+    """Device-dependent defaults and the thread count (shared with ``eval.bench_memory``)."""
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.llm_layers is None:
         args.llm_layers = 32 if args.device == "cuda" else 2
+    if args.memory == "auto":
+        args.memory = "allocator" if args.device == "cuda" else "process"
+    if args.memory == "allocator" and args.device != "cuda":
+        raise ValueError("--memory allocator reads the CUDA allocator: use it with --device cuda")
+    if args.memory == "process" and args.device != "cpu":
+        raise ValueError("--memory process measures CPU processes: use it with --device cpu")
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
+
+
+def autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return None if args.autocast == "none" else DTYPES[args.autocast]
+
+
+def make_inputs(args: argparse.Namespace, config: Any) -> tuple[Tensor, Tensor]:
+    """The prompt tokens [B, prompt] (no image token among them) and pixels, from the seed."""
+    vocab = config.text_config.vocab_size
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(args.seed)
+    text = torch.randint(5, vocab, (args.batch, args.prompt_tokens), generator=generator)
+    text = text.masked_fill(text == config.image_token_id, 5).to(args.device)
+    pixels = torch.randn(args.batch, 3, size, size, generator=generator)
+    return text, pixels.to(args.device, DTYPES[args.dtype])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    finish_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         get_method(method)  # a clear error for a typo, before any model is built
@@ -738,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = metric = None
     if args.accuracy is not None:
         accuracy, metric = load_accuracy(args.accuracy, args.accuracy_metric)
+    autocast = autocast_dtype(args)
 
     if args.model not in (SHAPE_MODEL, "reference"):
         try:  # a --model typo stops here, with the known names, before any work
@@ -747,24 +898,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, description = load_model(args)
     config = model.config
-    vocab = config.text_config.vocab_size
-    size = config.vision_config.image_size
-    generator = torch.Generator().manual_seed(args.seed)
-    text = torch.randint(5, vocab, (args.batch, args.prompt_tokens), generator=generator)
-    text = text.masked_fill(text == config.image_token_id, 5).to(args.device)
-    pixels = torch.randn(args.batch, 3, size, size, generator=generator)
-    pixels = pixels.to(args.device, DTYPES[args.dtype])
-
+    text, pixels = make_inputs(args, config)
     settings, skipped = build_settings(
         model, methods, budgets, args.fastv_layer, args.llm_positions
     )
     for setting in settings:
         prepare(model, setting, text, config.image_token_id, args.prompt_tokens)
+    if args.memory == "process":
+        # One fresh process per setting, while this one holds no model (two copies of a
+        # large model would not fit beside each other on a small machine).
+        labels = [setting.label for setting in settings]
+        del model
+        gc.collect()
+        for setting in tqdm(settings, desc="memory (a process per setting)"):
+            result = measure_in_subprocess(argv, setting.label)
+            assert result["label"] == setting.label, (result, labels)
+            setting.memory.update({k: result[k] for k in ("peak_mb", "working_mb", "base_mb")})
+            setting.memory["process_kv_mb"] = result["kv_mb"]
+        torch.manual_seed(args.seed)
+        model, _ = load_model(args)
     time_round_robin(
-        model, settings, pixels, args.device, args.new_tokens, args.warmup, args.repeats
+        model,
+        settings,
+        pixels,
+        args.device,
+        args.new_tokens,
+        args.warmup,
+        args.repeats,
+        autocast=autocast,
     )
     for setting in tqdm(settings, desc="overhead"):
-        with configured(model, setting):
+        with configured(model, setting), autocast_context(args.device, autocast):
             fn = overhead_fn(model, setting, args.batch, args.device)
             setting.overhead_s = median_time(fn, max(args.repeats, 5), args.device)
 
@@ -772,10 +936,14 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads() if args.device == "cpu" else None
     header = (
         f"**{description}**; batch {args.batch}, {args.prompt_tokens} prompt tokens, "
-        f"{args.new_tokens} new tokens, {args.device} {args.dtype} {args.attn}"
+        f"{args.new_tokens} new tokens, {args.device} {args.dtype} weights {args.attn}"
+        + (f" under {args.autocast} autocast" if autocast is not None else "")
         + (f" ({threads} threads)" if threads else "")
         + f", medians of {args.repeats} after {args.warmup} warm-up. TTFT = vision + prefill "
-        "+ first logits; measured x = TTFT speedup; overhead = choosing tokens alone."
+        "+ first logits; measured x = TTFT speedup; overhead = choosing tokens alone. "
+        + MEMORY_NOTES[args.memory]
+        + " KV MB/req: bytes of the KV cache object generate returned, per request; KV "
+        "analytic: 2 x layers x KV heads x head size x cached tokens x bytes."
     )
     table = markdown(rows, header, skipped, accuracy, metric or "")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,24 +22,42 @@ from mllm_crossget.config import write_json_atomic
 from mllm_crossget.flops import flops_report
 
 
-def llava_7b_config(llm_layers: int, attn: str) -> LlavaConfig:
-    """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 (24 layers, 1024 wide) + LLaMA-7B width."""
+def llava_7b_config(
+    llm_layers: int,
+    attn: str,
+    *,
+    llm_width: int = 4096,
+    vision_width: int = 1024,
+    vision_layers: int = 24,
+    image_size: int = 336,
+) -> LlavaConfig:
+    """LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 (24 layers, 1024 wide) + LLaMA-7B width.
+
+    The keyword sizes shrink it for tests (heads stay 64 wide in the tower and 128 in the
+    LLM; MLPs scale like the 7B's: 4x in the tower, 11008/4096 in the LLM); the defaults are
+    the real shapes.
+    """
+    for name, width, head in (("llm_width", llm_width, 128), ("vision_width", vision_width, 64)):
+        if width % head:
+            raise ValueError(f"{name}={width} must be a multiple of {head} (its head size)")
+    if image_size % 14:
+        raise ValueError(f"image_size={image_size} must be a multiple of the patch size 14")
     vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
+        hidden_size=vision_width,
+        intermediate_size=4 * vision_width,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_width // 64,
+        image_size=image_size,
         patch_size=14,
         projection_dim=768,
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
+        hidden_size=llm_width,
+        intermediate_size=llm_width * 11008 // 4096,
         num_hidden_layers=llm_layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        num_attention_heads=llm_width // 128,
+        num_key_value_heads=llm_width // 128,
         vocab_size=32064,
         max_position_embeddings=4096,
     )
@@ -49,7 +67,7 @@ def llava_7b_config(llm_layers: int, attn: str) -> LlavaConfig:
         image_token_id=32000,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_seq_length=576,
+        image_seq_length=(image_size // 14) ** 2,
     )
     config._attn_implementation = attn
     config.vision_config._attn_implementation = attn

@@ -53,9 +53,9 @@ class Matching:
     def _scatter_into_destinations(self, values: Tensor) -> Tensor:
         """Add each source's row of ``values`` [B, N, D] onto its destination row, then keep."""
         d = values.shape[-1]
-        src_rows = values.gather(1, self.src_idx[..., None].expand(-1, -1, d))
+        src_rows = self._rows(values, self.src_idx)
         summed = values.scatter_add(1, self.dst_idx[..., None].expand(-1, -1, d), src_rows)
-        return summed.gather(1, self.kept_idx[..., None].expand(-1, -1, d))
+        return self.keep(summed)
 
     def merge(
         self, x: Tensor, size: Tensor | None = None, importance: Tensor | None = None
@@ -97,14 +97,24 @@ class Matching:
         src_share = (src_weight / total)[..., None]
         rows = dst_kept[..., None].expand(-1, -1, x.shape[-1])
         merged = self.keep(x).to(work_dtype)
-        merged.scatter_(1, rows, self._rows(x, self.dst_idx).to(work_dtype) * dst_share)
+        batch_rows = self._batch_index(batch, x.device)
+        merged.index_put_(
+            (batch_rows, dst_kept), self._rows(x, self.dst_idx).to(work_dtype) * dst_share
+        )
         merged.scatter_add_(1, rows, self._rows(x, self.src_idx).to(work_dtype) * src_share)
         merged_size = self.keep(size).scatter_add(1, dst_kept, size.gather(1, self.src_idx))
         return merged.to(x.dtype), merged_size
 
     @staticmethod
-    def _rows(x: Tensor, index: Tensor) -> Tensor:
-        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    def _batch_index(batch: int, device: torch.device) -> Tensor:
+        return torch.arange(batch, device=device)[:, None]
+
+    @classmethod
+    def _rows(cls, x: Tensor, index: Tensor) -> Tensor:
+        """``x[b, index[b, i]]`` for [B, N, ...] ``x``: whole rows copied by advanced indexing
+        (a gather through an index expanded over the channels reads one index per element,
+        several times slower on CPU)."""
+        return x[cls._batch_index(x.shape[0], x.device), index]
 
     def _kept_position(self) -> Tensor:
         """[B, N]: each input token's row in the merged output (-1 for sources)."""
@@ -146,8 +156,7 @@ class Matching:
 
     def keep(self, x: Tensor) -> Tensor:
         """Select the survivors' rows of any per-token tensor [B, N, ...] without merging."""
-        index = self.kept_idx.view(*self.kept_idx.shape, *([1] * (x.dim() - 2)))
-        return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
+        return self._rows(x, self.kept_idx)
 
     def unmerge(self, merged: Tensor) -> Tensor:
         """Expand [B, N - r, D] back to [B, N, D]: every source takes its destination's value."""
@@ -214,7 +223,7 @@ def _similarity(metric: Tensor) -> Tensor:
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sim = unit @ unit.transpose(1, 2)
     # (a + b) is commutative in floating point, so the average is bit-exactly symmetric.
-    return (sim + sim.transpose(1, 2)) * 0.5
+    return torch.add(sim, sim.transpose(1, 2)).mul_(0.5)
 
 
 def _clamped_r(r: int, protected: Tensor | None, n: int) -> int:
@@ -262,21 +271,25 @@ def complete_graph_matching(
     if r == 0:
         return _empty_matching(batch, n, device)
 
+    # Every pass below touches all B x N x N similarities, so each is done once and in place:
+    # a token never pairs with itself, and nothing pairs with a protected token (its column).
     sim = _similarity(metric)
     neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
-    eye = torch.eye(n, dtype=torch.bool, device=device)
-    blocked = eye.expand(batch, n, n)
+    sim.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
     if protected is not None:
-        blocked = blocked | protected[:, :, None] | protected[:, None, :]
-    sim = sim.masked_fill(blocked, neg_inf)
+        sim.masked_fill_(protected[:, None, :], -torch.inf)
 
     best_sim = sim.amax(dim=-1)
+    if protected is not None:
+        # A protected token's own row counts as fully blocked (it ranks last); its row in
+        # ``sim`` is never read again (its score is +inf and it is nobody's source).
+        best_sim = best_sim.masked_fill(protected, -torch.inf)
     # rank 0 = highest best-similarity; stable sort on the negation keeps lower index first.
     order = torch.sort(-best_sim, dim=1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
     visible = rank[:, None, :] > rank[:, :, None]
-    best_visible = sim.masked_fill(~visible, neg_inf).amax(dim=-1)
+    best_visible = torch.where(visible, sim, neg_inf).amax(dim=-1)
 
     score = -best_visible
     if importance is not None:
@@ -287,7 +300,7 @@ def complete_graph_matching(
 
     is_source = torch.zeros(batch, n, dtype=torch.bool, device=device)
     is_source.scatter_(1, src_idx, True)
-    src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
+    src_sim = Matching._rows(sim, src_idx)  # [B, r, N]
     # Sources and protected columns are already excluded by the masks; argmax returns the
     # first (lowest-index) maximum, which is the tie rule.
     src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)

@@ -48,7 +48,7 @@ def _row(method: str, budget: str, tokens: int, speedup: float) -> dict:
         "flops_speedup": speedup * 1.2,
         "flops": {"total": int(1e9 / speedup)},
         "overhead_ms": 0.1,
-        "peak_mem_mb": 1.0,
+        "memory": {"peak_mb": 900.0, "working_mb": 12.0, "kv_mb": 1.5, "kv_analytic_mb": 1.5},
         "note": "",
     }
 
@@ -67,6 +67,7 @@ def test_bench_report_table_and_plots(tmp_path: Path) -> None:
     assert metric == "acc" and accuracy[("crossget", "64")] == 77.0
     table = bench.markdown(rows, "header", ["x/r13: no"], accuracy, metric)
     assert "| crossget | 64 | 64 | 64 |" in table and "| 77.0 |" in table and "x/r13" in table
+    assert "| 900 | 12 | 1.50 | 1.50 |" in table  # peak, working, KV measured, KV analytic
     bench.plot_speedup(rows, tmp_path / "speedup.png", "title")
     bench.plot_pareto(rows, accuracy, metric, tmp_path / "pareto.png")
     for name in ("speedup.png", "pareto.png"):
@@ -92,7 +93,7 @@ def test_bench_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> N
 def test_bench_runs_end_to_end_on_the_reference_architecture(tmp_path: Path) -> None:
     argv = ["--model", "reference", "--methods", "pool,fastv", "--budgets", "full,r13,64"]
     argv += ["--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
+    assert bench.main([*argv, "--memory", "none"]) == 0  # tests/test_bench_speed.py: memory
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert set(rows) == {("full", "full"), ("pool", "64"), ("fastv", "64")}
