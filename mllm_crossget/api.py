@@ -144,6 +144,15 @@ def apply(
             f"method={config.method!r} (mllm_crossget.peers) is implemented for LLaVA models "
             f"only; {family} supports the merging methods crossget and tome"
         )
+    if (
+        config.merges_in_encoder
+        and config.guidance == "text"
+        and (family != "LlavaForConditionalGeneration")
+    ):
+        raise ValueError(
+            f"guidance='text' compares visual tokens with the prompt in a LLaVA LLM's input "
+            f"space; {family} has no such prompt: use guidance='cross' or 'none'"
+        )
     if family in _FAMILIES:
         return _apply_family(_FAMILIES[family], model, config, processor)
     _check_attention(model, config)

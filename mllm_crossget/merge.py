@@ -21,12 +21,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HUB_GUARD_ROUNDS",
     "Matching",
     "bipartite_matching",
     "complete_graph_matching",
     "max_merge_count",
     "proportional_attention_bias",
 ]
+
+
+# Proposal rounds of the hub guard before its fallback (a bound on rounds, not on tokens).
+HUB_GUARD_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,9 @@ def complete_graph_matching(
     r: int,
     importance: Tensor | None = None,
     protected: Tensor | None = None,
+    *,
+    max_sources_per_destination: int | None = None,
+    max_rounds: int = HUB_GUARD_ROUNDS,
 ) -> Matching:
     """CrossGET's complete-graph soft matching (CGSM) over all token pairs.
 
@@ -254,8 +262,22 @@ def complete_graph_matching(
     scores (redundant and unimportant) become sources; every other unprotected token is a
     destination.  Ties everywhere go to the lower token index so that results do not depend
     on the sort kernel.  ``r`` is clamped to half of the unprotected tokens.
+
+    ``max_sources_per_destination`` (the hub guard, ``None`` = the authors' rule) caps how many
+    sources one destination absorbs in this layer: sources stay the same ``r`` tokens, and
+    those beyond a destination's cap move to their next most similar destination with room
+    (:func:`_capped_destinations`, parallel rounds; ``max_rounds`` bounds them).
     """
     _check_inputs(metric, r, importance, protected)
+    if max_sources_per_destination is not None and (
+        not isinstance(max_sources_per_destination, int) or max_sources_per_destination < 1
+    ):
+        raise ValueError(
+            "max_sources_per_destination must be an int >= 1 or None (no cap), got "
+            f"{max_sources_per_destination!r}"
+        )
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     batch, n, _ = metric.shape
     device = metric.device
     r = _clamped_r(r, protected, n)
@@ -287,12 +309,80 @@ def complete_graph_matching(
 
     is_source = torch.zeros(batch, n, dtype=torch.bool, device=device)
     is_source.scatter_(1, src_idx, True)
+    if max_sources_per_destination is not None:
+        dst_idx = _capped_destinations(
+            sim, src_idx, is_source, max_sources_per_destination, max_rounds
+        )
+        return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
     src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
     # Sources and protected columns are already excluded by the masks; argmax returns the
     # first (lowest-index) maximum, which is the tie rule.
     src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
     dst_idx = src_sim.argmax(dim=-1)
     return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
+
+
+def _capped_destinations(
+    sim: Tensor, src_idx: Tensor, is_source: Tensor, max_sources: int, max_rounds: int
+) -> Tensor:
+    """Assign each source to a destination that takes at most ``max_sources`` per layer.
+
+    Parallel proposal rounds (a loop over rounds, never over tokens): every unassigned
+    source proposes to its most similar destination that still has room; a destination
+    accepts, among its proposers, the most similar ones up to its remaining room (ties: the
+    source listed first in ``src_idx``, i.e. the lower score); rejected sources propose again
+    in the next round.  Every round places at least one source and the destinations' room
+    (``max_sources`` times at least ``r`` destinations) always suffices, so all sources are
+    placed within ``r`` rounds; after ``max_rounds`` any source still unplaced takes its most
+    similar destination with room, even if several choose the same one (rare: the cap may be
+    exceeded there).  The set of sources never changes, so ``r`` is met exactly.
+    """
+    batch, r = src_idx.shape
+    n = sim.shape[-1]
+    device = sim.device
+    neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
+    src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
+    src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
+    load = torch.zeros(batch, n, dtype=torch.long, device=device)
+    dst_idx = torch.full((batch, r), -1, dtype=torch.long, device=device)
+    for _ in range(max_rounds):
+        pending = dst_idx < 0
+        if not bool(pending.any()):
+            return dst_idx
+        full = load >= max_sources  # [B, N]
+        options = src_sim.masked_fill(full[:, None, :], neg_inf)
+        choice = options.argmax(dim=-1)  # [B, r]; first maximum = lower index on ties
+        choice_sim = options.gather(2, choice[..., None])[..., 0]
+        proposing = pending & torch.isfinite(choice_sim)
+        # Rank the proposers of each destination by similarity, best first: sort by
+        # similarity (descending, stable so earlier sources win ties), then stably by
+        # destination; a proposer's rank is its place inside its destination's group.
+        key_dst = torch.where(proposing, choice, n)  # non-proposers sort last
+        by_sim = torch.sort(-choice_sim.masked_fill(~proposing, 0.0), dim=1, stable=True).indices
+        dst_sorted = key_dst.gather(1, by_sim)
+        by_dst = torch.sort(dst_sorted, dim=1, stable=True).indices
+        perm = by_sim.gather(1, by_dst)  # proposals grouped by destination, best first
+        grouped_dst = key_dst.gather(1, perm)
+        position = torch.arange(r, device=device).expand(batch, r)
+        new_group = torch.ones_like(grouped_dst, dtype=torch.bool)
+        new_group[:, 1:] = grouped_dst[:, 1:] != grouped_dst[:, :-1]
+        group_start = torch.where(new_group, position, 0).cummax(dim=1).values
+        rank_grouped = position - group_start
+        rank = torch.empty_like(rank_grouped).scatter_(1, perm, rank_grouped)
+        room = (max_sources - load).gather(1, choice.clamp_max(n - 1))
+        accept = proposing & (rank < room)
+        dst_idx = torch.where(accept, choice, dst_idx)
+        load = load.scatter_add(1, choice, accept.long())
+    pending = dst_idx < 0
+    if bool(pending.any()):
+        full = load >= max_sources
+        options = src_sim.masked_fill(full[:, None, :], neg_inf)
+        # A row with no room anywhere (impossible while r <= destinations) falls back to
+        # the plain argmax.
+        no_room = ~torch.isfinite(options.amax(dim=-1))
+        fallback = torch.where(no_room, src_sim.argmax(dim=-1), options.argmax(dim=-1))
+        dst_idx = torch.where(pending, fallback, dst_idx)
+    return dst_idx
 
 
 def bipartite_matching(

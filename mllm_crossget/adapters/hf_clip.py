@@ -14,7 +14,7 @@ visible tokens and never appears in captured hidden states.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import CrossGETConfig
 from ..cross_tokens import unwrap_cross_tokens
-from ..guidance import cross_row_importance, mean_received_attention
+from ..guidance import cross_row_importance, mean_received_attention, standardized_importance
 from ..merge import Matching, bipartite_matching, complete_graph_matching
 
 __all__ = [
@@ -45,6 +45,9 @@ class EncoderPlan:
     guidance: str = "cross"
     proportional_attention: bool = True
     track_source: bool = False
+    importance_norm: str = "raw"
+    importance_weight: float = 1.0
+    max_sources_per_destination: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -66,6 +69,9 @@ class EncoderPlan:
             guidance=config.guidance,
             proportional_attention=config.proportional_attention,
             track_source=config.track_source,
+            importance_norm=config.importance_norm,
+            importance_weight=config.importance_weight,
+            max_sources_per_destination=config.max_sources_per_destination,
         )
 
 
@@ -105,6 +111,7 @@ def _merging_layer_forward(
     *,
     layer_r: int = 0,
     plan: EncoderPlan | None = None,
+    relevance: Callable[[Tensor], Tensor] | None = None,
     **kwargs: Any,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """One CLIP layer with proportional attention, guidance and a merge after attention.
@@ -177,10 +184,20 @@ def _merging_layer_forward(
             )
             if need_probs:
                 importance = importance + mean_received_attention(probs, num_visible)
+        score_importance = importance
+        if plan.guidance == "text" and relevance is not None:
+            score_importance = relevance(visible)  # [B, N]: each image against its prompt
+        score_importance = _scaled_importance(score_importance, protected, plan)
         if plan.matching == "bipartite":
             matching = bipartite_matching(metric, layer_r, protected=protected)
         else:
-            matching = complete_graph_matching(metric, layer_r, importance, protected)
+            matching = complete_graph_matching(
+                metric,
+                layer_r,
+                score_importance,
+                protected,
+                max_sources_per_destination=plan.max_sources_per_destination,
+            )
         visible, token_size = matching.merge(visible, token_size, importance)
         src_idx, dst_idx, kept_idx = matching.src_idx, matching.dst_idx, matching.kept_idx
         sequence = torch.cat([visible, cross_out], dim=1) if with_cross else visible
@@ -189,6 +206,17 @@ def _merging_layer_forward(
     hidden_out = sequence[:, : sequence.shape[1] - (1 if with_cross else 0)]
     cross_final = sequence[:, -1:] if with_cross else None
     return hidden_out, token_size.detach(), cross_final, src_idx, dst_idx, kept_idx
+
+
+def _scaled_importance(
+    importance: Tensor | None, protected: Tensor, plan: EncoderPlan
+) -> Tensor | None:
+    """The importance term of the matching score: raw x weight, or standardised x weight."""
+    if importance is None:
+        return None
+    if plan.importance_norm == "standard":
+        return standardized_importance(importance, protected, plan.importance_weight)
+    return importance if plan.importance_weight == 1.0 else importance * plan.importance_weight
 
 
 def _project_qkv(attn: nn.Module, normed: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
@@ -235,12 +263,15 @@ def _merging_encoder_forward(
     crossget_plan: EncoderPlan | None = None,
     crossget_cross_offsets: Tensor | None = None,
     crossget_query_offset: Tensor | None = None,
+    crossget_relevance: Callable[[Tensor], Tensor] | None = None,
     **kwargs: Any,
 ) -> MergingEncoderOutput:
     """Run the first ``plan.num_layers`` layers, merging as planned.
 
     ``crossget_cross_offsets`` [L, C] are the learnable vision prompts ``P`` (one per layer);
-    ``crossget_query_offset`` [B, 1, C] the prompt-conditioned offset (query guidance).  The
+    ``crossget_query_offset`` [B, 1, C] the prompt-conditioned offset (query guidance);
+    ``crossget_relevance`` maps a layer's tokens [B, N, C] to their relevance to each image's
+    own prompt [B, N] (text guidance, supplied by the LLaVA adapter).  The
     cross token starts as the CLS state and, before each layer, becomes
     ``stopgrad(previous) + P_l (+ query offset)``.
     """
@@ -291,6 +322,7 @@ def _merging_encoder_forward(
             attention_mask,
             layer_r=plan.layer_r[index],
             plan=plan,
+            relevance=crossget_relevance,
         )
         if cross_state is not None:
             cross_states.append(cross_state[:, 0])
