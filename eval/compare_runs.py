@@ -34,9 +34,15 @@ def _answers(stem: Path) -> dict[str, str]:
     return answers
 
 
-def compare(data: Path, split: str, runs: Sequence[tuple[str, Path]], baseline: str) -> str:
+def compare(
+    data: Path,
+    split: str,
+    runs: Sequence[tuple[str, Path]],
+    baseline: str,
+    limit: int | None = None,
+) -> str:
     """The markdown report: accuracy per family, then McNemar of each run against baseline."""
-    items = load_task("testbed", data, split, None)
+    items = load_task("testbed", data, split, limit)
     truth = [item.truth["answer"] for item in items]
     families = sorted({item.group for item in items})
     correct: dict[str, list[bool]] = {}
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=STEM",
         help="a run's answers: OUT/answers/<task>-<method>-<budget> (repeatable)",
     )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="the first N questions (as eval --limit)"
+    )
     parser.add_argument("--baseline", required=True, help="NAME of the run to compare against")
     args = parser.parse_args(argv)
     runs = []
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not stem:
             raise SystemExit(f"error: --run wants NAME=STEM, got {pair!r}")
         runs.append((name, Path(stem)))
-    print(compare(args.data, args.split, runs, args.baseline), end="")
+    print(compare(args.data, args.split, runs, args.baseline, args.limit), end="")
     return 0
 
 

@@ -95,7 +95,8 @@ class CrossGETConfig:
         metadata={
             "help": "Hub guard for complete_graph matching: the most sources one destination "
             "absorbs in one layer (extra sources move to their next most similar destination "
-            "with room; token counts unchanged). None = no cap (the authors' rule)."
+            "with room; token counts unchanged). None = no cap (the authors' rule). "
+            "Bipartite (ToMe) matching ignores it."
         },
     )
     proportional_attention: bool = field(
@@ -199,11 +200,6 @@ class CrossGETConfig:
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise ValueError(
                 f"max_sources_per_destination must be an int >= 1 or None (no cap), got {cap!r}"
-            )
-        if cap is not None and self.matching != "complete_graph":
-            raise ValueError(
-                "max_sources_per_destination caps complete_graph matching; bipartite (ToMe) "
-                "already gives each destination at most one source per A token: drop it"
             )
         if self.matching == "bipartite" and self.guidance not in ("none", "cross"):
             raise ValueError("bipartite (ToMe) matching takes no importance; use guidance='none'")
