@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .merge import HUB_GUARDS
 from .peers import MERGING_METHODS, METHOD_NAMES
 from .peers.tome import TOME_SETTINGS
 from .schedule import SCHEDULE_MODES
@@ -97,6 +98,14 @@ class CrossGETConfig:
             "absorbs in one layer (extra sources move to their next most similar destination "
             "with room; token counts unchanged). None = no cap (the authors' rule). "
             "Bipartite (ToMe) matching ignores it."
+        },
+    )
+    hub_guard: Literal["defer", "rematch"] = field(
+        default="defer",
+        metadata={
+            "help": "What the hub guard does with a source beyond a destination's cap: defer = "
+            "it is not merged this layer and the next candidate by score goes instead; "
+            "rematch = it merges into its next most similar destination with room."
         },
     )
     proportional_attention: bool = field(
@@ -196,6 +205,8 @@ class CrossGETConfig:
             raise ValueError(
                 f"importance_weight must be a finite number >= 0, got {self.importance_weight!r}"
             )
+        if self.hub_guard not in HUB_GUARDS:
+            raise ValueError(f"hub_guard must be one of {HUB_GUARDS}, got {self.hub_guard!r}")
         cap = self.max_sources_per_destination
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise ValueError(

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HUB_GUARDS",
     "HUB_GUARD_ROUNDS",
     "Matching",
     "bipartite_matching",
@@ -32,6 +33,7 @@ __all__ = [
 
 # Proposal rounds of the hub guard before its fallback (a bound on rounds, not on tokens).
 HUB_GUARD_ROUNDS = 8
+HUB_GUARDS: tuple[str, ...] = ("defer", "rematch")
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ def complete_graph_matching(
     *,
     max_sources_per_destination: int | None = None,
     max_rounds: int = HUB_GUARD_ROUNDS,
+    hub_guard: str = "defer",
 ) -> Matching:
     """CrossGET's complete-graph soft matching (CGSM) over all token pairs.
 
@@ -266,7 +269,9 @@ def complete_graph_matching(
     ``max_sources_per_destination`` (the hub guard, ``None`` = the authors' rule) caps how many
     sources one destination absorbs in this layer: sources stay the same ``r`` tokens, and
     those beyond a destination's cap move to their next most similar destination with room
-    (:func:`_capped_destinations`, parallel rounds; ``max_rounds`` bounds them).
+    (``hub_guard="rematch"``, :func:`_capped_destinations`, parallel rounds; ``max_rounds``
+    bounds them), or (``hub_guard="defer"``, :func:`_deferred_matching`) are not merged in
+    this layer and the next candidates by score take their place.
     """
     _check_inputs(metric, r, importance, protected)
     if max_sources_per_destination is not None and (
@@ -278,6 +283,8 @@ def complete_graph_matching(
         )
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    if hub_guard not in HUB_GUARDS:
+        raise ValueError(f"hub_guard must be one of {HUB_GUARDS}, got {hub_guard!r}")
     batch, n, _ = metric.shape
     device = metric.device
     r = _clamped_r(r, protected, n)
@@ -305,7 +312,11 @@ def complete_graph_matching(
         score = score + importance.to(sim.dtype)
     if protected is not None:
         score = score.masked_fill(protected, torch.inf)
-    src_idx = torch.sort(score, dim=1, stable=True).indices[:, :r]
+    by_score = torch.sort(score, dim=1, stable=True).indices
+    if max_sources_per_destination is not None and hub_guard == "defer":
+        unprotected = n if protected is None else int((~protected).sum(dim=1).min().item())
+        return _deferred_matching(sim, by_score, r, unprotected, max_sources_per_destination)
+    src_idx = by_score[:, :r]
 
     is_source = torch.zeros(batch, n, dtype=torch.bool, device=device)
     is_source.scatter_(1, src_idx, True)
@@ -383,6 +394,43 @@ def _capped_destinations(
         fallback = torch.where(no_room, src_sim.argmax(dim=-1), options.argmax(dim=-1))
         dst_idx = torch.where(pending, fallback, dst_idx)
     return dst_idx
+
+
+def _deferred_matching(
+    sim: Tensor, by_score: Tensor, r: int, unprotected: int, max_sources: int
+) -> Matching:
+    """Hub guard by deferral: a candidate whose destination is full is not merged this layer.
+
+    The ``M = min(2r, unprotected - r)`` lowest-score tokens are the candidates; every other
+    unprotected token is a destination.  Each candidate picks its most similar destination;
+    per destination the candidates with the lowest scores, up to ``max_sources``, are
+    accepted.  The ``r`` sources are the accepted candidates in score order; if fewer than
+    ``r`` are accepted, the lowest-score rejected ones fill up (merging into their choice
+    beyond the cap), so exactly ``r`` tokens go.  Candidates not taken stay as they are.
+    One parallel pass: sorts and gathers only.
+    """
+    batch, n = by_score.shape
+    device = sim.device
+    pool_size = min(2 * r, unprotected - r)
+    pool = by_score[:, :pool_size]  # [B, M] candidates, ascending score (never protected)
+    is_pool = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, pool, True)
+    pool_sim = sim.gather(1, pool[..., None].expand(-1, -1, n))  # protected already -inf
+    pool_sim = pool_sim.masked_fill(is_pool[:, None, :], -torch.inf)
+    choice = pool_sim.argmax(dim=-1)  # [B, M], first maximum on ties
+    # Rank of each candidate among those choosing the same destination, in score order:
+    # a stable sort by destination keeps the score order inside each group.
+    grouped = torch.sort(choice, dim=1, stable=True)
+    position = torch.arange(pool_size, device=device).expand(batch, pool_size)
+    new_group = torch.ones_like(grouped.values, dtype=torch.bool)
+    new_group[:, 1:] = grouped.values[:, 1:] != grouped.values[:, :-1]
+    group_start = torch.where(new_group, position, 0).cummax(dim=1).values
+    rank = torch.empty_like(position).scatter_(1, grouped.indices, position - group_start)
+    rejected = (rank >= max_sources).long()
+    # Accepted first (in score order), then the rejected (in score order) as fill.
+    picked = torch.sort(rejected * pool_size + position, dim=1).indices[:, :r]
+    src_idx = pool.gather(1, picked)
+    dst_idx = choice.gather(1, picked)
+    return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
 
 
 def bipartite_matching(

@@ -93,6 +93,7 @@ def test_hub_guard_matches_naive_reference(lattice: bool, cap: int) -> None:
                 case.protected,
                 max_sources_per_destination=cap,
                 max_rounds=rounds,
+                hub_guard="rematch",
             )
             src, dst = ref_capped(case.metric, case.r, case.importance, case.protected, cap, rounds)
             assert got.src_idx.tolist() == src, case.describe()
@@ -114,7 +115,13 @@ def test_hub_guard_caps_every_destination_and_keeps_counts() -> None:
         assert _largest_load(plain.dst_idx, 97) > 2  # the unguarded rule makes hubs
         for cap in (1, 2, 3):
             capped = complete_graph_matching(
-                metric, r, None, protected, max_sources_per_destination=cap, max_rounds=r
+                metric,
+                r,
+                None,
+                protected,
+                max_sources_per_destination=cap,
+                max_rounds=r,
+                hub_guard="rematch",
             )
             assert torch.equal(capped.src_idx, plain.src_idx)  # same sources: same r
             assert _largest_load(capped.dst_idx, 97) <= cap
@@ -124,6 +131,84 @@ def test_hub_guard_caps_every_destination_and_keeps_counts() -> None:
             merged, size = capped.merge(metric, None)
             assert merged.shape == (3, 97 - r, 16)
             assert torch.equal(size.sum(dim=1), torch.full((3,), 97.0))
+
+
+def ref_deferred(
+    metric: torch.Tensor,
+    r: int,
+    importance: torch.Tensor | None,
+    protected: torch.Tensor | None,
+    cap: int,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The deferral rule in plain loops: candidates, per-destination acceptance, fill."""
+    batch, n = metric.shape[:2]
+    prots = protected.tolist() if protected is not None else [[False] * n] * batch
+    r = min([r] + [sum(not p for p in prot) // 2 for prot in prots])
+    unprotected = min(sum(not p for p in prot) for prot in prots)
+    pool_size = min(2 * r, unprotected - r)
+    all_src, all_dst = [], []
+    for b, (row, prot) in enumerate(zip(metric.double().tolist(), prots, strict=True)):
+        by_score = _scores_order(metric[b : b + 1], importance, protected, b)
+        pool = by_score[:pool_size]
+        sim = _cosine(row, prot)
+        dests = [j for j in range(n) if j not in pool and not prot[j]]
+        choice, taken, accepted = {}, {}, []
+        for i in pool:
+            best = dests[0]
+            for j in dests[1:]:
+                if sim[i][j] > sim[i][best]:
+                    best = j
+            choice[i] = best
+            if taken.get(best, 0) < cap:
+                taken[best] = taken.get(best, 0) + 1
+                accepted.append(i)
+        rejected = [i for i in pool if i not in accepted]
+        src = (accepted + rejected)[:r]
+        all_src.append(src)
+        all_dst.append([choice[i] for i in src])
+    return all_src, all_dst
+
+
+def _scores_order(
+    row_metric: torch.Tensor,
+    importance: torch.Tensor | None,
+    protected: torch.Tensor | None,
+    b: int,
+) -> list[int]:
+    """All tokens of row ``b`` in CGSM's score order, computed as ``ref_cgsm`` does."""
+    n = row_metric.shape[1]
+    imp = None if importance is None else importance[b : b + 1]
+    prot = None if protected is None else protected[b : b + 1]
+    tokens = row_metric.double().tolist()[0]
+    p = prot.tolist()[0] if prot is not None else [False] * n
+    values = imp.double().tolist()[0] if imp is not None else [0.0] * n
+    sim = _cosine(tokens, p)
+    best = [max(s) for s in sim]
+    ranked = sorted(range(n), key=lambda i: (-best[i], i))
+    rank = {tok: pos for pos, tok in enumerate(ranked)}
+    score = []
+    for i in range(n):
+        if p[i]:
+            score.append(math.inf)
+            continue
+        visible = [sim[i][j] for j in range(n) if rank[j] > rank[i]]
+        score.append(values[i] - max(visible, default=NEG_INF))
+    return sorted(range(n), key=lambda i: (score[i], i))
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_deferral_matches_naive_reference_and_keeps_r(cap: int) -> None:
+    for seed in range(200):
+        case = random_case(seed)
+        got = complete_graph_matching(
+            case.metric, case.r, case.importance, case.protected, max_sources_per_destination=cap
+        )
+        src, dst = ref_deferred(case.metric, case.r, case.importance, case.protected, cap)
+        assert got.src_idx.tolist() == src, case.describe()
+        assert got.dst_idx.tolist() == dst, case.describe()
+        plain = complete_graph_matching(case.metric, case.r, case.importance, case.protected)
+        assert got.r == plain.r  # exactly as many tokens go as without the guard
+        assert got.kept_idx.shape == plain.kept_idx.shape
 
 
 def _largest_load(dst_idx: torch.Tensor, n: int) -> int:

@@ -48,6 +48,7 @@ class EncoderPlan:
     importance_norm: str = "raw"
     importance_weight: float = 1.0
     max_sources_per_destination: int | None = None
+    hub_guard: str = "defer"
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +73,7 @@ class EncoderPlan:
             importance_norm=config.importance_norm,
             importance_weight=config.importance_weight,
             max_sources_per_destination=config.max_sources_per_destination,
+            hub_guard=config.hub_guard,
         )
 
 
@@ -197,6 +199,7 @@ def _merging_layer_forward(
                 score_importance,
                 protected,
                 max_sources_per_destination=plan.max_sources_per_destination,
+                hub_guard=plan.hub_guard,
             )
         visible, token_size = matching.merge(visible, token_size, importance)
         src_idx, dst_idx, kept_idx = matching.src_idx, matching.dst_idx, matching.kept_idx
