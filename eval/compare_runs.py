@@ -14,14 +14,35 @@ McNemar test: right only with the run / right only with the baseline, p-value).
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from eval import metrics
-from eval.run import read_answers
-from eval.tasks import load_task
 
 __all__ = ["compare", "main"]
+
+
+def _questions(data: Path, split: str, limit: int | None) -> list[tuple[str, str, str]]:
+    """(id, answer, family) of a testbed split, from ``DATA/llava/SPLIT.json`` (stdlib only,
+    in the order `crossget eval` reads the split, so ``limit`` takes the same questions)."""
+    path = data / "llava" / f"{split}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: no {path}; make the data with `crossget data make --out {data}`")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    rows = rows if limit is None else rows[:limit]
+    return [(row["id"], row["conversations"][1]["value"], row["family"]) for row in rows]
+
+
+def _read_answers(path: Path) -> dict[str, str]:
+    answers: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interrupted run
+            continue
+        answers[str(record["id"])] = record["prediction"]
+    return answers
 
 
 def _answers(stem: Path) -> dict[str, str]:
@@ -30,7 +51,7 @@ def _answers(stem: Path) -> dict[str, str]:
         raise SystemExit(f"error: no answers {stem}.rank*.jsonl; run `crossget eval` first")
     answers: dict[str, str] = {}
     for path in files:
-        answers |= read_answers(path)
+        answers |= _read_answers(path)
     return answers
 
 
@@ -42,16 +63,16 @@ def compare(
     limit: int | None = None,
 ) -> str:
     """The markdown report: accuracy per family, then McNemar of each run against baseline."""
-    items = load_task("testbed", data, split, limit)
-    truth = [item.truth["answer"] for item in items]
-    families = sorted({item.group for item in items})
+    items = _questions(data, split, limit)
+    truth = [answer for _, answer, _ in items]
+    families = sorted({family for _, _, family in items})
     correct: dict[str, list[bool]] = {}
     for name, stem in runs:
         answers = _answers(stem)
-        missing = [item.item_id for item in items if item.item_id not in answers]
+        missing = [qid for qid, _, _ in items if qid not in answers]
         if missing:
             raise SystemExit(f"error: {name}: {len(missing)} answers missing (e.g. {missing[:3]})")
-        predictions = [answers[item.item_id] for item in items]
+        predictions = [answers[qid] for qid, _, _ in items]
         correct[name] = metrics.exact_match_per_item(predictions, truth)
     if baseline not in correct:
         raise SystemExit(f"error: --baseline {baseline!r} is none of the runs {list(correct)}")
@@ -62,7 +83,7 @@ def compare(
     for name, values in correct.items():
         cells = [f"{100.0 * sum(values) / len(values):.1f}"]
         for family in families:
-            picked = [v for v, item in zip(values, items, strict=True) if item.group == family]
+            picked = [v for v, item in zip(values, items, strict=True) if item[2] == family]
             cells.append(f"{100.0 * sum(picked) / len(picked):.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = []
     for pair in args.run:
-        name, sep, stem = pair.partition("=")
+        name, sep, stem = pair.rpartition("=")
         if not sep or not name or not stem:
             raise SystemExit(f"error: --run wants NAME=STEM, got {pair!r}")
         runs.append((name, Path(stem)))
