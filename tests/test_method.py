@@ -3,9 +3,11 @@ training-free text guidance — each against a naive float64 reference, with exa
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,7 +318,7 @@ def test_text_relevance_matches_naive_float64() -> None:
 # -------------------------------------------------------------------------------- config
 
 
-def test_config_options_round_trip_and_validate(tmp_path: object) -> None:
+def test_config_options_round_trip_and_validate() -> None:
     config = CrossGETConfig(
         visual_tokens=16,
         guidance="text",
@@ -325,7 +327,7 @@ def test_config_options_round_trip_and_validate(tmp_path: object) -> None:
         max_sources_per_destination=2,
         schedule="geometric",
     )
-    again = CrossGETConfig.from_dict(__import__("json").loads(config.to_json_string()))
+    again = CrossGETConfig.from_dict(json.loads(config.to_json_string()))
     assert again == config
     bad = [
         ({"importance_norm": "zscore"}, "importance_norm"),
@@ -410,3 +412,46 @@ def test_text_guidance_is_refused_outside_llava() -> None:
 
     with pytest.raises(ValueError, match="guidance='text'"):
         crossget.apply(tiny_clip_vision(), CrossGETConfig(visual_tokens=16, guidance="text"))
+
+
+# ------------------------------------------------------------------- eval helpers
+
+
+def test_compare_runs_counts_families_and_discordant_questions(tmp_path: Path) -> None:
+    from eval.compare_runs import compare
+
+    rows = [
+        {"id": f"q{i}", "conversations": [{}, {"value": "yes"}], "family": fam}
+        for i, fam in enumerate(["small", "small", "text", "text"])
+    ]
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "test.json").write_text(json.dumps(rows))
+    answers = {"a": ["yes", "yes", "no", "no"], "b": ["no", "yes", "yes", "yes"]}
+    for name, predictions in answers.items():
+        lines = [json.dumps({"id": f"q{i}", "prediction": p}) for i, p in enumerate(predictions)]
+        (tmp_path / f"{name}.rank0.jsonl").write_text("\n".join(lines) + "\n")
+    report = compare(tmp_path, "test", [("a", tmp_path / "a"), ("b", tmp_path / "b")], "a")
+    assert "| a | 50.0 | 100.0 | 0.0 |" in report
+    assert "| b | 75.0 | 50.0 | 100.0 |" in report
+    assert "| b | +25.0 | 2 | 1 | 1 |" in report  # 2 right only with b, 1 only with a
+    assert "| a | 100.0 |" in compare(tmp_path, "test", [("a", tmp_path / "a")], "a", limit=2)
+
+
+def test_eval_crossget_options_parse_and_refuse_with_the_fix() -> None:
+    from eval.run import parse_crossget_options
+
+    options = parse_crossget_options(
+        ["max_sources_per_destination=1", "importance_norm=standard", "importance_weight=0.01"]
+    )
+    assert options == {
+        "max_sources_per_destination": 1,
+        "importance_norm": "standard",
+        "importance_weight": 0.01,
+    }
+    for bad, message in [
+        ("nonsense=1", "not a CrossGETConfig field"),
+        ("guidance=text", "set by its own flag"),
+        ("max_sources_per_destination", "KEY=VALUE"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            parse_crossget_options([bad])
