@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_llm_positions_argument(parser)
     parser.add_argument(
+        "--crossget-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CrossGETConfig field for method crossget, repeatable, VALUE as JSON (a bare "
+        "word is a string): e.g. --crossget-option max_sources_per_destination=1 "
+        "--crossget-option importance_norm=standard",
+    )
+    parser.add_argument(
         "--crossget-state",
         type=Path,
         default=None,
@@ -130,13 +139,14 @@ def method_config(
     guidance: str,
     llm_layers: int | None = None,
     llm_positions: str = "original",
+    options: dict[str, Any] | None = None,
 ) -> crossget.CrossGETConfig:
     """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
     except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
     (the testbed model has 2), as `crossget bench` does."""
     common = {"visual_tokens": budget, "llm_positions": llm_positions}
     if method == "crossget":
-        return crossget.CrossGETConfig(guidance=guidance, **common)
+        return crossget.CrossGETConfig(guidance=guidance, **common, **(options or {}))
     config = crossget.CrossGETConfig(method=method, **common)
     if method == "fastv" and llm_layers is not None and config.fastv_layer >= llm_layers:
         config = crossget.CrossGETConfig(
@@ -153,6 +163,7 @@ def configure(
     guidance: str,
     state: Path | None,
     llm_positions: str = "original",
+    options: dict[str, Any] | None = None,
 ) -> Any:
     """Put ``model``/``processor`` into the (method, budget) setting; 'full' = unmodified."""
     crossget.remove(model, processor)
@@ -167,9 +178,39 @@ def configure(
         _, processor = crossget.apply(model, crossget.CrossGETConfig(**saved), processor)
         return processor
     llm_layers = model.config.get_text_config().num_hidden_layers
-    config = method_config(method, int(budget), guidance, llm_layers, llm_positions)
+    config = method_config(method, int(budget), guidance, llm_layers, llm_positions, options)
     _, processor = crossget.apply(model, config, processor)
     return processor
+
+
+def parse_crossget_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> CrossGETConfig fields (VALUE parsed as JSON, else a string);
+    unknown keys and the fields other flags own are refused with the fix."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(crossget.CrossGETConfig)}
+    owned = {"visual_tokens", "keep_ratio", "r", "method", "guidance", "llm_positions"}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SystemExit(f"error: --crossget-option wants KEY=VALUE, got {pair!r}")
+        if key not in known:
+            raise SystemExit(
+                f"error: --crossget-option {key!r} is not a CrossGETConfig field; known: "
+                f"{', '.join(sorted(known - owned))}"
+            )
+        if key in owned:
+            raise SystemExit(
+                f"error: --crossget-option {key} is set by its own flag (--budgets, --methods, "
+                "--guidance, --llm-positions)"
+            )
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
 
 
 def format_prompt(processor: Any, question: str, template: str | None) -> str:
@@ -298,6 +339,7 @@ ANSWER_SETTINGS: tuple[str, ...] = (
     "split",
     "guidance",
     "llm_positions",
+    "crossget_option",
     "crossget_state",
     "adapter",
     "max_new_tokens",
@@ -396,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         named_models.resolve(args.model)
     except named_models.UnknownModelError as error:
         raise SystemExit(f"crossget eval: {error}") from None
+    options = parse_crossget_options(args.crossget_option)
+    try:  # a bad option value fails now, with the config's own message
+        crossget.CrossGETConfig(visual_tokens=1, guidance=args.guidance, **options)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: --crossget-option: {error}") from error
     # On CPU, accelerate only forms a process group when asked for one (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
@@ -426,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             args.guidance,
             args.crossget_state,
             args.llm_positions,
+            options,
         )
         stem = f"{args.task}-{method}-{budget}"
         if state.is_main_process:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .merge import HUB_GUARDS
 from .peers import MERGING_METHODS, METHOD_NAMES
 from .peers.tome import TOME_SETTINGS
 from .schedule import SCHEDULE_MODES
@@ -19,6 +21,7 @@ __all__ = [
     "CONFIG_NAME",
     "CrossGETConfig",
     "GUIDANCE_MODES",
+    "IMPORTANCE_NORMS",
     "LLM_POSITION_MODES",
     "MATCHING_MODES",
 ]
@@ -37,7 +40,8 @@ def budget_error(value: object, where: str = "visual_tokens") -> str:
     )
 
 
-GUIDANCE_MODES: tuple[str, ...] = ("cross", "attention", "query", "none")
+GUIDANCE_MODES: tuple[str, ...] = ("cross", "attention", "query", "text", "none")
+IMPORTANCE_NORMS: tuple[str, ...] = ("raw", "standard")
 LLM_POSITION_MODES: tuple[str, ...] = ("original", "compact")
 MATCHING_MODES: tuple[str, ...] = ("complete_graph", "bipartite")
 
@@ -65,20 +69,60 @@ class CrossGETConfig:
             "crossget.apply warns (UserWarning) with the visual tokens that result."
         },
     )
-    schedule: Literal["even", "front", "decreasing"] = field(
+    schedule: Literal["even", "front", "decreasing", "geometric"] = field(
         default="even",
-        metadata={"help": "How a visual_tokens/keep_ratio budget is spread over the layers."},
+        metadata={
+            "help": "How a visual_tokens/keep_ratio budget is spread over the layers: even = "
+            "equal counts; front = as early as allowed; decreasing = linearly fewer later; "
+            "geometric = the same fraction of the tokens in every layer (no layer merges a "
+            "large share)."
+        },
     )
     matching: Literal["complete_graph", "bipartite"] = field(
         default="complete_graph",
         metadata={"help": "complete_graph = CrossGET's CGSM; bipartite = ToMe (peer baseline)."},
     )
-    guidance: Literal["cross", "attention", "query", "none"] = field(
+    guidance: Literal["cross", "attention", "query", "text", "none"] = field(
         default="cross",
         metadata={
             "help": "Importance source: cross = learnable cross token's attention row (SDPA "
             "ok); attention = mean attention received + cross row (needs eager); query = the "
-            "prompt conditions the cross token; none = no importance (plain similarity)."
+            "prompt conditions the cross token; text = training-free relevance of each token "
+            "to its own prompt (LLaVA: cosine of the projected token to the prompt's input "
+            "embeddings); none = no importance (plain similarity)."
+        },
+    )
+    importance_norm: Literal["raw", "standard"] = field(
+        default="raw",
+        metadata={
+            "help": "How importance enters the matching score: raw = added as is (the "
+            "authors' form; a ~1/N attention row); standard = standardised per image over "
+            "the mergeable tokens (zero mean, unit deviation), times importance_weight. The "
+            "ensemble weights always use the raw importance (guidance='text': none)."
+        },
+    )
+    importance_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Coefficient of the importance in the matching score (raw: multiplies "
+            "the raw row; standard: multiplies the standardised row). 0 = similarity only."
+        },
+    )
+    max_sources_per_destination: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hub guard for complete_graph matching: the most sources one destination "
+            "absorbs in one layer (extra sources move to their next most similar destination "
+            "with room; token counts unchanged). None = no cap (the authors' rule). "
+            "Bipartite (ToMe) matching ignores it."
+        },
+    )
+    hub_guard: Literal["defer", "rematch"] = field(
+        default="defer",
+        metadata={
+            "help": "What the hub guard does with a source beyond a destination's cap: defer = "
+            "it is not merged this layer and the next candidate by score goes instead; "
+            "rematch = it merges into its next most similar destination with room."
         },
     )
     proportional_attention: bool = field(
@@ -179,6 +223,26 @@ class CrossGETConfig:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
         if self.matching not in MATCHING_MODES:
             raise ValueError(f"matching must be one of {MATCHING_MODES}, got {self.matching!r}")
+        if self.importance_norm not in IMPORTANCE_NORMS:
+            raise ValueError(
+                f"importance_norm must be one of {IMPORTANCE_NORMS}, got {self.importance_norm!r}"
+            )
+        if (
+            isinstance(self.importance_weight, bool)
+            or not isinstance(self.importance_weight, int | float)
+            or not math.isfinite(self.importance_weight)
+            or self.importance_weight < 0
+        ):
+            raise ValueError(
+                f"importance_weight must be a finite number >= 0, got {self.importance_weight!r}"
+            )
+        if self.hub_guard not in HUB_GUARDS:
+            raise ValueError(f"hub_guard must be one of {HUB_GUARDS}, got {self.hub_guard!r}")
+        cap = self.max_sources_per_destination
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(
+                f"max_sources_per_destination must be an int >= 1 or None (no cap), got {cap!r}"
+            )
         if self.matching == "bipartite" and self.guidance not in ("none", "cross"):
             raise ValueError("bipartite (ToMe) matching takes no importance; use guidance='none'")
         if self.first_merge_layer < 0:

@@ -21,12 +21,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HUB_GUARDS",
+    "HUB_GUARD_ROUNDS",
     "Matching",
     "bipartite_matching",
     "complete_graph_matching",
     "max_merge_count",
     "proportional_attention_bias",
 ]
+
+
+# Proposal rounds of the hub guard before its fallback (a bound on rounds, not on tokens).
+HUB_GUARD_ROUNDS = 8
+HUB_GUARDS: tuple[str, ...] = ("defer", "rematch")
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,10 @@ def complete_graph_matching(
     r: int,
     importance: Tensor | None = None,
     protected: Tensor | None = None,
+    *,
+    max_sources_per_destination: int | None = None,
+    max_rounds: int = HUB_GUARD_ROUNDS,
+    hub_guard: str = "defer",
 ) -> Matching:
     """CrossGET's complete-graph soft matching (CGSM) over all token pairs.
 
@@ -263,8 +274,26 @@ def complete_graph_matching(
     scores (redundant and unimportant) become sources; every other unprotected token is a
     destination.  Ties everywhere go to the lower token index so that results do not depend
     on the sort kernel.  ``r`` is clamped to half of the unprotected tokens.
+
+    ``max_sources_per_destination`` (the hub guard, ``None`` = the authors' rule) caps how many
+    sources one destination absorbs in this layer: sources stay the same ``r`` tokens, and
+    those beyond a destination's cap move to their next most similar destination with room
+    (``hub_guard="rematch"``, :func:`_capped_destinations`, parallel rounds; ``max_rounds``
+    bounds them), or (``hub_guard="defer"``, :func:`_deferred_matching`) are not merged in
+    this layer and the next candidates by score take their place.
     """
     _check_inputs(metric, r, importance, protected)
+    if max_sources_per_destination is not None and (
+        not isinstance(max_sources_per_destination, int) or max_sources_per_destination < 1
+    ):
+        raise ValueError(
+            "max_sources_per_destination must be an int >= 1 or None (no cap), got "
+            f"{max_sources_per_destination!r}"
+        )
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    if hub_guard not in HUB_GUARDS:
+        raise ValueError(f"hub_guard must be one of {HUB_GUARDS}, got {hub_guard!r}")
     batch, n, _ = metric.shape
     device = metric.device
     r = _clamped_r(r, protected, n)
@@ -296,15 +325,124 @@ def complete_graph_matching(
         score = score + importance.to(sim.dtype)
     if protected is not None:
         score = score.masked_fill(protected, torch.inf)
-    src_idx = torch.sort(score, dim=1, stable=True).indices[:, :r]
+    by_score = torch.sort(score, dim=1, stable=True).indices
+    if max_sources_per_destination is not None and hub_guard == "defer":
+        unprotected = n if protected is None else int((~protected).sum(dim=1).min().item())
+        return _deferred_matching(sim, by_score, r, unprotected, max_sources_per_destination)
+    src_idx = by_score[:, :r]
 
     is_source = torch.zeros(batch, n, dtype=torch.bool, device=device)
     is_source.scatter_(1, src_idx, True)
+    if max_sources_per_destination is not None:
+        dst_idx = _capped_destinations(
+            sim, src_idx, is_source, max_sources_per_destination, max_rounds
+        )
+        return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
     src_sim = Matching._rows(sim, src_idx)  # [B, r, N]
     # Sources and protected columns are already excluded by the masks; argmax returns the
     # first (lowest-index) maximum, which is the tie rule.
     src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
     dst_idx = src_sim.argmax(dim=-1)
+    return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
+
+
+def _capped_destinations(
+    sim: Tensor, src_idx: Tensor, is_source: Tensor, max_sources: int, max_rounds: int
+) -> Tensor:
+    """Assign each source to a destination that takes at most ``max_sources`` per layer.
+
+    Parallel proposal rounds (a loop over rounds, never over tokens): every unassigned
+    source proposes to its most similar destination that still has room; a destination
+    accepts, among its proposers, the most similar ones up to its remaining room (ties: the
+    source listed first in ``src_idx``, i.e. the lower score); rejected sources propose again
+    in the next round.  Every round places at least one source and the destinations' room
+    (``max_sources`` times at least ``r`` destinations) always suffices, so all sources are
+    placed within ``r`` rounds; after ``max_rounds`` any source still unplaced takes its most
+    similar destination with room, even if several choose the same one (rare: the cap may be
+    exceeded there).  The set of sources never changes, so ``r`` is met exactly.
+    """
+    batch, r = src_idx.shape
+    n = sim.shape[-1]
+    device = sim.device
+    neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
+    src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
+    src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
+    load = torch.zeros(batch, n, dtype=torch.long, device=device)
+    dst_idx = torch.full((batch, r), -1, dtype=torch.long, device=device)
+    for _ in range(max_rounds):
+        pending = dst_idx < 0
+        if not bool(pending.any()):
+            return dst_idx
+        full = load >= max_sources  # [B, N]
+        options = src_sim.masked_fill(full[:, None, :], neg_inf)
+        choice = options.argmax(dim=-1)  # [B, r]; first maximum = lower index on ties
+        choice_sim = options.gather(2, choice[..., None])[..., 0]
+        proposing = pending & torch.isfinite(choice_sim)
+        # Rank the proposers of each destination by similarity, best first: sort by
+        # similarity (descending, stable so earlier sources win ties), then stably by
+        # destination; a proposer's rank is its place inside its destination's group.
+        key_dst = torch.where(proposing, choice, n)  # non-proposers sort last
+        by_sim = torch.sort(-choice_sim.masked_fill(~proposing, 0.0), dim=1, stable=True).indices
+        dst_sorted = key_dst.gather(1, by_sim)
+        by_dst = torch.sort(dst_sorted, dim=1, stable=True).indices
+        perm = by_sim.gather(1, by_dst)  # proposals grouped by destination, best first
+        grouped_dst = key_dst.gather(1, perm)
+        position = torch.arange(r, device=device).expand(batch, r)
+        new_group = torch.ones_like(grouped_dst, dtype=torch.bool)
+        new_group[:, 1:] = grouped_dst[:, 1:] != grouped_dst[:, :-1]
+        group_start = torch.where(new_group, position, 0).cummax(dim=1).values
+        rank_grouped = position - group_start
+        rank = torch.empty_like(rank_grouped).scatter_(1, perm, rank_grouped)
+        room = (max_sources - load).gather(1, choice.clamp_max(n - 1))
+        accept = proposing & (rank < room)
+        dst_idx = torch.where(accept, choice, dst_idx)
+        load = load.scatter_add(1, choice, accept.long())
+    pending = dst_idx < 0
+    if bool(pending.any()):
+        full = load >= max_sources
+        options = src_sim.masked_fill(full[:, None, :], neg_inf)
+        # A row with no room anywhere (impossible while r <= destinations) falls back to
+        # the plain argmax.
+        no_room = ~torch.isfinite(options.amax(dim=-1))
+        fallback = torch.where(no_room, src_sim.argmax(dim=-1), options.argmax(dim=-1))
+        dst_idx = torch.where(pending, fallback, dst_idx)
+    return dst_idx
+
+
+def _deferred_matching(
+    sim: Tensor, by_score: Tensor, r: int, unprotected: int, max_sources: int
+) -> Matching:
+    """Hub guard by deferral: a candidate whose destination is full is not merged this layer.
+
+    The ``M = min(2r, unprotected - r)`` lowest-score tokens are the candidates; every other
+    unprotected token is a destination.  Each candidate picks its most similar destination;
+    per destination the candidates with the lowest scores, up to ``max_sources``, are
+    accepted.  The ``r`` sources are the accepted candidates in score order; if fewer than
+    ``r`` are accepted, the lowest-score rejected ones fill up (merging into their choice
+    beyond the cap), so exactly ``r`` tokens go.  Candidates not taken stay as they are.
+    One parallel pass: sorts and gathers only.
+    """
+    batch, n = by_score.shape
+    device = sim.device
+    pool_size = min(2 * r, unprotected - r)
+    pool = by_score[:, :pool_size]  # [B, M] candidates, ascending score (never protected)
+    is_pool = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, pool, True)
+    pool_sim = sim.gather(1, pool[..., None].expand(-1, -1, n))  # protected already -inf
+    pool_sim = pool_sim.masked_fill(is_pool[:, None, :], -torch.inf)
+    choice = pool_sim.argmax(dim=-1)  # [B, M], first maximum on ties
+    # Rank of each candidate among those choosing the same destination, in score order:
+    # a stable sort by destination keeps the score order inside each group.
+    grouped = torch.sort(choice, dim=1, stable=True)
+    position = torch.arange(pool_size, device=device).expand(batch, pool_size)
+    new_group = torch.ones_like(grouped.values, dtype=torch.bool)
+    new_group[:, 1:] = grouped.values[:, 1:] != grouped.values[:, :-1]
+    group_start = torch.where(new_group, position, 0).cummax(dim=1).values
+    rank = torch.empty_like(position).scatter_(1, grouped.indices, position - group_start)
+    rejected = (rank >= max_sources).long()
+    # Accepted first (in score order), then the rejected (in score order) as fill.
+    picked = torch.sort(rejected * pool_size + position, dim=1).indices[:, :r]
+    src_idx = pool.gather(1, picked)
+    dst_idx = choice.gather(1, picked)
     return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
 
 

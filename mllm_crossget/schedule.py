@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 Schedule = tuple[int, ...]
-ScheduleMode = Literal["front", "even", "decreasing"]
-SCHEDULE_MODES: tuple[str, ...] = ("front", "even", "decreasing")
+ScheduleMode = Literal["front", "even", "decreasing", "geometric"]
+SCHEDULE_MODES: tuple[str, ...] = ("front", "even", "decreasing", "geometric")
 
 
 def _check_counts(num_tokens: int, num_protected: int) -> None:
@@ -81,8 +81,12 @@ def schedule_for_tokens(
 
     ``front`` merges as much as allowed as early as possible (fastest encoder, coarsest early
     features); ``even`` spreads the removals as equally as the per-layer caps allow;
-    ``decreasing`` removes linearly less in later layers (ToMe's decreasing schedule).  All
-    counts include the protected tokens, which never merge.
+    ``decreasing`` removes linearly less in later layers (ToMe's decreasing schedule);
+    ``geometric`` removes the same *fraction* of the unprotected tokens in every layer, so that
+    no layer merges a large share of its tokens (``even`` removes equal counts, so the last
+    layers merge the largest share: 42 % of the tokens in the last of 4 layers for 256 -> 64,
+    against 29 % in every layer with ``geometric``).  All counts include the protected
+    tokens, which never merge.
     """
     _check_counts(num_tokens, num_protected)
     if mode not in SCHEDULE_MODES:
@@ -111,9 +115,12 @@ def schedule_for_tokens(
         layers_left = num_layers - layer
         cap = min(max_merge_count(n, num_protected), remaining)
         later_weight = sum(weights[layer:])
-        want = (
-            cap if later_weight == 0 else min(cap, -(-remaining * weights[layer] // later_weight))
-        )
+        if mode == "geometric":
+            want = min(cap, _geometric_share(n - num_protected, remaining, layers_left))
+        elif later_weight == 0:
+            want = cap
+        else:
+            want = min(cap, -(-remaining * weights[layer] // later_weight))
         # Take more than the share when the later layers could not absorb the rest; taking
         # one more now never lowers what can be removed in total, so this stays feasible.
         while want < cap and remaining - want > max_removable(
@@ -126,6 +133,15 @@ def schedule_for_tokens(
     if remaining:
         raise RuntimeError(f"schedule planning left {remaining} tokens unmerged (a bug)")
     return tuple(schedule)
+
+
+def _geometric_share(unprotected: int, remaining: int, layers_left: int) -> int:
+    """Tokens to remove now so that each of the ``layers_left`` layers keeps the same fraction."""
+    if unprotected <= 0 or remaining <= 0:
+        return 0
+    target = unprotected - remaining
+    keep = unprotected * (target / unprotected) ** (1.0 / layers_left)
+    return unprotected - round(keep)
 
 
 def _mode_weights(mode: str, num_layers: int) -> list[int]:

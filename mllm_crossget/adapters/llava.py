@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import CrossGETConfig
 from ..cross_tokens import unwrap_cross_tokens
+from ..guidance import text_relevance
 from ..loss import symmetric_js_divergence
 from ..peers import FEATURE_METHODS, fastv
 from ..peers.encoder import reduce_after_encoder
@@ -240,6 +241,7 @@ def _llava_get_image_features(
     *,
     crossget_visual_tokens: Sequence[int] | None = None,
     crossget_query_offset: Tensor | None = None,
+    crossget_text_prompt: tuple[Tensor, Tensor] | None = None,
     **kwargs: Any,
 ) -> BaseModelOutputWithPooling:
     """Merged image features, one tensor per image (lengths may differ per image)."""
@@ -306,6 +308,13 @@ def _llava_get_image_features(
                 first_patches[index] = first[position]
             continue
             # --- end of peers ---
+        relevance = None
+        if crossget_text_prompt is not None:
+            relevance = _relevance_to_prompt(
+                self.multi_modal_projector,
+                crossget_text_prompt[0][indices],
+                crossget_text_prompt[1][indices],
+            )
         encoded = run_encoder(
             layers,
             hidden,
@@ -313,6 +322,7 @@ def _llava_get_image_features(
             has_cls=kind.has_cls,
             cross_offsets=unwrap_cross_tokens(self.crossget_tokens).vision_prompts,
             query_offset=query,
+            relevance=relevance,
         )
         selected = encoded.last_hidden_state
         first = encoded.first_patch
@@ -341,6 +351,44 @@ def _llava_get_image_features(
         first_patch=first_patches,  # type: ignore[arg-type]
         unreduced=unreduced,
     )
+
+
+def _relevance_to_prompt(projector: nn.Module, prompt: Tensor, mask: Tensor) -> Any:
+    """guidance='text': a layer's tokens -> their relevance to each image's own prompt [I, N].
+
+    The tokens go through the multimodal projector into the LLM's input space (the projector
+    is trained on the feature layer; earlier layers are an approximation) and are compared
+    with the prompt's input embeddings (``guidance.text_relevance``).  Nothing is learned.
+    """
+
+    def relevance(tokens: Tensor) -> Tensor:
+        with torch.no_grad():
+            projected = projector(tokens.detach())
+        return text_relevance(projected, prompt, mask)
+
+    return relevance
+
+
+def _text_prompt(
+    embeddings: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    image_token_id: int,
+    rows: Sequence[int],
+    query_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Each image's prompt as input embeddings [I, S, C] and which of them count [I, S]:
+    the text of the row its placeholders sit in (no placeholders, no padding; under
+    ``query_mask`` only the prompt, never a teacher-forced answer)."""
+    text = input_ids != image_token_id
+    if attention_mask is not None:
+        text = text & attention_mask.bool()
+    if query_mask is not None:
+        text = text & query_mask.bool()
+    index = torch.tensor(list(rows), dtype=torch.long, device=input_ids.device)
+    with torch.no_grad():
+        embeds = embeddings(input_ids.masked_fill(~text, 0)).detach()
+    return embeds[index], text[index]
 
 
 def _resolve_budgets(explicit: Sequence[int] | None, num_images: int) -> list[int | None]:
@@ -391,6 +439,11 @@ def _llava_forward(
             self.get_input_embeddings(), input_ids, attention_mask, image_token_id, query_mask
         )
         query_offset = tokens.query_offset(pooled[rows])
+    text_prompt = None
+    if runtime.config.guidance == "text" and runtime.config.merges_in_encoder:
+        text_prompt = _text_prompt(
+            self.get_input_embeddings(), input_ids, attention_mask, image_token_id, rows, query_mask
+        )
     # Under crossget.budget(...) the processor emitted each image's own budget; reading it
     # back from the placeholder runs stays right when generate() repeats images for beams.
     override = BUDGET_OVERRIDE.get()
@@ -407,6 +460,7 @@ def _llava_forward(
         crossget_query_offset=query_offset,
         # the tiled models' (LLaVA-NeXT, OneVision) inputs; LLaVA-1.5 ignores them
         **{key: kwargs[key] for key in ("image_sizes", "batch_num_images") if key in kwargs},
+        crossget_text_prompt=text_prompt,
     )
     produced = [f.shape[0] for f in outputs.pooler_output]
     if produced != lengths:

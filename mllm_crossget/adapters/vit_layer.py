@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..config import CrossGETConfig
-from ..guidance import cross_row_importance, mean_received_attention
+from ..guidance import cross_row_importance, mean_received_attention, standardized_importance
 from ..merge import Matching, bipartite_matching, complete_graph_matching
 
 __all__ = [
@@ -70,6 +70,10 @@ class EncoderPlan:
     guidance: str = "cross"
     proportional_attention: bool = True
     track_source: bool = False
+    importance_norm: str = "raw"
+    importance_weight: float = 1.0
+    max_sources_per_destination: int | None = None
+    hub_guard: str = "defer"
 
     @property
     def num_layers(self) -> int:
@@ -91,6 +95,10 @@ class EncoderPlan:
             guidance=config.guidance,
             proportional_attention=config.proportional_attention,
             track_source=config.track_source,
+            importance_norm=config.importance_norm,
+            importance_weight=config.importance_weight,
+            max_sources_per_destination=config.max_sources_per_destination,
+            hub_guard=config.hub_guard,
         )
 
 
@@ -308,8 +316,12 @@ def merging_block(
     plan: EncoderPlan,
     cross_offset: Tensor | None = None,
     training: bool = False,
+    relevance: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[TokenState, Matching | None]:
-    """Run one block on ``state``, merging ``r`` tokens after attention."""
+    """Run one block on ``state``, merging ``r`` tokens after attention.
+
+    ``relevance`` (text guidance) maps the visible tokens [B, N, C] to their relevance to each
+    image's own prompt [B, N]; it replaces the cross-token importance in the matching score."""
     hidden = state.hidden
     batch, num_visible, width = hidden.shape
     with_cross = state.cross is not None
@@ -352,10 +364,21 @@ def merging_block(
             )
             if need_probs:
                 importance = importance + mean_received_attention(probs, num_visible)
+        score_importance = importance
+        if plan.guidance == "text" and relevance is not None:
+            score_importance = relevance(visible)  # [B, N]: each image against its prompt
+        score_importance = _scaled_importance(score_importance, state.protected, plan)
         if plan.matching == "bipartite":
             matching = bipartite_matching(metric, r, protected=state.protected)
         else:
-            matching = complete_graph_matching(metric, r, importance, state.protected)
+            matching = complete_graph_matching(
+                metric,
+                r,
+                score_importance,
+                state.protected,
+                max_sources_per_destination=plan.max_sources_per_destination,
+                hub_guard=plan.hub_guard,
+            )
         visible, size = matching.merge(visible, state.size, importance)
         state = replace(
             state,
@@ -374,6 +397,17 @@ def merging_block(
     ), matching
 
 
+def _scaled_importance(
+    importance: Tensor | None, protected: Tensor, plan: EncoderPlan
+) -> Tensor | None:
+    """The importance term of the matching score: raw x weight, or standardised x weight."""
+    if importance is None:
+        return None
+    if plan.importance_norm == "standard":
+        return standardized_importance(importance, protected, plan.importance_weight)
+    return importance if plan.importance_weight == 1.0 else importance * plan.importance_weight
+
+
 # ------------------------------------------------------------------ Hugging Face layers
 
 
@@ -383,6 +417,7 @@ class LayerStep:
 
     r: int
     plan: EncoderPlan
+    relevance: Callable[[Tensor], Tensor] | None = None  # text guidance (see merging_block)
 
 
 def _merging_layer_forward(
@@ -407,6 +442,7 @@ def _merging_layer_forward(
         plan=crossget_step.plan,
         cross_offset=offset,
         training=self.training,
+        relevance=crossget_step.relevance,
     )
     if matching is None:
         empty = torch.empty(hidden_states.shape[0], 0, dtype=torch.long, device=size.device)
@@ -466,6 +502,7 @@ def run_encoder(
     cross_offsets: Tensor | None = None,
     query_offset: Tensor | None = None,
     attention_mask: Tensor | None = None,
+    relevance: Callable[[Tensor], Tensor] | None = None,
     **kwargs: Any,
 ) -> MergingEncoderOutput:
     """Run the first ``plan.num_layers`` (patched) layers, merging as planned.
@@ -476,7 +513,8 @@ def run_encoder(
     is a query for its own pooling attention after the last layer, in another space, and
     towers loaded without the head do not have it).  ``cross_offsets`` [L, C] are the learnable
     vision prompts ``P`` (one per layer); ``query_offset`` [B, 1, C] the prompt-conditioned
-    offset (query guidance); before each layer the cross token becomes
+    offset (query guidance); ``relevance`` maps a layer's tokens [B, N, C] to their relevance to
+    each image's own prompt [B, N] (text guidance, from the LLaVA adapter); before each layer the cross token becomes
     ``stopgrad(previous) + P_l (+ query offset)``.
     """
     if plan.num_layers > len(layers):
@@ -529,7 +567,7 @@ def run_encoder(
             protected,
             cross,
             offset,
-            crossget_step=LayerStep(plan.layer_r[index], plan),
+            crossget_step=LayerStep(plan.layer_r[index], plan, relevance),
         )
         if cross is not None:
             cross_states.append(cross[:, 0])
