@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,3 +281,25 @@ def test_attended_layer_equals_a_naive_float64_reference(tower: str) -> None:
     torch.testing.assert_close(hidden[0], expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(new_cross[0], expected_cross, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(hidden, masked)  # the image tokens did read the cross token
+
+
+# ------------------------------------------------------------------ the measuring script
+
+
+def test_cross_token_grad_script_measures_every_setting(
+    testbed: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    from eval.cross_token_grad import SETTINGS, main
+
+    out = tmp_path / "grad.json"
+    args = ["--model", str(model_dir), "--data", str(testbed), "--limit", "2", "--budget", "40"]
+    assert main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["budget"] == 40 and set(SETTINGS) <= set(result)
+    for name in SETTINGS:
+        row = result[name]
+        assert math.isfinite(row["loss"]) and row["T"] > 0
+        assert len(row["P_per_layer"]) == len(result["masked"]["P_per_layer"])
+    assert result["both"]["P"] > result["masked"]["P"]
+    with pytest.raises(SystemExit, match="no .*missing.*validation.json"):
+        main(["--model", str(model_dir), "--data", str(tmp_path / "missing")])
