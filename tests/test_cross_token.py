@@ -142,6 +142,14 @@ def test_the_cross_token_is_one_extra_visual_token_with_exact_counts() -> None:
     with torch.no_grad():
         projected = model.model.multi_modal_projector(last_cross)
     torch.testing.assert_close(per_image[:, 15], projected)
+    # FLOPs count it: the tower's work is the 15-token budget's, the LLM reads 16 tokens.
+    report, plain_report = crossget.flops_report(model), crossget.flops_report(plain)
+    assert report.visual_tokens == report.kept_tokens == 16
+    assert (report.vision, report.tokens_per_layer) == (
+        plain_report.vision,
+        plain_report.tokens_per_layer,
+    )
+    assert report.llm_prefill > plain_report.llm_prefill
     # An r budget: one more token than the same r without the option.
     r_model, _ = _build(CrossGETConfig(r=4, cross_token_to_llm=True))
     r_plain, _ = _build(CrossGETConfig(r=4))
