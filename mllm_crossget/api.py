@@ -107,6 +107,12 @@ def apply(
             f"guidance='text' compares visual tokens with the prompt in a LLaVA LLM's input "
             f"space; {family.name} has no such prompt: use guidance='cross' or 'none'"
         )
+    if config.cross_token_to_llm and family.name != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"cross_token_to_llm hands the vision cross token to a LLaVA-1.5 LLM (one tower "
+            f"pass per image); {family.name} does not support it: set cross_token_to_llm=False "
+            "(cross_token_attended works with every family)"
+        )
     family.check(model, config)
     planner = family.planner(model, config)
     planner.visual_tokens(*family.image_size(model))  # validate the budget now

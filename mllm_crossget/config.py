@@ -128,6 +128,26 @@ class CrossGETConfig:
     proportional_attention: bool = field(
         default=True, metadata={"help": "Add log(token size) to attention logits."}
     )
+    cross_token_attended: bool = field(
+        default=False,
+        metadata={
+            "help": "The image tokens attend to the vision cross token as a key (a full member "
+            "of the attention, as in the authors' code; its size is 1, so proportional "
+            "attention adds log(1) = 0); it is still never merged. False = it only reads (its "
+            "key masked): training-free it is exactly CLS, and the LM loss reaches the vision "
+            "prompts P only through the ensemble weights. Needs a cross-token guidance "
+            "(cross, attention, query); the cross token then runs even when nothing merges."
+        },
+    )
+    cross_token_to_llm: bool = field(
+        default=False,
+        metadata={
+            "help": "LLaVA-1.5: hand the vision cross token's final state to the LLM as one "
+            "extra visual token per image, after the image tokens (through the projector). A "
+            "visual_tokens budget counts it (the LLM still receives exactly K tokens per "
+            "image: K - 1 image tokens and the cross token). Needs a cross-token guidance."
+        },
+    )
     first_merge_layer: int = field(
         default=0, metadata={"help": "Index of the first encoder layer allowed to merge."}
     )
@@ -245,6 +265,16 @@ class CrossGETConfig:
             )
         if self.matching == "bipartite" and self.guidance not in ("none", "cross"):
             raise ValueError("bipartite (ToMe) matching takes no importance; use guidance='none'")
+        for name in ("cross_token_attended", "cross_token_to_llm"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            if value and not self.uses_cross_token:
+                raise ValueError(
+                    f"{name}=True needs the vision cross token: method='crossget' with guidance "
+                    f"'cross', 'attention' or 'query' (got method={self.method!r}, "
+                    f"guidance={self.guidance!r}); set {name}=False or change the guidance"
+                )
         if self.first_merge_layer < 0:
             raise ValueError(f"first_merge_layer must be >= 0, got {self.first_merge_layer}")
         if self.alignment_weight < 0:

@@ -70,9 +70,8 @@ def _vision_flops(
     counts = []
     overhead = 0
     schedule = layer_r if layer_r else (0,) * layers_run
-    merging = any(schedule)
     for r in schedule:
-        t = n + (1 if cross_token and merging else 0)
+        t = n + (1 if cross_token else 0)
         total += 4 * 2 * t * width * width  # q, k, v, out projections
         total += 2 * 2 * t * t * width  # QK^T and AV
         removed = min(r, (n - prefix) // 2)
@@ -81,7 +80,7 @@ def _vision_flops(
             if cross_token:
                 overhead += 2 * heads * n * head_dim  # cross token's attention row
         n -= removed
-        t = n + (1 if cross_token and merging else 0)
+        t = n + (1 if cross_token else 0)
         total += 2 * 2 * t * width * inner  # MLP
         counts.append(n)
     return total + overhead, tuple(counts), overhead
@@ -134,8 +133,11 @@ def flops_report(
         layer_r = planner.layer_r(n, visual_tokens)
         layers_run = planner.layers_run
         dropped = planner.dropped_tokens
-        cross = crossget.uses_cross_token and any(layer_r)
+        cross = crossget.uses_cross_token and (
+            any(layer_r) or crossget.cross_token_attended or crossget.cross_token_to_llm
+        )
         visual = output_tokens(n, layer_r, planner.num_protected) - dropped
+        visual += planner.extra_tokens  # cross_token_to_llm: the cross token reaches the LLM
     else:
         # The unpatched tower runs every layer, also those past the feature layer.
         layers_run = vision_config.num_hidden_layers

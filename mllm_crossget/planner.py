@@ -23,7 +23,10 @@ class TowerPlanner:
     ``layers_run`` is how many encoder layers produce the used features (LLaVA: up to
     ``vision_feature_layer``); ``dropped_tokens`` is how many leading tokens of the encoder
     output do not count as visual tokens (1 when LLaVA drops CLS, else 0).  CLS is the only
-    protected token (the cross token lives outside the sequence).
+    protected token (the cross token lives outside the sequence).  With
+    ``config.cross_token_to_llm`` the LLM also receives the cross token after each image's
+    tokens: every visual-token count here includes it (:attr:`extra_tokens`), and a
+    ``visual_tokens`` budget K merges down to K - 1 image tokens.
     """
 
     config: CrossGETConfig
@@ -31,6 +34,11 @@ class TowerPlanner:
     layers_run: int
     dropped_tokens: int = 1
     num_protected: int = 1
+
+    @property
+    def extra_tokens(self) -> int:
+        """Visual tokens per image beyond the encoder's (1: the cross token, handed over)."""
+        return 1 if self.config.cross_token_to_llm and self.config.uses_cross_token else 0
 
     @property
     def merge_layers(self) -> int:
@@ -42,7 +50,8 @@ class TowerPlanner:
     def visual_range(self, num_tokens: int) -> tuple[int, int]:
         """Smallest and largest reachable visual-token counts for this tower."""
         floor = num_tokens - max_removable(num_tokens, self.merge_layers, self.num_protected)
-        return floor - self.dropped_tokens, num_tokens - self.dropped_tokens
+        shift = self.extra_tokens - self.dropped_tokens
+        return max(floor + shift, 1), num_tokens + shift
 
     def layer_r(self, num_tokens: int, visual_tokens: int | None = None) -> tuple[int, ...]:
         config = self.config
@@ -58,14 +67,15 @@ class TowerPlanner:
                     f"visual_tokens={visual_tokens} is outside [1, {high}]: this tower yields "
                     f"{high} visual tokens per image before merging"
                 )
-            if visual_tokens < low:
+            if visual_tokens < low or visual_tokens - self.extra_tokens + self.dropped_tokens < 1:
+                cross = " (one of them the cross token)" if self.extra_tokens else ""
                 raise ValueError(
                     f"visual_tokens={visual_tokens} is impossible: {self.merge_layers} merging "
-                    f"layers can reach at least {low} visual tokens (each layer merges at most "
-                    f"half of the tokens); choose visual_tokens in [{low}, {high}] or lower "
-                    "first_merge_layer"
+                    f"layers can reach at least {low} visual tokens{cross} (each layer merges "
+                    f"at most half of the tokens); choose visual_tokens in [{low}, {high}] or "
+                    "lower first_merge_layer"
                 )
-            target = visual_tokens + self.dropped_tokens
+            target = visual_tokens - self.extra_tokens + self.dropped_tokens
             return lead + schedule_for_tokens(
                 num_tokens, target, self.merge_layers, self.num_protected, config.schedule
             )
@@ -108,7 +118,8 @@ class TowerPlanner:
             return full if self.config.method == "fastv" else kept
         num_tokens = self.input_tokens(height, width)
         schedule = self.layer_r(num_tokens, visual_tokens)
-        return output_tokens(num_tokens, schedule, self.num_protected) - self.dropped_tokens
+        merged = output_tokens(num_tokens, schedule, self.num_protected)
+        return merged - self.dropped_tokens + self.extra_tokens
 
     def kept_tokens(self, height: int, width: int, visual_tokens: int | None = None) -> int:
         """Tokens per image after reduction (FastV: from its pruning layer on), validated.

@@ -330,6 +330,10 @@ def _llava_get_image_features(
             first = torch.arange(selected.shape[1], device=selected.device).expand(len(indices), -1)
         if drop_first:
             selected, first = selected[:, 1:], first[:, 1:] - 1
+        if plan.cross_token_to_llm and encoded.cross_states:
+            selected, first = _append_cross_token(
+                selected, first, encoded.cross_states[-1], unreduced[indices[0]]
+            )
         projected = self.multi_modal_projector(selected)
         for position, index in enumerate(indices):
             features[index] = projected[position]
@@ -351,6 +355,17 @@ def _llava_get_image_features(
         first_patch=first_patches,  # type: ignore[arg-type]
         unreduced=unreduced,
     )
+
+
+def _append_cross_token(
+    selected: Tensor, first: Tensor, cross: Tensor, unreduced: int
+) -> tuple[Tensor, Tensor]:
+    """``cross_token_to_llm``: the cross token's final state [I, C] becomes one more visual
+    token after the image tokens.  Under ``llm_positions='original'`` it sits at the last
+    patch's position of the unreduced run (text keeps its distance to the image)."""
+    selected = torch.cat([selected, cross[:, None].to(selected.dtype)], dim=1)
+    last = first.new_full((first.shape[0], 1), unreduced - 1)
+    return selected, torch.cat([first, last], dim=1)
 
 
 def _relevance_to_prompt(projector: nn.Module, prompt: Tensor, mask: Tensor) -> Any:

@@ -9,7 +9,9 @@ the MLP branch with its norm and layer scale, the softmax scale and the attentio
 
 * the cross token (when ``state.cross`` is set) becomes ``stopgrad(cross) + offset``, reads
   every attendable token with its own query row (that row is the importance) and is masked
-  out as a key, so it never changes the other tokens;
+  out as a key, so it never changes the other tokens; with ``plan.cross_token_attended`` it is
+  a full member of the attention instead (a key of size 1, bias ``log 1 = 0``, that also reads
+  itself; causal towers keep it masked, it has read their future), still never merged;
 * proportional attention: ``log(size)`` of each key as a float additive mask;
 * the merge runs after attention, on the keys' head mean as the metric; sizes, protected
   flags and positions follow the matching, and the MLP runs on the merged sequence.
@@ -74,6 +76,8 @@ class EncoderPlan:
     importance_weight: float = 1.0
     max_sources_per_destination: int | None = None
     hub_guard: str = "defer"
+    cross_token_attended: bool = False
+    cross_token_to_llm: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -85,7 +89,11 @@ class EncoderPlan:
 
     @property
     def uses_cross_token(self) -> bool:
-        return self.merges and self.guidance in ("cross", "attention", "query")
+        """The cross token runs when a layer merges, and always when it is part of the model
+        (attended by the image tokens or handed to the LLM), so those outputs never depend on
+        whether this budget merges."""
+        runs = self.merges or self.cross_token_attended or self.cross_token_to_llm
+        return runs and self.guidance in ("cross", "attention", "query")
 
     @classmethod
     def from_config(cls, config: CrossGETConfig, layer_r: Sequence[int]) -> EncoderPlan:
@@ -99,6 +107,8 @@ class EncoderPlan:
             importance_weight=config.importance_weight,
             max_sources_per_destination=config.max_sources_per_destination,
             hub_guard=config.hub_guard,
+            cross_token_attended=config.cross_token_attended,
+            cross_token_to_llm=config.cross_token_to_llm,
         )
 
 
@@ -272,20 +282,27 @@ class TokenState:
 
 
 def _attention_mask(
-    state: TokenState, with_cross: bool, proportional: bool, dtype: torch.dtype
+    state: TokenState,
+    with_cross: bool,
+    proportional: bool,
+    dtype: torch.dtype,
+    cross_attended: bool = False,
 ) -> Tensor | None:
     """Additive mask ``[B, 1, 1 or T, T]``: ``log(size)`` per key, ``-inf`` for keys that may
-    not be attended (padding, the cross token, causal future)."""
+    not be attended (padding, the cross token unless ``cross_attended``, causal future).  An
+    attended cross token is one token of size 1: its bias is ``log 1 = 0``."""
     size = state.size
     batch, n = size.shape
-    if state.position is None and state.key_valid is None and not proportional and not with_cross:
+    masks_cross = with_cross and not cross_attended
+    if state.position is None and state.key_valid is None and not proportional and not masks_cross:
         return None
     key_bias = size.log() if proportional else torch.zeros_like(size)
     if state.key_valid is not None:
         key_bias = key_bias.masked_fill(~state.key_valid, -torch.inf)
     if state.position is None:
         if with_cross:
-            key_bias = torch.cat([key_bias, key_bias.new_full((batch, 1), -torch.inf)], dim=1)
+            cross_bias = 0.0 if cross_attended else -torch.inf
+            key_bias = torch.cat([key_bias, key_bias.new_full((batch, 1), cross_bias)], dim=1)
         return key_bias[:, None, None, :].to(dtype)
     position = state.position
     allowed = position[:, None, :] <= position[:, :, None]  # [B, query, key]
@@ -332,7 +349,9 @@ def merging_block(
             cross_in = cross_in + cross_offset.to(cross_in.dtype)
         sequence = torch.cat([hidden, cross_in], dim=1)
     query, key, value = ops.qkv(ops.norm1(sequence))
-    mask = _attention_mask(state, with_cross, plan.proportional_attention, query.dtype)
+    mask = _attention_mask(
+        state, with_cross, plan.proportional_attention, query.dtype, plan.cross_token_attended
+    )
     dropout = ops.dropout if training else 0.0
     need_probs = r > 0 and plan.guidance == "attention"
     probs = None
@@ -519,7 +538,7 @@ def run_encoder(
     """
     if plan.num_layers > len(layers):
         raise ValueError(f"plan runs {plan.num_layers} layers, encoder has {len(layers)}")
-    if not plan.merges:
+    if not plan.merges and not plan.uses_cross_token:
         # The original layers through __call__, so output-capture hooks still fire.
         hidden = inputs_embeds
         for layer in layers[: plan.num_layers]:
