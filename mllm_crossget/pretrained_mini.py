@@ -556,6 +556,63 @@ def attach_trained(model: Any, folder: Path) -> Any:
     return model
 
 
+def tiny_stand_in(image_size: int = 28, seed: int = 0) -> tuple[Any, Any]:
+    """A tiny random model with pretrained-mini's exact structure (Dinov2 tower, Llama LLM,
+    ChatML tokenizer with ``<image>``, the same processor), for tests and smoke runs: no
+    download. The tokenizer is byte-level (any text encodes) with SmolLM2's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate([*specials, *sorted(alphabet)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    torch.manual_seed(seed)
+    tower = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=42,
+            patch_size=PATCH_SIZE,
+        )
+    ).eval()
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer) + 1,  # room for <image>
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    model = assemble(tower, llm, tokenizer, seed=seed)
+    return model, build_processor(tokenizer, image_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mllm_crossget.pretrained_mini [--force]``: fetch, convert, assemble."""
     import argparse
