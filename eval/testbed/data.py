@@ -957,6 +957,9 @@ def _fashion_pool(folder: str, pool: str) -> tuple[np.ndarray, dict[int, np.ndar
     if pool != "train":
         index = index[index % 2 == (0 if pool == "validation" else 1)]
     by_label = {label: index[labels[index] == label] for label in range(len(FASHION_CLASSES))}
+    empty = [FASHION_CLASSES[label] for label, found in by_label.items() if not len(found)]
+    if empty:
+        raise ValueError(f"{root}: the {pool} photos have no {', '.join(empty)}")
     return images, by_label
 
 
