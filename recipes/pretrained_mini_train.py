@@ -40,6 +40,7 @@ from mllm_crossget.pretrained_mini import (
     ADAPTER_DIR,
     PROJECTOR_FILE,
     SMOLLM_SYSTEM,
+    attach_trained,
     load_pretrained_mini,
     visual_tokens,
 )
@@ -430,8 +431,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="module:function returning (model, processor) instead of the converted "
         "pretrained-mini (tests use tiny random stand-ins)",
     )
+    parser.add_argument(
+        "--evaluate",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="do not train: evaluate a stage-1 checkpoint (full model), a stage-2 checkpoint "
+        "(LoRA adapter + projector), a final/ folder, or 'base' (untrained projector) on "
+        "--eval-split; results go to --output-dir/evals/",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, Any]:
+    """pretrained-mini with the weights of a run's checkpoint or final folder (LoRA merged)."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = args.evaluate
+    model, processor = _load_model(args)
+    if str(path) == "base":
+        return model, processor
+    if (path / PROJECTOR_FILE).is_file():
+        return attach_trained(model, path).eval(), processor
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval(), processor
+    if (path / "config.json").is_file():
+        trained = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model.load_state_dict(trained.state_dict(), strict=True)
+        return model.eval(), processor
+    raise PretrainedMiniTrainError(
+        f"{path} is neither a checkpoint (config.json or adapter_config.json) nor a final/ "
+        f"folder ({PROJECTOR_FILE})"
+    )
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, processor = load_for_evaluation(args)
+    results = evaluate(
+        model,
+        processor,
+        args.data,
+        args.eval_split,
+        args.eval_per_family,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
+    results["weights"] = str(args.evaluate)
+    name = "-".join(args.evaluate.parts[-2:]) if str(args.evaluate) != "base" else "base"
+    path = args.output_dir / "evals" / f"{name}-{args.eval_split}.json"
+    write_json_atomic(path, results, indent=1)
+    print(format_results(results))
+    print(f"-> {path}")
+    return results
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -617,6 +673,9 @@ def _trained_projector(peft_model: Any) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.evaluate is not None:
+            evaluate_checkpoint(args)
+            return 0
         train(args)
     except PretrainedMiniTrainError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -226,6 +226,17 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     assert stage2["resumed_from"].endswith("checkpoint-2")
     assert recipe.main([*argv, "--resume", "--stage2-steps", "3"]) == 2  # other settings
 
+    # checkpoints of both stages and the final folder evaluate (stage 1: full model)
+    for weights in ("stage1/checkpoint-2", "stage2/checkpoint-2", "final"):
+        assert recipe.main([*argv, "--evaluate", str(out / weights)]) == 0
+        name = "-".join(Path(weights).parts[-2:]) if "/" in weights else f"run-{weights}"
+        evaluated = json.loads((out / "evals" / f"{name}-validation.json").read_text())
+        assert evaluated["n"] == 7
+    final_eval = json.loads((out / "evals" / "run-final-validation.json").read_text())
+    assert [r["prediction"] for r in final_eval["predictions"]] == [
+        r["prediction"] for r in results["predictions"]
+    ]  # the saved final folder answers as the model did right after training
+
     # the trained projector and LoRA load onto a fresh stand-in
     model, processor = pm.tiny_stand_in(28)
     trained = pm.attach_trained(model, out / "final")
