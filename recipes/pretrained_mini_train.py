@@ -164,15 +164,16 @@ def tower_features(model: Any, pixel_values: torch.Tensor, bf16: bool) -> torch.
 
 def cached_features(
     model: Any,
-    pixels: torch.Tensor,
+    examples: Sequence[ImageExample],
     image_processor: Any,
     folder: Path,
     bf16: bool = True,
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """(N, P, C) bf16 tower features of every cached image, computed in shards of `SHARD`
-    images saved under `folder` (atomic), so an interrupted run keeps what it computed."""
+    """(N, P, C) bf16 tower features of every image, computed in shards of `SHARD` images
+    saved under `folder` (atomic), so an interrupted run keeps what it computed; images are
+    decoded only for the shards still missing."""
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,16 +184,17 @@ def cached_features(
     tower.eval()
     shards = []
     try:
-        starts = range(0, len(pixels), SHARD)
+        starts = range(0, len(examples), SHARD)
         for start in tqdm(starts, desc="caching tower features", disable=not progress):
-            end = min(start + SHARD, len(pixels))
+            end = min(start + SHARD, len(examples))
             path = folder / f"{start:07d}-{end:07d}.pt"
             if path.is_file():
                 shards.append(torch.load(path))
                 continue
+            pixels = cache_pixels(examples[start:end], image_processor, progress=False)
             parts = []
-            for first in range(start, end, batch_size):
-                batch = pixels[first : min(first + batch_size, end)]
+            for first in range(0, len(pixels), batch_size):
+                batch = pixels[first : first + batch_size]
                 values = normalize_pixels(batch, mean, std, rescale)
                 parts.append(tower_features(model, values, bf16).to(torch.bfloat16))
             shard = torch.cat(parts)
@@ -611,19 +613,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         examples = examples[: args.limit_images]
     n_tokens = visual_tokens(args.image_size)
     progress = not args.no_progress
-    pixels = cache_pixels(examples, processor.image_processor, progress=progress)
     dataset = ChatPackedDataset(
         examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
     )
     features_dir = output_dir / FEATURES_DIR / f"{args.split}-{args.image_size}"
     dataset.vision_features = cached_features(
-        model, pixels, processor.image_processor, features_dir, args.bf16, progress=progress
+        model, examples, processor.image_processor, features_dir, args.bf16, progress=progress
     )
     if dataset.vision_features.shape[1] != n_tokens:
         raise PretrainedMiniTrainError(
             f"the tower gives {dataset.vision_features.shape[1]} tokens, expected {n_tokens}"
         )
-    del pixels
     collator = collator_for(processor)
     n_questions = sum(len(e.turns) for e in examples)
     print(f"{len(examples)} images, {n_questions} questions, {n_tokens} visual tokens each")
