@@ -167,7 +167,7 @@ def cached_features(
     examples: Sequence[ImageExample],
     image_processor: Any,
     folder: Path,
-    bf16: bool = True,
+    bf16: bool = False,
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -274,7 +274,7 @@ def answer_questions(
     images: Sequence[Any],
     questions: Sequence[str],
     max_new_tokens: int = 6,
-    bf16: bool = True,
+    bf16: bool = False,
 ) -> list[str]:
     """Greedy answers to single-turn chat prompts (left padded), first line, lower case."""
     tokenizer = processor.tokenizer
@@ -313,7 +313,7 @@ def evaluate(
     split: str,
     limit_per_family: int = 0,
     batch_size: int = 8,
-    bf16: bool = True,
+    bf16: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Per-family exact-match accuracy beside kind-aware chance on `split` (the first
@@ -413,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (stage 2)")
     parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on this CPU)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast; only on hardware with bf16 kernels (GPU, CPU with AVX512-BF16/AMX): "
+        "elsewhere a bf16 matmul is ~100x slower than fp32",
+    )
     parser.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=5, help="log the loss every N")
     parser.add_argument("--seed", type=int, default=0, help="seed of order, LoRA init, dropout")
