@@ -28,7 +28,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class ChatPackedDataset(torch.utils.data.Dataset):
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
         self.vision_features: torch.Tensor | None = None
+        self.feature_source: Callable[[int], torch.Tensor] | None = None
         self.pixels: torch.Tensor | None = None
 
         def ids(text: str) -> list[int]:
@@ -139,6 +140,8 @@ class ChatPackedDataset(torch.utils.data.Dataset):
         item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         if self.vision_features is not None:
             item[VISION_FEATURES_KEY] = self.vision_features[image_index]
+        elif self.feature_source is not None:
+            item[VISION_FEATURES_KEY] = self.feature_source(image_index)
         elif self.pixels is not None:
             item["pixels"] = self.pixels[image_index]
         else:
@@ -160,6 +163,39 @@ def tower_features(model: Any, pixel_values: torch.Tensor, bf16: bool) -> torch.
     if config.vision_feature_select_strategy == "default":
         features = features[:, 1:]
     return features
+
+
+class LazyTowerFeatures:
+    """Tower features of image i, computed the first time a batch needs it and kept (bf16).
+
+    When the LLM dominates a step (pretrained-mini at 224 px: the tower is ~1 % of a packed
+    conversation's compute) and a run sees only part of the images, computing on demand costs
+    less than a full pass up front and training starts at once; every image still goes through
+    the tower only once per process."""
+
+    def __init__(
+        self, model: Any, examples: Sequence[ImageExample], image_processor: Any, bf16: bool
+    ) -> None:
+        self.tower = model.model.vision_tower
+        self.config = model.config
+        self.model = model
+        self.examples = examples
+        self.image_processor = image_processor
+        self.bf16 = bf16
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, index: int) -> torch.Tensor:
+        if index not in self.cache:
+            image = self.examples[index].load_image().convert("RGB")
+            pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            was_training = self.tower.training
+            self.tower.eval()
+            try:
+                features = tower_features(self.model, pixel_values, self.bf16)
+            finally:
+                self.tower.train(was_training)
+            self.cache[index] = features[0].to(torch.bfloat16)
+        return self.cache[index]
 
 
 def cached_features(
@@ -410,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation")
     parser.add_argument("--warmup", type=float, default=0.03, help="warmup ratio (<1) or steps")
     parser.add_argument("--max-turns", type=int, default=0, help="questions per conversation")
+    parser.add_argument(
+        "--feature-cache",
+        choices=("lazy", "all"),
+        default="lazy",
+        help="frozen-tower features: computed when an image is first used and kept in memory "
+        "(lazy), or for every image up front, saved in shards under OUT/features/ (all)",
+    )
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (stage 2)")
     parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
@@ -621,13 +664,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = ChatPackedDataset(
         examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
     )
-    features_dir = output_dir / FEATURES_DIR / f"{args.split}-{args.image_size}"
-    dataset.vision_features = cached_features(
-        model, examples, processor.image_processor, features_dir, args.bf16, progress=progress
-    )
-    if dataset.vision_features.shape[1] != n_tokens:
+    if args.feature_cache == "all":
+        features_dir = output_dir / FEATURES_DIR / f"{args.split}-{args.image_size}"
+        dataset.vision_features = cached_features(
+            model, examples, processor.image_processor, features_dir, args.bf16, progress=progress
+        )
+        first = dataset.vision_features[0]
+    else:
+        dataset.feature_source = LazyTowerFeatures(
+            model, examples, processor.image_processor, args.bf16
+        )
+        first = dataset.feature_source(0)
+    if first.shape[0] != n_tokens:
         raise PretrainedMiniTrainError(
-            f"the tower gives {dataset.vision_features.shape[1]} tokens, expected {n_tokens}"
+            f"the tower gives {first.shape[0]} tokens, expected {n_tokens}"
         )
     collator = collator_for(processor)
     n_questions = sum(len(e.turns) for e in examples)

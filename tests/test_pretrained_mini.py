@@ -202,6 +202,7 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
         "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "2",
         "--save-steps", "1", "--logging-steps", "1", "--eval-per-family", "1",
         "--model-factory", "mllm_crossget.pretrained_mini:tiny_stand_in", "--no-progress",
+        "--feature-cache", "all",
     ]  # fmt: skip
     assert recipe.main(argv) == 0
     for stage in recipe.STAGES:
@@ -219,6 +220,7 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     # the same run again is refused; --resume skips stage 1 and resumes stage 2's checkpoint
     assert recipe.main(argv) == 2
     shards = sorted((out / "features").rglob("*.pt"))
+    assert shards
     before = [p.stat().st_mtime_ns for p in shards]
     assert recipe.main([*argv, "--resume"]) == 0
     assert [p.stat().st_mtime_ns for p in shards] == before  # features not recomputed
@@ -256,3 +258,20 @@ def recipe_families() -> tuple[str, ...]:
     from eval.testbed.data import FAMILIES
 
     return FAMILIES
+
+
+def test_lazy_features_equal_the_cached_pass(tmp_path: Path) -> None:
+    from recipes.pretrained_mini_train import LazyTowerFeatures, cached_features
+    from recipes.train import load_examples
+
+    model, processor = pm.tiny_stand_in(28)
+    examples = load_examples(_tiny_data(tmp_path), "train")
+    upfront = cached_features(
+        model, examples, processor.image_processor, tmp_path / "features", progress=False
+    )
+    lazy = LazyTowerFeatures(model, examples, processor.image_processor, bf16=False)
+    model.train()  # the Trainer's mode; the tower must still run as in eval
+    for index in (3, 0, 3):
+        assert torch.allclose(lazy(index).float(), upfront[index].float(), atol=1e-2)
+    assert sorted(lazy.cache) == [0, 3]
+    assert model.model.vision_tower.training  # mode restored
