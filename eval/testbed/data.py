@@ -44,6 +44,10 @@ FAMILIES: tuple[str, ...] = (
     "multiple_choice",
 )
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# Real product photos (Fashion-MNIST), opt-in: not in FAMILIES, so the seven procedural
+# families, their rotation and the reference model's vocabulary stay exactly as they were.
+FASHION = "fashion"
+ALL_FAMILIES: tuple[str, ...] = (*FAMILIES, FASHION)
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -68,6 +72,24 @@ CODE_LETTERS: tuple[str, ...] = ("k", "m", "x")
 CODE_DIGITS: tuple[str, ...] = ("3", "5", "8")
 CODES: tuple[str, ...] = tuple(letter + digit for letter in CODE_LETTERS for digit in CODE_DIGITS)
 YES_NO: tuple[str, ...] = ("yes", "no")
+# Fashion-MNIST's ten labels, in label order, as one lower-case word each.
+FASHION_CLASSES: tuple[str, ...] = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+)
+FASHION_PLURALS: dict[str, str] = {
+    name: name + ("es" if name.endswith("s") else "s") for name in FASHION_CLASSES
+}
+FASHION_COUNTS: tuple[str, ...] = ("0", "1", "2", "3", "4")
+FASHION_GRID = 3  # photos per row and per column
 LETTERS: tuple[str, ...] = ("a", "b", "c", "d")
 
 # Answer set of every (family, kind); a guesser that knows the kind picks uniformly from it.
@@ -84,6 +106,9 @@ KIND_ANSWERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("text", "count"): GRID_COUNTS,
     ("text", "code"): CODES,
     ("existence", "exists"): YES_NO,
+    (FASHION, "cell"): FASHION_CLASSES,
+    (FASHION, "count"): FASHION_COUNTS,
+    (FASHION, "exists"): YES_NO,
 }
 # Multiple-choice questions wrap these base kinds (each has at least four possible answers).
 MC_BASE_KINDS: tuple[str, ...] = (
@@ -105,6 +130,7 @@ FAMILY_ANSWERS: dict[str, tuple[str, ...]] = {
     "text": DIGITS + CODES,
     "existence": YES_NO,
     "multiple_choice": LETTERS,
+    FASHION: FASHION_CLASSES + FASHION_COUNTS + YES_NO,
 }
 
 PATCH_SIZE = 14
@@ -132,6 +158,9 @@ QUESTION_TEMPLATES: dict[tuple[str, str], str] = {
     ("text", "count"): "how many cells show the digit {digit}?",
     ("text", "code"): "what is the code?",
     ("existence", "exists"): "is there a {colour} {shape}?",
+    (FASHION, "cell"): "what is in row {row} column {column}?",
+    (FASHION, "count"): "how many {plural} are there?",
+    (FASHION, "exists"): "is there a {item}?",
 }
 MC_SUFFIX = " (a) {0} (b) {1} (c) {2} (d) {3}"
 
@@ -163,7 +192,7 @@ def _family_chance(family: str) -> float:
 # Accuracy of a guesser that knows the question kind and picks uniformly among that kind's
 # answers, under the balanced answer distribution of single-question images. Stricter than
 # 1/len(FAMILY_ANSWERS[family]) because e.g. a colour question never has a shape answer.
-CHANCE: dict[str, float] = {family: _family_chance(family) for family in FAMILIES}
+CHANCE: dict[str, float] = {family: _family_chance(family) for family in ALL_FAMILIES}
 
 
 def chance_by_family(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -178,15 +207,20 @@ def chance_by_family(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def vocabulary_words() -> list[str]:
-    """Every word a question, prompt or answer can contain, for the word-level tokenizer."""
+    """Every word a question, prompt or answer of the seven procedural families can contain,
+    for the reference model's word-level tokenizer (the fashion family is for sub-word
+    tokenizers and stays out, so the reference vocabulary is unchanged)."""
     words: set[str] = set()
-    for template in QUESTION_TEMPLATES.values():
-        words.update(_split_words(template))
+    for (family, _), template in QUESTION_TEMPLATES.items():
+        if family in FAMILIES:
+            words.update(_split_words(template))
     words.update(_split_words(MC_SUFFIX))
-    for answers in KIND_ANSWERS.values():
-        words.update(answers)
-    for answers in FAMILY_ANSWERS.values():
-        words.update(answers)
+    for (family, _), answers in KIND_ANSWERS.items():
+        if family in FAMILIES:
+            words.update(answers)
+    for family, answers in FAMILY_ANSWERS.items():
+        if family in FAMILIES:
+            words.update(answers)
     words.update(COLOURS + SHAPES + tuple(SHAPE_PLURALS.values()) + DIGITS)
     words.update(("user", "assistant", ":", "\n"))
     words.discard("\n")
@@ -859,6 +893,221 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, unit="q")
 
 
+# ----------------------------------------------------------------------------- fashion photos
+
+FASHION_DIR_ENV = "CROSSGET_FASHION_MNIST"
+DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES: dict[str, tuple[str, str]] = {
+    # pool -> (images, labels); validation and test split the official test set by parity
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_INSTALL_HINT = (
+    "install it with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu), or name a folder "
+    f"holding {FASHION_FILES['train'][0]}, {FASHION_FILES['test'][0]} and their label files with "
+    f"--fashion-dir or ${FASHION_DIR_ENV}"
+)
+
+
+class FashionDataMissing(FileNotFoundError):
+    """The Fashion-MNIST files are not where they were looked for; the message says the fix."""
+
+
+def fashion_dir(folder: str | os.PathLike[str] | None = None) -> Path:
+    """`folder`, else $CROSSGET_FASHION_MNIST, else the Debian package's folder."""
+    return Path(folder or os.environ.get(FASHION_DIR_ENV) or DEFAULT_FASHION_DIR)
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX file (gzip or plain): 4-byte magic, 4-byte big-endian sizes, then uint8 data."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: IDX magic {found}, expected {magic}")
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    if data.size != math.prod(shape):
+        raise ValueError(f"{path}: {data.size} bytes of data for shape {shape}")
+    return data.reshape(shape)
+
+
+@cache
+def _fashion_pool(folder: str, pool: str) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(images, indices by label) of one pool. train: the official training set; validation:
+    even, test: odd indices of the official test set, so no pool shares a photo."""
+    images_name, labels_name = FASHION_FILES[pool]
+    root = Path(folder)
+    paths = [root / images_name, root / labels_name]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FashionDataMissing(
+            f"Fashion-MNIST not found ({', '.join(missing)}); {FASHION_INSTALL_HINT}"
+        )
+    images = read_idx(paths[0], 2051)
+    labels = read_idx(paths[1], 2049)
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels")
+    index = np.arange(len(labels))
+    if pool != "train":
+        index = index[index % 2 == (0 if pool == "validation" else 1)]
+    by_label = {label: index[labels[index] == label] for label in range(len(FASHION_CLASSES))}
+    empty = [FASHION_CLASSES[label] for label, found in by_label.items() if not len(found)]
+    if empty:
+        raise ValueError(f"{root}: the {pool} photos have no {', '.join(empty)}")
+    return images, by_label
+
+
+def fashion_photo_ids(records: Sequence[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(pool file, photo index) of every photo drawn in `records` (for overlap checks)."""
+    ids: set[tuple[str, int]] = set()
+    for record in records:
+        meta = json.loads(record["meta"])
+        for cell in meta["cells"]:
+            ids.add((meta["source"], cell["photo"]))
+    return ids
+
+
+def _scene_fashion(
+    rng: random.Random, size: int, answer: str, kind: str, folder: str, pool: str
+) -> Scene:
+    """A 3x3 grid of real product photos; ask what is in a cell, how many of a class there are,
+    or whether a class is there (negatives: a class absent from this grid)."""
+    images, by_label = _fashion_pool(folder, pool)
+    n_cells = FASHION_GRID * FASHION_GRID
+    classes = list(range(len(FASHION_CLASSES)))
+    query = rng.choice(classes)
+    if kind == "cell":
+        query = FASHION_CLASSES.index(answer)
+    if kind == "count" or (kind == "exists" and answer == "no"):
+        hits = int(answer) if kind == "count" else 0
+        others = [c for c in classes if c != query]
+        grid = [query] * hits + [rng.choice(others) for _ in range(n_cells - hits)]
+        rng.shuffle(grid)
+    else:
+        grid = [rng.choice(classes) for _ in range(n_cells)]
+        grid[rng.randrange(n_cells)] = query  # cell / exists-yes: the class is there
+    target_cell = rng.choice([i for i, c in enumerate(grid) if c == query] or [0])
+
+    image, draw = _new_canvas(size)
+    cell = size // FASHION_GRID
+    margin = max(1, cell // 16)
+    photo_side = cell - 2 * margin
+    offset = (size - cell * FASHION_GRID) // 2
+    for k in range(1, FASHION_GRID):
+        draw.line((offset + k * cell, 0, offset + k * cell, size - 1), fill=GRID_LINE_RGB)
+        draw.line((0, offset + k * cell, size - 1, offset + k * cell), fill=GRID_LINE_RGB)
+    cells_meta = []
+    for position, label in enumerate(grid):
+        candidates = by_label[label]
+        photo = int(candidates[rng.randrange(len(candidates))])
+        row, column = divmod(position, FASHION_GRID)
+        x0 = offset + column * cell + margin
+        y0 = offset + row * cell + margin
+        tile = Image.fromarray(images[photo], mode="L").resize(
+            (photo_side, photo_side), Image.Resampling.BICUBIC
+        )
+        image.paste(tile.convert("RGB"), (x0, y0))
+        cells_meta.append(
+            {
+                "row": row + 1,
+                "column": column + 1,
+                "label": FASHION_CLASSES[label],
+                "photo": photo,
+                "box": [x0, y0, x0 + photo_side, y0 + photo_side],
+            }
+        )
+
+    def cell_question(index: int) -> Question:
+        row, column = divmod(index, FASHION_GRID)
+        text = QUESTION_TEMPLATES[(FASHION, "cell")].format(row=row + 1, column=column + 1)
+        return Question(text, FASHION_CLASSES[grid[index]], "cell")
+
+    def count_question(label: int) -> Question:
+        plural = FASHION_PLURALS[FASHION_CLASSES[label]]
+        text = QUESTION_TEMPLATES[(FASHION, "count")].format(plural=plural)
+        return Question(text, str(grid.count(label)), "count")
+
+    def exists_question(label: int) -> Question:
+        text = QUESTION_TEMPLATES[(FASHION, "exists")].format(item=FASHION_CLASSES[label])
+        return Question(text, "yes" if label in grid else "no", "exists")
+
+    if kind == "cell":
+        primary = cell_question(target_cell)
+    elif kind == "count":
+        primary = count_question(query)
+    else:
+        primary = exists_question(query)
+    present = sorted(set(grid))
+    absent = [c for c in classes if c not in grid]
+    pool_questions = [cell_question(i) for i in range(n_cells)]
+    pool_questions.append(exists_question(rng.choice(present)))
+    # counts of 0..4 only: a grid can hold five of one class, which has no answer word
+    countable = [c for c in present if grid.count(c) <= 4]
+    if countable:
+        pool_questions.append(count_question(rng.choice(countable)))
+    if absent:
+        pool_questions += [exists_question(rng.choice(absent)), count_question(rng.choice(absent))]
+    meta = {"source": pool, "cells": cells_meta}
+    return Scene(image, _unique_questions(primary, pool_questions, rng), meta)
+
+
+def generate_fashion_examples(
+    n: int,
+    seed: int,
+    pool: str,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    questions_per_image: int = 1,
+    folder: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """`n` question records of the fashion family, deterministic in (`seed`, `pool`), with
+    photos from `pool` only ("train": Fashion-MNIST's training set; "validation"/"test": the
+    even/odd halves of its test set). The first question of every image has a balanced answer
+    over FAMILY_ANSWERS["fashion"], exactly as the other families' first questions."""
+    _check_args(n, image_size, "train")
+    if pool not in FASHION_FILES:
+        raise ValueError(f"pool must be one of {tuple(FASHION_FILES)}, got {pool!r}")
+    if questions_per_image < 1:
+        raise ValueError(f"questions_per_image must be >= 1, got {questions_per_image}")
+    root = str(fashion_dir(folder).resolve())
+    _fashion_pool(root, pool)  # fail before rendering anything
+    records: list[dict[str, Any]] = []
+    bar = _progress(total=n, desc=f"fashion {pool} seed {seed}", enabled=progress)
+    index = 0
+    while len(records) < n:
+        answer = _balanced_pick(FAMILY_ANSWERS[FASHION], seed, FASHION, index)
+        rng = random.Random(f"{seed}:{FASHION}:{index}")
+        kinds = kinds_for_answer(FASHION, answer)
+        kind = kinds[rng.randrange(len(kinds))]
+        scene = _scene_fashion(rng, image_size, answer, kind, root, pool)
+        image_id = f"f{seed}-{index:07d}"
+        take = min(questions_per_image, n - len(records), len(scene.questions))
+        for q_index, question in enumerate(scene.questions[:take]):
+            records.append(
+                {
+                    "id": f"{image_id}-q{q_index}",
+                    "image_id": image_id,
+                    "image": scene.image,
+                    "question": question.text,
+                    "answer": question.answer,
+                    "family": FASHION,
+                    "kind": question.kind,
+                    "choices": [],
+                    "meta": json.dumps(scene.meta, sort_keys=True),
+                }
+            )
+        bar.update(take)
+        index += 1
+    bar.close()
+    return records
+
+
 # ----------------------------------------------------------------------------- datasets / export
 
 
@@ -888,28 +1137,45 @@ def make_dataset_dict(
     image_size: int = DEFAULT_IMAGE_SIZE,
     train_questions_per_image: int = 1,
     progress: bool = False,
+    fashion: dict[str, int] | None = None,
+    fashion_folder: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Builds train/validation/test from disjoint seed streams.
 
     Validation and test use held-out handwritten digits and one question per image (exactly
     balanced); train may pack several questions per image. A split of size 0 is left out
     (`datasets` cannot build an empty table from an empty list of records).
+    `fashion` ({split: questions}) appends that many fashion-family questions to each split,
+    drawn from their own stream (the other families' records are unchanged), with photos from
+    Fashion-MNIST's training set for train and from its test set for validation/test.
     """
     import datasets
 
     sizes = {"train": train, "validation": validation, "test": test}
+    fashion = fashion or {}
     splits = {}
     for split, count in sizes.items():
-        if count == 0:
+        if count == 0 and not fashion.get(split):
             continue
+        questions_per_image = train_questions_per_image if split == "train" else 1
         records = generate_examples(
             count,
             seed + SPLIT_SEED_OFFSETS[split],
             image_size=image_size,
-            questions_per_image=train_questions_per_image if split == "train" else 1,
+            questions_per_image=questions_per_image,
             digit_pool="train" if split == "train" else "heldout",
             progress=progress,
         )
+        if fashion.get(split):
+            records += generate_fashion_examples(
+                fashion[split],
+                seed + SPLIT_SEED_OFFSETS[split],
+                split,
+                image_size=image_size,
+                questions_per_image=questions_per_image,
+                folder=fashion_folder,
+                progress=progress,
+            )
         splits[split] = datasets.Dataset.from_list(records, features=dataset_features())
     return datasets.DatasetDict(splits)
 
@@ -1114,6 +1380,22 @@ def _build_parser() -> argparse.ArgumentParser:
         help="questions asked about each train image (>1 lets training reuse one image for several "
         "answers; validation/test always use 1)",
     )
+    for split in SPLITS:
+        make.add_argument(
+            f"--fashion-{split}",
+            type=int,
+            default=0,
+            help=f"fashion-family questions (grids of real Fashion-MNIST photos) appended to "
+            f"{split}; 0 leaves the family out",
+        )
+    make.add_argument(
+        "--fashion-dir",
+        type=Path,
+        default=None,
+        help=f"folder with the Fashion-MNIST .gz files (default: ${FASHION_DIR_ENV}, else "
+        f"{DEFAULT_FASHION_DIR}, from the Debian package dataset-fashion-mnist); when missing "
+        "the family is skipped with a message",
+    )
     make.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -1135,6 +1417,16 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        fashion = {split: getattr(args, f"fashion_{split}") for split in SPLITS}
+        if any(count < 0 for count in fashion.values()):
+            print("error: --fashion-* counts must be >= 0", file=sys.stderr)
+            return 2
+        if any(fashion.values()):
+            try:
+                _fashion_pool(str(fashion_dir(args.fashion_dir).resolve()), "train")
+            except FashionDataMissing as error:
+                print(f"skipping the fashion family: {error}", file=sys.stderr)
+                fashion = {}
         dataset_dict = make_dataset_dict(
             args.train,
             args.validation,
@@ -1143,6 +1435,8 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             train_questions_per_image=args.train_questions_per_image,
             progress=not args.no_progress,
+            fashion=fashion,
+            fashion_folder=args.fashion_dir,
         )
         out = export(dataset_dict, args.out, progress=not args.no_progress)
         sizes = ", ".join(f"{split}={len(ds)}" for split, ds in dataset_dict.items())

@@ -1,0 +1,742 @@
+"""Trains `pretrained-mini` with LLaVA-1.5's plain recipe, on the project's own trainer.
+
+Stage 1 trains the projector alone (tower and LLM frozen); stage 2 the projector plus LoRA on
+the LLM's decoder layers. The loss is the next-token loss on answer tokens only (each answer
+and its ``<|im_end|>``): no attention supervision, no auxiliary terms. All questions of an
+image are packed into one ChatML conversation (the image in the first user turn, the turns in
+a fresh random order each epoch), as LLaVA's multi-turn data are.
+
+The tower is frozen in both stages, so its features are computed once and cached on disk in
+shards (``features/``: an interrupted run keeps what it computed); training then runs the
+projector and the LLM only. The Trainer, its collator, the loss log and ``--resume`` come from
+:mod:`recipes.train` and :mod:`recipes.llava_finetune` (the recovery recipe's trainer).
+
+    python -m recipes.pretrained_mini_train --data data/pm224 --image-size 224 --bf16 \\
+        --stage1-steps 300 --stage2-steps 900 --output-dir runs/pretrained-mini
+    # interrupted? the same command with --resume continues (features, stage, checkpoint)
+
+Output folder: ``features/``, ``stage1/`` and ``stage2/`` (each a Trainer folder with
+``checkpoint-*``, ``loss.json``, ``loss.png``), ``final/`` (``projector.safetensors`` +
+``adapter/``, what :func:`mllm_crossget.pretrained_mini.load_pretrained_mini` takes as
+``weights``), ``eval-<split>.json`` and ``run_config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm_crossget.config import atomic_output, write_json_atomic
+from mllm_crossget.pretrained_mini import (
+    ADAPTER_DIR,
+    PROJECTOR_FILE,
+    SMOLLM_SYSTEM,
+    attach_trained,
+    load_pretrained_mini,
+    visual_tokens,
+)
+from recipes.llava_finetune import DEFAULT_LORA_TARGETS, PROJECTOR_MODULE
+from recipes.train import (
+    IGNORE_INDEX,
+    VISION_FEATURES_KEY,
+    ImageExample,
+    _loss_logger,
+    _trainer_class,
+    cache_pixels,
+    collator_for,
+    load_examples,
+    normalize_pixels,
+    trainer_arguments,
+)
+
+STAGES: tuple[str, ...] = ("stage1", "stage2")
+FINAL_DIR = "final"
+FEATURES_DIR = "features"
+RUN_CONFIG = "run_config.json"
+SHARD = 128  # images per cached-feature shard
+
+
+class PretrainedMiniTrainError(Exception):
+    """A problem with the command line, the data or the run folder, worded for the user."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ChatPackedDataset(torch.utils.data.Dataset):
+    """One ChatML conversation per image holding all its questions; labels on answers only.
+
+    ``<|im_start|>system ...<|im_end|>`` then, per turn, ``<|im_start|>user\\n[<image>\\n]Q
+    <|im_end|>\\n<|im_start|>assistant\\n`` (no labels) and ``A<|im_end|>`` (labels) and
+    ``\\n``. The image placeholder goes into the first turn and is expanded to
+    ``image_seq_length`` tokens, exactly what the processor does for the evaluation prompt,
+    which is this conversation cut after the first assistant header.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[ImageExample],
+        tokenizer: Any,
+        image_token_id: int,
+        image_seq_length: int,
+        max_turns: int = 0,
+    ) -> None:
+        self.image_token_id = image_token_id
+        self.image_seq_length = image_seq_length
+        self.vision_features: torch.Tensor | None = None
+        self.feature_source: Callable[[int], torch.Tensor] | None = None
+        self.pixels: torch.Tensor | None = None
+
+        def ids(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        self.system = ids(f"<|im_start|>system\n{SMOLLM_SYSTEM}<|im_end|>\n")
+        self.user_open = ids("<|im_start|>user\n")
+        self.image_line = ids("<image>\n")
+        self.newline = ids("\n")
+        if self.image_line.count(image_token_id) != 1:
+            raise ValueError("the tokenizer does not keep <image> as one token")
+        self.items: list[tuple[int, list[tuple[list[int], list[int]]]]] = []
+        for index, example in enumerate(examples):
+            turns = [
+                (
+                    ids(f"{t.question}<|im_end|>\n<|im_start|>assistant\n"),
+                    ids(f"{t.answer}<|im_end|>"),
+                )
+                for t in example.turns
+            ]
+            groups = [turns]
+            if max_turns > 0:
+                groups = [turns[i : i + max_turns] for i in range(0, len(turns), max_turns)]
+            self.items.extend((index, group) for group in groups)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_index, turns = self.items[index]
+        turns = list(turns)
+        random.shuffle(turns)  # seeded by the Trainer
+        input_ids = list(self.system)
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for number, (prompt, answer) in enumerate(turns):
+            head = list(self.user_open)
+            if number == 0:
+                for token in self.image_line:
+                    expanded = token == self.image_token_id
+                    head += [token] * (self.image_seq_length if expanded else 1)
+            head += prompt
+            input_ids += head + answer + self.newline
+            labels += [IGNORE_INDEX] * len(head) + answer + [IGNORE_INDEX] * len(self.newline)
+        item = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if self.vision_features is not None:
+            item[VISION_FEATURES_KEY] = self.vision_features[image_index]
+        elif self.feature_source is not None:
+            item[VISION_FEATURES_KEY] = self.feature_source(image_index)
+        elif self.pixels is not None:
+            item["pixels"] = self.pixels[image_index]
+        else:
+            raise RuntimeError("set .pixels or .vision_features before training")
+        return item
+
+
+# ----------------------------------------------------------------------------- cached features
+
+
+@torch.no_grad()
+def tower_features(model: Any, pixel_values: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """What the frozen tower hands the projector (the configured layer, CLS dropped)."""
+    config = model.config
+    tower = model.model.vision_tower
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+    features = hidden[config.vision_feature_layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]
+    return features
+
+
+class LazyTowerFeatures:
+    """Tower features of image i, computed the first time a batch needs it and kept (bf16).
+
+    When the LLM dominates a step (pretrained-mini at 224 px: the tower is ~1 % of a packed
+    conversation's compute) and a run sees only part of the images, computing on demand costs
+    less than a full pass up front and training starts at once; every image still goes through
+    the tower only once per process."""
+
+    def __init__(
+        self, model: Any, examples: Sequence[ImageExample], image_processor: Any, bf16: bool
+    ) -> None:
+        self.tower = model.model.vision_tower
+        self.config = model.config
+        self.model = model
+        self.examples = examples
+        self.image_processor = image_processor
+        self.bf16 = bf16
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, index: int) -> torch.Tensor:
+        if index not in self.cache:
+            image = self.examples[index].load_image().convert("RGB")
+            pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+            was_training = self.tower.training
+            self.tower.eval()
+            try:
+                features = tower_features(self.model, pixel_values, self.bf16)
+            finally:
+                self.tower.train(was_training)
+            self.cache[index] = features[0].to(torch.bfloat16)
+        return self.cache[index]
+
+
+def cached_features(
+    model: Any,
+    examples: Sequence[ImageExample],
+    image_processor: Any,
+    folder: Path,
+    bf16: bool = False,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, P, C) bf16 tower features of every image, computed in shards of `SHARD` images
+    saved under `folder` (atomic), so an interrupted run keeps what it computed; images are
+    decoded only for the shards still missing."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+    rescale = float(image_processor.rescale_factor)
+    tower = model.model.vision_tower
+    was_training = tower.training
+    tower.eval()
+    shards = []
+    try:
+        starts = range(0, len(examples), SHARD)
+        for start in tqdm(starts, desc="caching tower features", disable=not progress):
+            end = min(start + SHARD, len(examples))
+            path = folder / f"{start:07d}-{end:07d}.pt"
+            if path.is_file():
+                shards.append(torch.load(path))
+                continue
+            pixels = cache_pixels(examples[start:end], image_processor, progress=False)
+            parts = []
+            for first in range(0, len(pixels), batch_size):
+                batch = pixels[first : first + batch_size]
+                values = normalize_pixels(batch, mean, std, rescale)
+                parts.append(tower_features(model, values, bf16).to(torch.bfloat16))
+            shard = torch.cat(parts)
+            with atomic_output(path, suffix=".pt") as tmp:
+                torch.save(shard, tmp)
+            shards.append(shard)
+    finally:
+        tower.train(was_training)
+    return torch.cat(shards)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _projector(model: Any) -> nn.Module:
+    """The LLaVA projector under any wrapper (peft, DDP)."""
+    for name, module in model.named_modules():
+        if name.endswith(PROJECTOR_MODULE) and "modules_to_save" not in name:
+            return module
+    raise ValueError("no multi_modal_projector in the model")
+
+
+def trainer_class() -> type:
+    """The recipes' TestbedTrainer, projecting cached tower features through whatever
+    projector the (possibly peft-wrapped) model trains."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    base = _trainer_class()
+
+    class PretrainedMiniTrainer(base):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+            if VISION_FEATURES_KEY in inputs:
+                features = inputs.pop(VISION_FEATURES_KEY)
+                projector = _projector(model)
+                dtype = next(projector.parameters()).dtype
+                projected = projector(features.to(dtype))
+                inputs["mm_encoder_outputs"] = {
+                    "image": BaseModelOutputWithPooling(pooler_output=list(projected))
+                }
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return PretrainedMiniTrainer
+
+
+def freeze_for_stage1(model: Any) -> int:
+    """Projector trainable, everything else frozen; returns the trainable element count."""
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    projector.requires_grad_(True)
+    return sum(p.numel() for p in projector.parameters())
+
+
+def wrap_for_stage2(model: Any, lora_r: int, lora_alpha: float, lora_dropout: float) -> Any:
+    """LoRA on the LLM's attention/MLP projections, the projector fully trainable (saved in
+    the adapter as a peft ``modules_to_save`` copy)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=DEFAULT_LORA_TARGETS,
+        modules_to_save=[PROJECTOR_MODULE],
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def answer_questions(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    max_new_tokens: int = 6,
+    bf16: bool = False,
+) -> list[str]:
+    """Greedy answers to single-turn chat prompts (left padded), first line, lower case."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    inputs = processor(
+        images=[image.convert("RGB") for image in images],
+        text=prompts,
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(
+        generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return [text.split("\n", 1)[0].strip().lower() for text in texts]
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    data: Path,
+    split: str,
+    limit_per_family: int = 0,
+    batch_size: int = 8,
+    bf16: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-family exact-match accuracy beside kind-aware chance on `split` (the first
+    `limit_per_family` questions of each family when > 0)."""
+    from tqdm.auto import tqdm
+
+    from eval.testbed.data import chance_by_family, load_split
+
+    dataset = load_split(data, split)
+    families = dataset["family"]
+    taken: dict[str, int] = {}
+    keep = []
+    for index, family in enumerate(families):
+        if limit_per_family <= 0 or taken.get(family, 0) < limit_per_family:
+            taken[family] = taken.get(family, 0) + 1
+            keep.append(index)
+    dataset = dataset.select(keep)
+    model.eval()
+    rows = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluating", disable=not progress):
+        batch = dataset[start : start + batch_size]
+        predictions = answer_questions(
+            model, processor, batch["image"], batch["question"], bf16=bf16
+        )
+        for i, predicted in enumerate(predictions):
+            rows.append(
+                {
+                    "id": batch["id"][i],
+                    "family": batch["family"][i],
+                    "kind": batch["kind"][i],
+                    "answer": batch["answer"][i],
+                    "prediction": predicted,
+                    "correct": predicted == batch["answer"][i].strip().lower(),
+                }
+            )
+    chance = chance_by_family(rows)
+    per_family = {}
+    for family in dict.fromkeys(r["family"] for r in rows):
+        hits = [r["correct"] for r in rows if r["family"] == family]
+        per_family[family] = {
+            "n": len(hits),
+            "accuracy": sum(hits) / len(hits),
+            "chance": chance[family],
+        }
+    overall = sum(r["correct"] for r in rows) / max(1, len(rows))
+    return {
+        "split": split,
+        "n": len(rows),
+        "accuracy": overall,
+        "families": per_family,
+        "predictions": rows,
+    }
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = ["| family | n | accuracy | chance |", "|---|---:|---:|---:|"]
+    for family, row in results["families"].items():
+        lines.append(
+            f"| {family} | {row['n']} | {100 * row['accuracy']:.1f}% | {100 * row['chance']:.1f}% |"
+        )
+    lines.append(f"| **overall** | {results['n']} | {100 * results['accuracy']:.1f}% | |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.pretrained_mini_train",
+        description="Train pretrained-mini with LLaVA-1.5's recipe: stage 1 the projector, stage "
+        "2 the projector + LoRA on the LLM; answer-token loss only; tower features cached.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, help="testbed export root")
+    parser.add_argument("--split", default="train", help="training split of --data")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="processor resolution (224: 256 visual tokens; 336: 576, LLaVA-1.5's count)",
+    )
+    parser.add_argument("--output-dir", type=Path, required=True, help="run folder")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir: cached features, finished stage, last checkpoint",
+    )
+    parser.add_argument("--stage1-steps", type=int, default=300, help="projector-only steps")
+    parser.add_argument("--stage2-steps", type=int, default=900, help="projector + LoRA steps")
+    parser.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 peak LR")
+    parser.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak LR")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation")
+    parser.add_argument("--warmup", type=float, default=0.03, help="warmup ratio (<1) or steps")
+    parser.add_argument("--max-turns", type=int, default=0, help="questions per conversation")
+    parser.add_argument(
+        "--feature-cache",
+        choices=("lazy", "all"),
+        default="lazy",
+        help="frozen-tower features: computed when an image is first used and kept in memory "
+        "(lazy), or for every image up front, saved in shards under OUT/features/ (all)",
+    )
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (stage 2)")
+    parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast; only on hardware with bf16 kernels (GPU, CPU with AVX512-BF16/AMX): "
+        "elsewhere a bf16 matmul is ~100x slower than fp32",
+    )
+    parser.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
+    parser.add_argument("--logging-steps", type=int, default=5, help="log the loss every N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of order, LoRA init, dropout")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--eval-split", default="validation", help="split evaluated after training ('' = none)"
+    )
+    parser.add_argument(
+        "--eval-per-family", type=int, default=50, help="questions per family evaluated (0 = all)"
+    )
+    parser.add_argument(
+        "--limit-images", type=int, default=0, help="train on the first N images (0 = all)"
+    )
+    parser.add_argument(
+        "--model-factory",
+        default="",
+        help="module:function returning (model, processor) instead of the converted "
+        "pretrained-mini (tests use tiny random stand-ins)",
+    )
+    parser.add_argument(
+        "--evaluate",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="do not train: evaluate a stage-1 checkpoint (full model), a stage-2 checkpoint "
+        "(LoRA adapter + projector), a final/ folder, or 'base' (untrained projector) on "
+        "--eval-split; results go to --output-dir/evals/",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, Any]:
+    """pretrained-mini with the weights of a run's checkpoint or final folder (LoRA merged)."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = args.evaluate
+    model, processor = _load_model(args)
+    if str(path) == "base":
+        return model, processor
+    if (path / PROJECTOR_FILE).is_file():
+        return attach_trained(model, path).eval(), processor
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval(), processor
+    if (path / "config.json").is_file():
+        trained = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model.load_state_dict(trained.state_dict(), strict=True)
+        return model.eval(), processor
+    raise PretrainedMiniTrainError(
+        f"{path} is neither a checkpoint (config.json or adapter_config.json) nor a final/ "
+        f"folder ({PROJECTOR_FILE})"
+    )
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, processor = load_for_evaluation(args)
+    results = evaluate(
+        model,
+        processor,
+        args.data,
+        args.eval_split,
+        args.eval_per_family,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
+    results["weights"] = str(args.evaluate)
+    name = "-".join(args.evaluate.parts[-2:]) if str(args.evaluate) != "base" else "base"
+    path = args.output_dir / "evals" / f"{name}-{args.eval_split}.json"
+    write_json_atomic(path, results, indent=1)
+    print(format_results(results))
+    print(f"-> {path}")
+    return results
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    if args.model_factory:
+        import importlib
+
+        module, _, function = args.model_factory.partition(":")
+        return getattr(importlib.import_module(module), function)(args.image_size)
+    return load_pretrained_mini(image_size=args.image_size)
+
+
+def _check_run_config(output_dir: Path, record: dict[str, Any], resuming: bool) -> None:
+    path = output_dir / RUN_CONFIG
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in record if saved.get(k) != record[k])
+        if changed and resuming:
+            raise PretrainedMiniTrainError(
+                f"--resume with other settings than {path}: {changed}; use the original flags"
+            )
+        if not resuming:
+            raise PretrainedMiniTrainError(
+                f"{output_dir} already holds a run; continue it with --resume or pick a new "
+                "--output-dir"
+            )
+    write_json_atomic(path, record, indent=1)
+
+
+def _stage_args(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """The flags `recipes.train.trainer_arguments` reads, for one stage."""
+    steps = args.stage1_steps if stage == "stage1" else args.stage2_steps
+    lr = args.stage1_lr if stage == "stage1" else args.stage2_lr
+    return argparse.Namespace(
+        max_steps=steps,
+        epochs=1.0,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=lr,
+        weight_decay=0.0,
+        lr_scheduler="cosine",
+        warmup=args.warmup,
+        max_grad_norm=1.0,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        seed=args.seed,
+        no_progress=args.no_progress,
+    )
+
+
+def _run_stage(
+    stage: str, model: Any, dataset: Any, collator: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = args.output_dir / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    resume_from = get_last_checkpoint(str(folder)) if args.resume else None
+    training_args = trainer_arguments(
+        _stage_args(args, stage), folder, bf16=args.bf16, use_cpu=not torch.cuda.is_available()
+    )
+    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+    trainer = trainer_class()(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[_loss_logger(folder / "loss.json", folder / "loss.png", resume_step)],
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary = {
+        "stage": stage,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "wall_time_s": time.time() - started,
+        "train_loss": result.training_loss,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    write_json_atomic(folder / "stage_summary.json", summary, indent=1)
+    print(f"{stage}: {summary}")
+    return summary
+
+
+def _save_projector(projector: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
+    with atomic_output(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Both stages (each skipped when finished), then the final folder and an evaluation."""
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    output_dir: Path = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "data": str(args.data.resolve()),
+        "split": args.split,
+        "image_size": args.image_size,
+        "limit_images": args.limit_images,
+        "model_factory": args.model_factory,
+        "stage1": [args.stage1_steps, args.stage1_lr],
+        "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
+        "batch": [args.batch_size, args.grad_accum, args.max_turns],
+    }
+    _check_run_config(output_dir, record, args.resume)
+
+    model, processor = _load_model(args)
+    try:
+        examples = load_examples(args.data, args.split)
+    except (OSError, ValueError) as error:
+        raise PretrainedMiniTrainError(str(error)) from None
+    if args.limit_images > 0:
+        examples = examples[: args.limit_images]
+    n_tokens = visual_tokens(args.image_size)
+    progress = not args.no_progress
+    dataset = ChatPackedDataset(
+        examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
+    )
+    if args.feature_cache == "all":
+        features_dir = output_dir / FEATURES_DIR / f"{args.split}-{args.image_size}"
+        dataset.vision_features = cached_features(
+            model, examples, processor.image_processor, features_dir, args.bf16, progress=progress
+        )
+        first = dataset.vision_features[0]
+    else:
+        dataset.feature_source = LazyTowerFeatures(
+            model, examples, processor.image_processor, args.bf16
+        )
+        first = dataset.feature_source(0)
+    if first.shape[0] != n_tokens:
+        raise PretrainedMiniTrainError(
+            f"the tower gives {first.shape[0]} tokens, expected {n_tokens}"
+        )
+    collator = collator_for(processor)
+    n_questions = sum(len(e.turns) for e in examples)
+    print(f"{len(examples)} images, {n_questions} questions, {n_tokens} visual tokens each")
+
+    summaries = {}
+    stage1_projector = output_dir / "stage1" / PROJECTOR_FILE
+    if not stage1_projector.is_file():
+        freeze_for_stage1(model)
+        summaries["stage1"] = _run_stage("stage1", model, dataset, collator, args)
+        _save_projector(model.model.multi_modal_projector, stage1_projector)
+    projector = model.model.multi_modal_projector
+    projector.load_state_dict(load_file(str(stage1_projector)))
+    peft_model = wrap_for_stage2(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    summaries["stage2"] = _run_stage("stage2", peft_model, dataset, collator, args)
+
+    final = output_dir / FINAL_DIR
+    final.mkdir(exist_ok=True)
+    peft_model.save_pretrained(str(final / ADAPTER_DIR))
+    _save_projector(_trained_projector(peft_model), final / PROJECTOR_FILE)
+    summary = {"images": len(examples), "questions": n_questions, "stages": summaries}
+    if args.eval_split:
+        merged = peft_model.merge_and_unload()
+        results = evaluate(
+            merged,
+            processor,
+            args.data,
+            args.eval_split,
+            args.eval_per_family,
+            bf16=args.bf16,
+            progress=progress,
+        )
+        write_json_atomic(output_dir / f"eval-{args.eval_split}.json", results, indent=1)
+        print(format_results(results))
+        summary["eval"] = {k: v for k, v in results.items() if k != "predictions"}
+    write_json_atomic(output_dir / "train_summary.json", summary, indent=1)
+    return summary
+
+
+def _trained_projector(peft_model: Any) -> nn.Module:
+    """The projector copy peft trained (``modules_to_save``), as a plain module."""
+    for name, module in peft_model.named_modules():
+        if name.endswith(f"{PROJECTOR_MODULE}.modules_to_save.default"):
+            return module
+    raise ValueError("no trained projector copy in the peft model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.evaluate is not None:
+            evaluate_checkpoint(args)
+            return 0
+        train(args)
+    except PretrainedMiniTrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

