@@ -15,6 +15,8 @@ import torch
 from test_towers import tiny_tower_llava
 from tiny_models import (
     cross_tokens_of,
+    encode,
+    placeholders,
     prompts_with_image,
     random_images,
     single_thread,
@@ -40,14 +42,6 @@ def _one_thread() -> Iterator[None]:
 
 def _build(config: CrossGETConfig, **kwargs: Any) -> tuple[Any, Any]:
     return crossget.apply(tiny_llava(**kwargs), config, tiny_processor())
-
-
-def _inputs(processor: Any, images: list, prompts: list[str] = PROMPTS) -> Any:
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def _placeholders(model: Any, inputs: Any) -> list[int]:
-    return (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
 
 
 # ------------------------------------------------------------------ config
@@ -91,7 +85,7 @@ def _vision_prompt_grad(config: CrossGETConfig) -> tuple[torch.Tensor, torch.Ten
     """Per-layer gradient norms [L] of the LM loss (nothing else) on ``P`` and on ``T``."""
     model, processor = _build(config)
     model.train()
-    inputs = _inputs(processor, random_images(3))
+    inputs = encode(processor, random_images(3), PROMPTS)
     ids = inputs["input_ids"]
     labels = ids.masked_fill(
         (ids == model.config.image_token_id) | (inputs["attention_mask"] == 0), -100
@@ -125,8 +119,8 @@ def test_the_cross_token_is_one_extra_visual_token_with_exact_counts() -> None:
     images = random_images(3)
     model, processor = _build(CrossGETConfig(visual_tokens=16, cross_token_to_llm=True))
     assert crossget.num_visual_tokens(model) == 16  # the budget counts it
-    inputs = _inputs(processor, images)
-    assert _placeholders(model, inputs) == [16, 16, 16]
+    inputs = encode(processor, images, PROMPTS)
+    assert placeholders(inputs) == [16, 16, 16]
     with torch.no_grad():
         out = model(**inputs)
     features = out.image_hidden_states
@@ -134,7 +128,7 @@ def test_the_cross_token_is_one_extra_visual_token_with_exact_counts() -> None:
     # Not attended, the image tokens are exactly those of a 15-token budget without it ...
     plain, plain_processor = _build(CrossGETConfig(visual_tokens=15))
     with torch.no_grad():
-        reference = plain(**_inputs(plain_processor, images)).image_hidden_states
+        reference = plain(**encode(plain_processor, images, PROMPTS)).image_hidden_states
     per_image = features.view(3, 16, -1)
     assert torch.equal(per_image[:, :15], reference.view(3, 15, -1))
     # ... and the 16th is the cross token's last state through the projector.
@@ -164,8 +158,8 @@ def test_forward_generate_beams_and_mixed_budgets_with_the_cross_token() -> None
     model, processor = _build(CrossGETConfig(visual_tokens=16, **BOTH))
     budgets = [16, 30, 9]
     with crossget.budget(budgets):
-        inputs = _inputs(processor, images)
-        assert _placeholders(model, inputs) == budgets
+        inputs = encode(processor, images, PROMPTS)
+        assert placeholders(inputs) == budgets
         with torch.no_grad():
             features = model(**inputs).image_hidden_states
         assert features.shape[0] == sum(budgets)
@@ -175,7 +169,7 @@ def test_forward_generate_beams_and_mixed_budgets_with_the_cross_token() -> None
         )
         for row in range(3):
             with crossget.budget([budgets[row]]):
-                single = _inputs(processor, images[row : row + 1], PROMPTS[row : row + 1])
+                single = encode(processor, images[row : row + 1], PROMPTS[row : row + 1])
                 alone = model.generate(**single, max_new_tokens=3, do_sample=False)
             assert torch.equal(greedy[row, -alone.shape[1] :], alone[0])
     image_id = model.config.image_token_id
@@ -189,24 +183,26 @@ def test_full_budget_still_runs_the_cross_token() -> None:
     full = crossget.num_visual_tokens(model, visual_tokens=65)  # 64 patches + the cross token
     assert full == 65
     with crossget.budget(65):
-        inputs = _inputs(processor, random_images(1), PROMPTS[:1])
-        assert _placeholders(model, inputs) == [65]
+        inputs = encode(processor, random_images(1), PROMPTS[:1])
+        assert placeholders(inputs) == [65]
         with torch.no_grad():
             assert model(**inputs).image_hidden_states.shape[0] == 65
 
 
 def test_remove_restores_the_model_bit_exactly() -> None:
     model, processor = tiny_llava(), tiny_processor()
-    inputs = _inputs(processor, random_images(3))
+    inputs = encode(processor, random_images(3), PROMPTS)
     with torch.no_grad():
         expected = model(**inputs).logits
         expected_generate = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     model, processor = crossget.apply(model, CrossGETConfig(visual_tokens=16, **BOTH), processor)
     with torch.no_grad():
-        model(**_inputs(processor, random_images(3)))
+        model(**encode(processor, random_images(3), PROMPTS))
     crossget.remove(model, processor)
     assert not any("crossget" in key for key in model.state_dict())
-    assert _inputs(processor, random_images(3))["input_ids"].shape == inputs["input_ids"].shape
+    assert (
+        encode(processor, random_images(3), PROMPTS)["input_ids"].shape == inputs["input_ids"].shape
+    )
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
         assert torch.equal(

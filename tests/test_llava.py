@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 from tiny_models import (
@@ -25,6 +26,8 @@ from tiny_models import (
     VOCAB_SIZE,
     cross_tokens_of,
     crossget_keys,
+    encode,
+    fill_cross_tokens,
     prompts_with_image,
     random_images,
     single_thread,
@@ -73,10 +76,6 @@ def build(config: CrossGETConfig, attn: str = "sdpa", seed: int = 0) -> tuple[Mo
     return model, processor
 
 
-def encode(processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]) -> BatchFeature:
-    return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
-
-
 def forward(model: Model, inputs: BatchFeature, **extra: Any) -> Any:
     with torch.no_grad():
         return model(**inputs, **extra)
@@ -103,24 +102,8 @@ def expected_visual_tokens(layer_r: Sequence[int]) -> int:
     return n - 1
 
 
-def fill_cross_tokens(model: Model, scale: float = 0.5, seed: int = 1) -> None:
-    """Give every learnable CrossGET parameter small random values (deterministic)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in cross_tokens_of(model).parameters():
-            noise = torch.randn(parameter.shape, generator=generator) * scale
-            parameter.copy_(noise.to(parameter.dtype))
-
-
 def greedy(model: Model, inputs: BatchFeature, new_tokens: int = 4, **kwargs: Any) -> Any:
-    return model.generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
+    return tiny_models.greedy(model, inputs, new_tokens, **kwargs)
 
 
 def assert_scores_close(first: Any, second: Any, atol: float = 1e-5) -> None:

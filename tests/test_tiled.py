@@ -18,9 +18,13 @@ from PIL import Image
 from tiny_models import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
-    VOCAB_SIZE,
-    cross_tokens_of,
+    encode,
+    fill_cross_tokens,
+    greedy,
+    placeholders,
+    rows_alone_match,
     single_thread,
+    text_config_kwargs,
     tiny_processor,
 )
 from transformers import (
@@ -71,18 +75,7 @@ def tiny_tiled(name: str, seed: int = 0) -> Any:
         patch_size=7,
         attention_dropout=0.0,
     )
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    text = text_config_kwargs(max_positions=512)
     if name == "next":
         config: Any = LlavaNextConfig(
             vision_config=CLIPVisionConfig(projection_dim=32, **common),
@@ -148,31 +141,6 @@ def build(name: str, config: CrossGETConfig, seed: int = 0) -> tuple[Any, Any]:
     return crossget.apply(tiny_tiled(name, seed), config, tiled_processor(name))
 
 
-def encode(processor: Any, images: list, prompts: list[str]) -> Any:
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def placeholders(inputs: Any) -> list[int]:
-    return (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
-
-
-def fill_cross_tokens(model: Any, scale: float = 0.5) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in cross_tokens_of(model).parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
-def greedy(model: Any, inputs: Any, new_tokens: int = 3) -> Any:
-    return model.generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-
-
 # ------------------------------------------------------------------ the budget rule
 
 
@@ -233,11 +201,7 @@ def test_generate_two_budgets_left_padding_match_rows_alone(name: str, images: l
         assert not inputs["attention_mask"].all()
         batch = greedy(model, inputs)
     assert model.model._crossget_llava.last.visual_tokens == budgets
-    for row, budget in enumerate(budgets):
-        with crossget.budget(budget), torch.no_grad():
-            alone = greedy(model, encode(processor, images[row : row + 1], PROMPTS[row : row + 1]))
-        for step, (a, b) in enumerate(zip(batch.scores, alone.scores, strict=True)):
-            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0, msg=f"step {step}")
+    rows_alone_match(model, processor, images, PROMPTS, budgets, batch)
 
 
 @pytest.mark.parametrize("name", MODELS)

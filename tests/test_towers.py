@@ -12,7 +12,7 @@ Tiny random models from config classes: 56 px images in 7 px patches (64 patches
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,15 +23,19 @@ from tiny_models import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     PATCH_SIZE,
-    VOCAB_SIZE,
     cross_tokens_of,
+    encode,
+    fill_cross_tokens,
+    greedy,
+    placeholders,
     prompts_with_image,
     random_images,
+    rows_alone_match,
     single_thread,
+    text_config_kwargs,
     tiny_processor,
 )
 from transformers import (
-    BatchFeature,
     Dinov2Config,
     LlamaConfig,
     LlavaConfig,
@@ -95,21 +99,9 @@ def tiny_tower_llava(
         layer, strategy = -1, "default"
     if feature is not None:
         layer, strategy = feature
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=256,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=text,
+        text_config=LlamaConfig(**text_config_kwargs()),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
@@ -144,31 +136,6 @@ def build(tower: str, config: CrossGETConfig, **kwargs: Any) -> tuple[Any, Any]:
     return crossget.apply(tiny_tower_llava(tower, **kwargs), config, processor_for(tower))
 
 
-def encode(processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]) -> BatchFeature:
-    return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
-
-
-def placeholders(inputs: BatchFeature) -> list[int]:
-    return (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
-
-
-def fill_cross_tokens(model: Any, scale: float = 0.5, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in cross_tokens_of(model).parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
-def greedy(model: Any, inputs: BatchFeature, new_tokens: int = 3) -> Any:
-    return model.generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-
-
 # ------------------------------------------------------------------ exact counts
 
 
@@ -197,11 +164,8 @@ def test_generate_two_budgets_left_padding_match_rows_alone(tower: str, images: 
         assert not inputs["attention_mask"].all()  # left padding in one row
         batch = greedy(model, inputs)
     assert model.model._crossget_llava.last.visual_tokens == budgets
-    for row, budget in enumerate(budgets):
-        with crossget.budget(budget), torch.no_grad():
-            alone = greedy(model, encode(processor, images[row : row + 1], PROMPTS[row : row + 1]))
-        for step, (a, b) in enumerate(zip(batch.scores, alone.scores, strict=True)):
-            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0, msg=f"step {step}")
+    alones = rows_alone_match(model, processor, images, PROMPTS, budgets, batch)
+    for row, alone in enumerate(alones):
         assert batch.sequences[row, -3:].tolist() == alone.sequences[0, -3:].tolist()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from transformers import (
 __all__ = [
     "crossget_keys",
     "cross_tokens_of",
+    "encode",
+    "fill_cross_tokens",
+    "greedy",
     "IMAGE_SIZE",
     "IMAGE_TOKEN_ID",
     "NUM_PATCHES",
@@ -35,11 +39,14 @@ __all__ = [
     "PATCH_SIZE",
     "VISION_LAYERS",
     "VOCAB_SIZE",
+    "placeholders",
     "prompts_with_image",
     "random_images",
     "single_thread",
     "tiny_clip_vision",
     "tiny_llava",
+    "rows_alone_match",
+    "text_config_kwargs",
     "tiny_processor",
     "vision_config",
 ]
@@ -65,6 +72,22 @@ def vision_config(
         patch_size=patch,
         projection_dim=32,
         attention_dropout=0.0,
+    )
+
+
+def text_config_kwargs(max_positions: int = 256) -> dict[str, Any]:
+    """Keyword arguments of the tiny 2-layer text model (``LlamaConfig`` or ``Qwen2Config``)."""
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=max_positions,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=2,
+        eos_token_id=3,
     )
 
 
@@ -119,19 +142,7 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A random LLaVA-1.5-shaped model in eval mode (same ``seed`` -> same weights)."""
     torch.manual_seed(seed)
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=256,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=2,
-        eos_token_id=3,
-        attention_dropout=0.0,
-    )
+    text = LlamaConfig(**text_config_kwargs(), attention_dropout=0.0)
     config = LlavaConfig(
         vision_config=vision_config(layers, image_size, patch),
         text_config=text,
@@ -200,3 +211,58 @@ def prompts_with_image(lengths: Sequence[int], *, offset: int = 10) -> list[str]
         " ".join(f"w{offset + (row * 7 + i) % 80}" for i in range(n)) + " <image> w5 w6"
         for row, n in enumerate(lengths)
     ]
+
+
+def encode(processor: Any, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
+    """The processor's padded batch of ``images`` with ``prompts`` as tensors."""
+    return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+
+
+def placeholders(inputs: Any) -> list[int]:
+    """``<image>`` placeholders per row of an encoded batch."""
+    return (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+
+
+def fill_cross_tokens(model: Any, scale: float = 0.5, seed: int = 1) -> None:
+    """Give every learnable CrossGET parameter small random values (deterministic)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in cross_tokens_of(model).parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * scale
+            parameter.copy_(noise.to(parameter.dtype))
+
+
+def greedy(model: Any, inputs: Any, new_tokens: int = 3, **kwargs: Any) -> Any:
+    """Greedy ``generate`` that keeps the scores of every step."""
+    return model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def rows_alone_match(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    budgets: Sequence[int],
+    batch: Any,
+) -> list[Any]:
+    """Assert each row of a greedy ``batch`` scores as that row run alone at its budget.
+
+    Returns the single-row generations, in row order.
+    """
+    import mllm_crossget as crossget
+
+    alones = []
+    for row, budget in enumerate(budgets):
+        with crossget.budget(budget), torch.no_grad():
+            alone = greedy(model, encode(processor, images[row : row + 1], prompts[row : row + 1]))
+        for step, (a, b) in enumerate(zip(batch.scores, alone.scores, strict=True)):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0, msg=f"step {step}")
+        alones.append(alone)
+    return alones
