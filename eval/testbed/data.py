@@ -867,24 +867,34 @@ def generate_examples(
         family, scene = _render_scene(seed, index, image_size, digit_pool)
         image_id = f"s{seed}-{index:07d}"
         take = min(questions_per_image, n - len(records), len(scene.questions))
-        for q_index, question in enumerate(scene.questions[:take]):
-            records.append(
-                {
-                    "id": f"{image_id}-q{q_index}",
-                    "image_id": image_id,
-                    "image": scene.image,
-                    "question": question.text,
-                    "answer": question.answer,
-                    "family": family,
-                    "kind": question.kind,
-                    "choices": list(question.choices),
-                    "meta": json.dumps(scene.meta, sort_keys=True),
-                }
-            )
+        records.extend(_scene_records(scene, image_id, family, take))
         bar.update(take)
         index += 1
     bar.close()
     return records
+
+
+def _scene_records(
+    scene: Scene, image_id: str, family: str, take: int, with_choices: bool = True
+) -> list[dict[str, Any]]:
+    """One record per question of ``scene`` (its first ``take``), ids ``{image_id}-q{i}``.
+
+    ``with_choices=False`` writes an empty ``choices`` list whatever the questions hold.
+    """
+    return [
+        {
+            "id": f"{image_id}-q{q_index}",
+            "image_id": image_id,
+            "image": scene.image,
+            "question": question.text,
+            "answer": question.answer,
+            "family": family,
+            "kind": question.kind,
+            "choices": list(question.choices) if with_choices else [],
+            "meta": json.dumps(scene.meta, sort_keys=True),
+        }
+        for q_index, question in enumerate(scene.questions[:take])
+    ]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -1088,20 +1098,7 @@ def generate_fashion_examples(
         scene = _scene_fashion(rng, image_size, answer, kind, root, pool)
         image_id = f"f{seed}-{index:07d}"
         take = min(questions_per_image, n - len(records), len(scene.questions))
-        for q_index, question in enumerate(scene.questions[:take]):
-            records.append(
-                {
-                    "id": f"{image_id}-q{q_index}",
-                    "image_id": image_id,
-                    "image": scene.image,
-                    "question": question.text,
-                    "answer": question.answer,
-                    "family": FASHION,
-                    "kind": question.kind,
-                    "choices": [],
-                    "meta": json.dumps(scene.meta, sort_keys=True),
-                }
-            )
+        records.extend(_scene_records(scene, image_id, FASHION, take, with_choices=False))
         bar.update(take)
         index += 1
     bar.close()
