@@ -41,20 +41,30 @@ from mllm_crossget.planner import TowerPlanner
 SHARES = {"full": None, "50%": 0.5, "25%": 0.25}
 
 
+# The tiny shapes (``--tiny``): 32 wide, 4 heads, 3 layers of which 2 run, 7 px patches on
+# 56 px images; each tower adds its own keys (and may override these).
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=7)
+
+
+def _tower(
+    model_class: Any,
+    config_class: Any,
+    tiny: bool,
+    tiny_keys: dict[str, Any],
+    full_keys: dict[str, Any],
+    image: int,
+    layers_run: int,
+) -> tuple[Any, int, int]:
+    """``(tower, image size, layers run)``: the tiny shape or the full one of a tower class."""
+    if tiny:
+        return model_class(config_class(**{**TINY, **tiny_keys})), 56, 2
+    return model_class(config_class(**full_keys)), image, layers_run
+
+
 def _clip_l(tiny: bool) -> tuple[Any, int, int]:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    if tiny:
-        config = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=7,
-        )
-        return CLIPVisionModel(config), 56, 2
-    config = CLIPVisionConfig(
+    full = dict(
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=24,
@@ -63,24 +73,15 @@ def _clip_l(tiny: bool) -> tuple[Any, int, int]:
         patch_size=14,
         projection_dim=768,
     )
-    return CLIPVisionModel(config), 336, 23
+    return _tower(
+        CLIPVisionModel, CLIPVisionConfig, tiny, dict(intermediate_size=64), full, 336, 23
+    )
 
 
 def _siglip_so400m(tiny: bool) -> tuple[Any, int, int]:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    if tiny:
-        config = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=7,
-            vision_use_head=False,
-        )
-        return SiglipVisionModel(config), 56, 2
-    config = SiglipVisionConfig(
+    full = dict(
         hidden_size=1152,
         intermediate_size=4304,
         num_hidden_layers=27,
@@ -89,23 +90,14 @@ def _siglip_so400m(tiny: bool) -> tuple[Any, int, int]:
         patch_size=14,
         vision_use_head=False,
     )
-    return SiglipVisionModel(config), 384, 26
+    tiny_keys = dict(intermediate_size=64, vision_use_head=False)
+    return _tower(SiglipVisionModel, SiglipVisionConfig, tiny, tiny_keys, full, 384, 26)
 
 
 def _dinov2_s(tiny: bool) -> tuple[Any, int, int]:
     from transformers import Dinov2Config, Dinov2Model
 
-    if tiny:
-        config = Dinov2Config(
-            hidden_size=32,
-            mlp_ratio=2,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=98,
-            patch_size=7,
-        )
-        return Dinov2Model(config), 56, 2
-    config = Dinov2Config(
+    full = dict(
         hidden_size=384,
         mlp_ratio=4,
         num_hidden_layers=12,
@@ -114,7 +106,9 @@ def _dinov2_s(tiny: bool) -> tuple[Any, int, int]:
         patch_size=14,
         layerscale_value=1e-5,
     )
-    return Dinov2Model(config), 224, 11
+    # 98 px positions interpolated to the 56 px input, as the full shape's 518 -> 224.
+    tiny_keys = dict(mlp_ratio=2, image_size=98)
+    return _tower(Dinov2Model, Dinov2Config, tiny, tiny_keys, full, 224, 11)
 
 
 BUILDERS: dict[str, tuple[str, Callable[[bool], tuple[Any, int, int]]]] = {
