@@ -16,6 +16,7 @@ from test_towers import tiny_tower_llava
 from tiny_models import (
     cross_tokens_of,
     encode,
+    lm_labels,
     placeholders,
     prompts_with_image,
     random_images,
@@ -86,11 +87,7 @@ def _vision_prompt_grad(config: CrossGETConfig) -> tuple[torch.Tensor, torch.Ten
     model, processor = _build(config)
     model.train()
     inputs = encode(processor, random_images(3), PROMPTS)
-    ids = inputs["input_ids"]
-    labels = ids.masked_fill(
-        (ids == model.config.image_token_id) | (inputs["attention_mask"] == 0), -100
-    )
-    model(**inputs, labels=labels, use_cache=False).loss.backward()
+    model(**inputs, labels=lm_labels(inputs), use_cache=False).loss.backward()
     tokens = cross_tokens_of(model)
     return tokens.vision_prompts.grad.norm(dim=1), tokens.text_prompts.grad.norm(dim=1)
 

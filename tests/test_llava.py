@@ -28,6 +28,7 @@ from tiny_models import (
     crossget_keys,
     encode,
     fill_cross_tokens,
+    lm_labels,
     prompts_with_image,
     random_images,
     single_thread,
@@ -110,11 +111,6 @@ def assert_scores_close(first: Any, second: Any, atol: float = 1e-5) -> None:
     assert len(first.scores) == len(second.scores)
     for step, (a, b) in enumerate(zip(first.scores, second.scores, strict=True)):
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=f"scores differ at step {step}")
-
-
-def lm_labels(inputs: BatchFeature) -> torch.Tensor:
-    ids = inputs["input_ids"]
-    return ids.masked_fill((ids == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0), -100)
 
 
 # --------------------------------------------------------------------- 1. exact counts

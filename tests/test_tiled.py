@@ -21,8 +21,10 @@ from tiny_models import (
     encode,
     fill_cross_tokens,
     greedy,
+    loss_and_grads,
     placeholders,
     rows_alone_match,
+    save_load_round_trip,
     single_thread,
     text_config_kwargs,
     tiny_processor,
@@ -238,26 +240,14 @@ def test_r0_is_the_original_model_and_remove_is_bit_exact(name: str, images: lis
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
 @pytest.mark.parametrize("name", MODELS)
 def test_gradient_checkpointing_gives_the_same_gradients(name: str, images: list) -> None:
-    def loss_and_grads(checkpointing: bool) -> tuple[Any, dict]:
+    def run(checkpointing: bool) -> tuple[Any, dict]:
         model, processor = build(name, CrossGETConfig(visual_tokens=16))
         fill_cross_tokens(model)
-        if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        model.train()
         inputs = encode(processor, images, PROMPTS)
-        ids = inputs["input_ids"]
-        labels = ids.masked_fill((ids == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0), -100)
-        loss = model(**inputs, labels=labels, use_cache=False).loss
-        loss = loss + 0.1 * crossget.alignment_loss(model)
-        loss.backward()
-        return loss.detach(), {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
+        return loss_and_grads(model, inputs, False if checkpointing else None)
 
-    ref_loss, ref_grads = loss_and_grads(False)
-    loss, grads = loss_and_grads(True)
+    ref_loss, ref_grads = run(False)
+    loss, grads = run(True)
     torch.testing.assert_close(loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
     assert ref_grads["model.crossget_tokens.vision_prompts"].abs().sum() > 0
@@ -270,13 +260,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str, images: list
 def test_save_and_load_cross_tokens_round_trip(name: str, images: list, tmp_path: Any) -> None:
     model, processor = build(name, CrossGETConfig(visual_tokens=16))
     fill_cross_tokens(model)
-    inputs = encode(processor, images, PROMPTS)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    crossget.save_pretrained(model, tmp_path)
-    loaded, processor2 = crossget.from_pretrained(tiny_tiled(name), tmp_path, tiled_processor(name))
-    with torch.no_grad():
-        assert torch.equal(loaded(**encode(processor2, images, PROMPTS)).logits, expected)
+    fresh, fresh_processor = tiny_tiled(name), tiled_processor(name)
+    save_load_round_trip(model, processor, fresh, fresh_processor, images, PROMPTS, tmp_path)
 
 
 def test_onevision_multi_image_prompt_uses_base_tiles_and_one_newline_each(images: list) -> None:

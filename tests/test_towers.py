@@ -27,10 +27,12 @@ from tiny_models import (
     encode,
     fill_cross_tokens,
     greedy,
+    loss_and_grads,
     placeholders,
     prompts_with_image,
     random_images,
     rows_alone_match,
+    save_load_round_trip,
     single_thread,
     text_config_kwargs,
     tiny_processor,
@@ -281,17 +283,8 @@ def test_merged_sequence_equals_a_naive_float64_reference(tower: str) -> None:
 def _loss_and_grads(tower: str, checkpointing: bool, images: list) -> tuple[Any, dict]:
     model, processor = build(tower, CrossGETConfig(visual_tokens=16, guidance="cross"))
     fill_cross_tokens(model)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.train()
     inputs = encode(processor, images, PROMPTS)
-    ids = inputs["input_ids"]
-    labels = ids.masked_fill((ids == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0), -100)
-    out = model(**inputs, labels=labels, use_cache=False)
-    loss = out.loss + 0.1 * crossget.alignment_loss(model)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
+    return loss_and_grads(model, inputs, True if checkpointing else None)
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
@@ -313,17 +306,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tower: str, images: lis
 def test_save_and_load_cross_tokens_round_trip(tower: str, images: list, tmp_path: Any) -> None:
     model, processor = build(tower, CrossGETConfig(visual_tokens=20))
     fill_cross_tokens(model)
-    inputs = encode(processor, images, PROMPTS)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    crossget.save_pretrained(model, tmp_path)
-    loaded, processor2 = crossget.from_pretrained(
-        tiny_tower_llava(tower), tmp_path, processor_for(tower)
+    fresh, fresh_processor = tiny_tower_llava(tower), processor_for(tower)
+    loaded = save_load_round_trip(
+        model, processor, fresh, fresh_processor, images, PROMPTS, tmp_path
     )
     for name, value in cross_tokens_of(model).state_dict().items():
         assert torch.equal(cross_tokens_of(loaded).state_dict()[name], value), name
-    with torch.no_grad():
-        assert torch.equal(loaded(**encode(processor2, images, PROMPTS)).logits, expected)
 
 
 def test_cross_token_of_a_cls_less_tower_starts_as_the_mean_patch() -> None:

@@ -32,6 +32,8 @@ __all__ = [
     "encode",
     "fill_cross_tokens",
     "greedy",
+    "lm_labels",
+    "loss_and_grads",
     "IMAGE_SIZE",
     "IMAGE_TOKEN_ID",
     "NUM_PATCHES",
@@ -46,6 +48,7 @@ __all__ = [
     "tiny_clip_vision",
     "tiny_llava",
     "rows_alone_match",
+    "save_load_round_trip",
     "text_config_kwargs",
     "tiny_processor",
     "vision_config",
@@ -266,3 +269,53 @@ def rows_alone_match(
             torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0, msg=f"step {step}")
         alones.append(alone)
     return alones
+
+
+def lm_labels(inputs: Any) -> torch.Tensor:
+    """Language-model labels of an encoded batch: ``<image>`` and padding set to -100."""
+    ids = inputs["input_ids"]
+    return ids.masked_fill((ids == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0), -100)
+
+
+def loss_and_grads(
+    model: Any, inputs: Any, use_reentrant: bool | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LM loss + 0.1 x CrossGET's alignment loss in train mode, and every parameter's gradient.
+
+    ``use_reentrant`` None: no gradient checkpointing; else checkpointing of that kind.
+    """
+    import mllm_crossget as crossget
+
+    if use_reentrant is not None:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+        )
+    model.train()
+    loss = model(**inputs, labels=lm_labels(inputs), use_cache=False).loss
+    loss = loss + 0.1 * crossget.alignment_loss(model)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def save_load_round_trip(
+    model: Any,
+    processor: Any,
+    fresh: Any,
+    fresh_processor: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    folder: Any,
+) -> Any:
+    """Save ``model``'s CrossGET state to ``folder``, load it into ``fresh`` and assert the
+    loaded model gives bit-identical logits; returns the loaded model."""
+    import mllm_crossget as crossget
+
+    inputs = encode(processor, images, prompts)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    crossget.save_pretrained(model, folder)
+    loaded, loaded_processor = crossget.from_pretrained(fresh, folder, fresh_processor)
+    with torch.no_grad():
+        assert torch.equal(loaded(**encode(loaded_processor, images, prompts)).logits, expected)
+    return loaded
