@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a whole test module (``tiny_models.single_thread``);
+    a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    from tiny_models import single_thread
+
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import gc
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,7 +31,6 @@ from tiny_models import (
     lm_labels,
     prompts_with_image,
     random_images,
-    single_thread,
     tiny_llava,
     tiny_processor,
 )
@@ -60,10 +59,7 @@ Model = LlavaForConditionalGeneration
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

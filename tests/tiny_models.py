@@ -27,6 +27,7 @@ from transformers import (
 )
 
 __all__ = [
+    "assert_same_loss_and_grads",
     "crossget_keys",
     "cross_tokens_of",
     "encode",
@@ -296,6 +297,20 @@ def loss_and_grads(
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
+
+
+def assert_same_loss_and_grads(
+    result: tuple[torch.Tensor, dict[str, torch.Tensor]],
+    reference: tuple[torch.Tensor, dict[str, torch.Tensor]],
+) -> None:
+    """Two ``loss_and_grads`` results agree: the loss, which parameters got a gradient, and
+    each gradient (``torch.testing.assert_close`` defaults)."""
+    loss, grads = result
+    ref_loss, ref_grads = reference
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for key in ref_grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], msg=key)
 
 
 def save_load_round_trip(
