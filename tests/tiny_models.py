@@ -254,14 +254,21 @@ def rows_alone_match(
     images: Sequence[Image.Image],
     prompts: Sequence[str],
     budgets: Sequence[int],
-    batch: Any,
-) -> list[Any]:
-    """Assert each row of a greedy ``batch`` scores as that row run alone at its budget.
+) -> tuple[Any, list[Any]]:
+    """Greedy-generate a left-padded batch with one budget per row and assert its counts
+    (placeholders and the visual tokens the LLaVA adapter records) and that each row scores
+    as that row run alone at its budget.
 
-    Returns the single-row generations, in row order.
+    Returns the batch generation and the single-row ones, in row order.
     """
     import mllm_crossget as crossget
 
+    with crossget.budget(list(budgets)), torch.no_grad():
+        inputs = encode(processor, images, prompts)
+        assert placeholders(inputs) == list(budgets)
+        assert not inputs["attention_mask"].all()  # left padding in one row
+        batch = greedy(model, inputs)
+    assert model.model._crossget_llava.last.visual_tokens == list(budgets)
     alones = []
     for row, budget in enumerate(budgets):
         with crossget.budget(budget), torch.no_grad():
@@ -269,7 +276,7 @@ def rows_alone_match(
         for step, (a, b) in enumerate(zip(batch.scores, alone.scores, strict=True)):
             torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0, msg=f"step {step}")
         alones.append(alone)
-    return alones
+    return batch, alones
 
 
 def lm_labels(inputs: Any) -> torch.Tensor:
