@@ -272,6 +272,9 @@ def test_folder_verbs_refuse_a_typo_as_a_usage_error(
             main(["--model", "referenc"])
         assert stop.value.code == 2
         err = capsys.readouterr().err
-        assert "'referenc': no such folder, and not a named model (known: reference, pretrained-mini)" in err
+        assert (
+            "'referenc': no such folder, and not a named model (known: reference, pretrained-mini)"
+            in err
+        )
     if (named_models.REFERENCE_FOLDER / "config.json").is_file():
         assert named_models.existing_folder_argument("reference") == named_models.REFERENCE_FOLDER
