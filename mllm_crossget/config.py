@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -358,6 +359,21 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def replace_folder(finished: Path, target: Path) -> None:
+    """Put the finished folder ``finished`` at ``target``: a reader sees the old folder or the
+    new one, never a half-written one. ``os.replace`` cannot replace a non-empty folder, so the
+    old one is renamed aside to ``.NAME.old`` first (one a killed swap left there is deleted
+    before) and deleted after. The project's one way to swap a folder in."""
+    finished, target = Path(finished), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(finished, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

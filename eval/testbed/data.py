@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mllm_crossget.config import atomic_write_text
+from mllm_crossget.config import atomic_write_text, replace_folder
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -1206,17 +1205,6 @@ def load_split(data_dir: str | os.PathLike[str], split: str) -> Any:
     return loaded
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swaps a finished temp directory into place so readers never see a half-written one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
@@ -1235,7 +1223,7 @@ def export(dataset_dict: Any, out_dir: str | os.PathLike[str], progress: bool = 
 
     tmp = _tmp_sibling(out / "hf")
     dataset_dict.save_to_disk(str(tmp))
-    _replace_dir(tmp, out / "hf")
+    replace_folder(tmp, out / "hf")
 
     tmp = _tmp_sibling(out / "parquet")
     tmp.mkdir()
@@ -1243,7 +1231,7 @@ def export(dataset_dict: Any, out_dir: str | os.PathLike[str], progress: bool = 
         dataset = dataset.cast_column("image", datasets.Image(decode=True))
         dataset.to_parquet(str(tmp / f"{split}.parquet"))
         _assert_parquet_embeds_images(tmp / f"{split}.parquet")
-    _replace_dir(tmp, out / "parquet")
+    replace_folder(tmp, out / "parquet")
 
     tmp = _tmp_sibling(out / "llava")
     (tmp / "images").mkdir(parents=True)
@@ -1273,7 +1261,7 @@ def export(dataset_dict: Any, out_dir: str | os.PathLike[str], progress: bool = 
                 }
             )
         (tmp / f"{split}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    _replace_dir(tmp, out / "llava")
+    replace_folder(tmp, out / "llava")
 
     (out / "lmeval").mkdir(exist_ok=True)
     atomic_write_text(
