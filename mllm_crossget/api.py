@@ -102,7 +102,11 @@ def apply(
             f"LlavaForConditionalGeneration (one tower pass per image) only; {family.name} "
             "supports the merging methods crossget and tome"
         )
-    if config.merges_in_encoder and config.guidance == "text" and not family.supports_peers:
+    if (
+        config.merges_in_encoder
+        and config.guidance == "text"
+        and family.name != "LlavaForConditionalGeneration"
+    ):
         raise ValueError(
             f"guidance='text' compares visual tokens with the prompt in a LLaVA LLM's input "
             f"space; {family.name} has no such prompt: use guidance='cross' or 'none'"
