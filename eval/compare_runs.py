@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval import metrics
+from eval.run import read_run_answers
 
 __all__ = ["compare", "main"]
 
 
 def _questions(data: Path, split: str, limit: int | None) -> list[tuple[str, str, str]]:
-    """(id, answer, family) of a testbed split, from ``DATA/llava/SPLIT.json`` (stdlib only,
-    in the order `crossget eval` reads the split, so ``limit`` takes the same questions)."""
+    """(id, answer, family) of a testbed split, from ``DATA/llava/SPLIT.json`` (in the order
+    `crossget eval` reads the split, so ``limit`` takes the same questions)."""
     path = data / "llava" / f"{split}.json"
     if not path.is_file():
         raise SystemExit(f"error: no {path}; make the data with `crossget data make --out {data}`")
@@ -34,25 +35,10 @@ def _questions(data: Path, split: str, limit: int | None) -> list[tuple[str, str
     return [(row["id"], row["conversations"][1]["value"], row["family"]) for row in rows]
 
 
-def _read_answers(path: Path) -> dict[str, str]:
-    answers: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by an interrupted run
-            continue
-        answers[str(record["id"])] = record["prediction"]
-    return answers
-
-
 def _answers(stem: Path) -> dict[str, str]:
-    files = sorted(stem.parent.glob(f"{stem.name}.rank*.jsonl"))
-    if not files:
+    if not any(stem.parent.glob(f"{stem.name}.rank*.jsonl")):
         raise SystemExit(f"error: no answers {stem}.rank*.jsonl; run `crossget eval` first")
-    answers: dict[str, str] = {}
-    for path in files:
-        answers |= _read_answers(path)
-    return answers
+    return read_run_answers(stem.parent, stem.name)
 
 
 def compare(

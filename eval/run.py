@@ -313,6 +313,14 @@ def read_answers(path: Path) -> dict[str, str]:
     return answers
 
 
+def read_run_answers(answers_dir: Path, stem: str) -> dict[str, str]:
+    """Every rank's answers of one (task, method, budget): ``answers_dir/STEM.rank*.jsonl``."""
+    answers: dict[str, str] = {}
+    for path in sorted(answers_dir.glob(f"{stem}.rank*.jsonl")):
+        answers |= read_answers(path)
+    return answers
+
+
 def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     metric_names: list[str] = []
     for row in rows:
@@ -495,9 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         state.wait_for_everyone()
         if not state.is_main_process:
             continue
-        answers: dict[str, str] = {}
-        for path in sorted((args.out / "answers").glob(f"{stem}.rank*.jsonl")):
-            answers |= read_answers(path)
+        answers = read_run_answers(args.out / "answers", stem)
         missing = [item.item_id for item in items if item.item_id not in answers]
         if missing:
             raise RuntimeError(f"{len(missing)} answers missing for {stem} (e.g. {missing[:3]})")
