@@ -18,6 +18,8 @@ import torch
 import mllm_crossget as crossget
 from eval.run import load_model, parse_crossget_options
 from eval.tasks import load_task
+from mllm_crossget.adapters.llava import tower_kind
+from mllm_crossget.adapters.vit_layer import run_encoder
 
 
 def hub_stats(
@@ -28,16 +30,22 @@ def hub_stats(
     crossget.apply(model, config)
     inner = model.model
     tower = inner.vision_tower
+    kind = tower_kind(tower)
     planner = model.crossget_planner
     items = load_task("testbed", data, split, images)
     largest, top5 = [], []
     for item in items:
         pixels = processor.image_processor(item.load_image(), return_tensors="pt")["pixel_values"]
         plan = planner.plan(pixels.shape[-2], pixels.shape[-1])
-        with torch.no_grad():
-            hidden = tower.pre_layrnorm(tower.embeddings(pixels))
-            out = tower.encoder(inputs_embeds=hidden, crossget_plan=plan)
-        size = out.token_size[0, 1:]  # patches only (CLS is protected)
+        with torch.no_grad():  # the tower as the LLaVA adapter runs it
+            out = run_encoder(
+                kind.layers(tower),
+                kind.embed(tower, pixels),
+                plan,
+                has_cls=kind.has_cls,
+                cross_offsets=crossget.cross_tokens(model).vision_prompts,
+            )
+        size = out.token_size[0, int(kind.has_cls) :]  # patches only (CLS is protected)
         ranked = size.sort(descending=True).values
         largest.append(float(ranked[0]))
         top5.append(float(ranked[:5].sum() / size.sum()))

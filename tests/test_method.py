@@ -455,3 +455,14 @@ def test_eval_crossget_options_parse_and_refuse_with_the_fix() -> None:
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_crossget_options([bad])
+
+
+def test_hub_stats_measures_the_tower_as_llava_runs_it(model_dir: Path, testbed: Path) -> None:
+    """eval.hub_stats on a tiny testbed model: 64 patches into 32 tokens, so the largest token
+    holds at least 2 patches and the five largest at least 5/32 of them (pigeonhole)."""
+    from eval.hub_stats import hub_stats
+
+    for options in ({}, {"max_sources_per_destination": 1}):
+        largest, top5 = hub_stats(str(model_dir), testbed, "test", 3, 32, options)
+        assert 2.0 <= largest <= 64.0
+        assert 5 / 32 <= top5 <= 1.0
