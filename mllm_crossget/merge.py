@@ -365,7 +365,7 @@ def _capped_destinations(
     n = sim.shape[-1]
     device = sim.device
     neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
-    src_sim = sim.gather(1, src_idx[..., None].expand(-1, -1, n))  # [B, r, N]
+    src_sim = Matching._rows(sim, src_idx)  # [B, r, N]
     src_sim = src_sim.masked_fill(is_source[:, None, :], neg_inf)
     load = torch.zeros(batch, n, dtype=torch.long, device=device)
     dst_idx = torch.full((batch, r), -1, dtype=torch.long, device=device)
@@ -427,7 +427,7 @@ def _deferred_matching(
     pool_size = min(2 * r, unprotected - r)
     pool = by_score[:, :pool_size]  # [B, M] candidates, ascending score (never protected)
     is_pool = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, pool, True)
-    pool_sim = sim.gather(1, pool[..., None].expand(-1, -1, n))  # protected already -inf
+    pool_sim = Matching._rows(sim, pool)  # protected already -inf
     pool_sim = pool_sim.masked_fill(is_pool[:, None, :], -torch.inf)
     choice = pool_sim.argmax(dim=-1)  # [B, M], first maximum on ties
     # Rank of each candidate among those choosing the same destination, in score order:
