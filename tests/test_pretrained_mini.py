@@ -275,3 +275,28 @@ def test_lazy_features_equal_the_cached_pass(tmp_path: Path) -> None:
         assert torch.allclose(lazy(index).float(), upfront[index].float(), atol=1e-2)
     assert sorted(lazy.cache) == [0, 3]
     assert model.model.vision_tower.training  # mode restored
+
+
+def test_answer_only_logits_give_the_models_own_loss() -> None:
+    """The trainer sends only answer-predicting positions through the LM head; the loss must
+    equal the one LLaVA computes from every position's logits (and so must its gradient)."""
+    from eval.testbed.training.pretrained_mini import answer_loss, answer_positions
+    from eval.testbed.training.train import IGNORE_INDEX
+
+    model, _ = pm.tiny_stand_in(28)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (3, 12))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 5:8] = ids[0, 5:8]
+    labels[1, 2:4] = ids[1, 2:4]
+    labels[1, 10:] = ids[1, 10:]
+    labels[2, 11] = ids[2, 11]
+    reference = model(input_ids=ids, labels=labels).loss
+    keep, targets = answer_positions(labels)
+    assert int(keep.sum()) == int((labels != IGNORE_INDEX).sum()) == len(targets)
+    logits = model(input_ids=ids, logits_to_keep=keep).logits
+    assert logits.shape == (len(targets), model.config.text_config.vocab_size)
+    ours = answer_loss(logits, targets)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    total = answer_loss(logits, targets, num_items_in_batch=torch.tensor(len(targets) * 2))
+    torch.testing.assert_close(total, reference / 2, rtol=1e-6, atol=1e-6)

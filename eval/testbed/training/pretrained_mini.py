@@ -261,7 +261,13 @@ def trainer_class() -> type:
     base = _trainer_class()
 
     class PretrainedMiniTrainer(base):  # type: ignore[misc, valid-type]
-        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             if VISION_FEATURES_KEY in inputs:
                 features = inputs.pop(VISION_FEATURES_KEY)
                 projector = _projector(model)
@@ -270,9 +276,36 @@ def trainer_class() -> type:
                 inputs["mm_encoder_outputs"] = {
                     "image": BaseModelOutputWithPooling(pooler_output=list(projected))
                 }
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            labels = inputs.pop("labels")
+            keep, targets = answer_positions(labels)
+            outputs = model(**inputs, logits_to_keep=keep)
+            loss = answer_loss(outputs.logits, targets, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
 
     return PretrainedMiniTrainer
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose next token is an answer token, as a (B, L) boolean mask for the
+    model's ``logits_to_keep``, and those next tokens in the mask's (row-major) order.
+
+    Only these positions enter the loss, so only these go through the 49,152-wide LM head:
+    about a fifth of a training step's time when the head ran over every position."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def answer_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any = None
+) -> torch.Tensor:
+    """Next-token cross-entropy over the kept positions: the mean, or the sum over the
+    Trainer's token count of the whole accumulated batch (what transformers' own loss does
+    when it passes ``num_items_in_batch``)."""
+    losses = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if num_items_in_batch is None:
+        return losses.mean()
+    return losses.sum() / num_items_in_batch
 
 
 def freeze_for_stage1(model: Any) -> int:
