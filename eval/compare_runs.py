@@ -20,17 +20,22 @@ from pathlib import Path
 
 from eval import metrics
 from eval.run import read_run_answers
+from eval.tasks import first_per_group
 
 __all__ = ["compare", "main"]
 
 
-def _questions(data: Path, split: str, limit: int | None) -> list[tuple[str, str, str]]:
+def _questions(
+    data: Path, split: str, limit: int | None, per_family: int | None = None
+) -> list[tuple[str, str, str]]:
     """(id, answer, family) of a testbed split, from ``DATA/llava/SPLIT.json`` (in the order
     `crossget eval` reads the split, so ``limit`` takes the same questions)."""
     path = data / "llava" / f"{split}.json"
     if not path.is_file():
         raise SystemExit(f"error: no {path}; make the data with `crossget data make --out {data}`")
     rows = json.loads(path.read_text(encoding="utf-8"))
+    if per_family:
+        rows = first_per_group(rows, per_family, lambda row: row["family"])
     rows = rows if limit is None else rows[:limit]
     return [(row["id"], row["conversations"][1]["value"], row["family"]) for row in rows]
 
@@ -47,9 +52,10 @@ def compare(
     runs: Sequence[tuple[str, Path]],
     baseline: str,
     limit: int | None = None,
+    per_family: int | None = None,
 ) -> str:
     """The markdown report: accuracy per family, then McNemar of each run against baseline."""
-    items = _questions(data, split, limit)
+    items = _questions(data, split, limit, per_family)
     truth = [answer for _, answer, _ in items]
     families = sorted({family for _, _, family in items})
     correct: dict[str, list[bool]] = {}
@@ -107,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--limit", type=int, default=None, help="the first N questions (as eval --limit)"
     )
+    parser.add_argument(
+        "--per-family",
+        type=int,
+        default=None,
+        help="the first N questions of each family (as eval --per-family)",
+    )
     parser.add_argument("--baseline", required=True, help="NAME of the run to compare against")
     args = parser.parse_args(argv)
     runs = []
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not stem:
             raise SystemExit(f"error: --run wants NAME=STEM, got {pair!r}")
         runs.append((name, Path(stem)))
-    print(compare(args.data, args.split, runs, args.baseline, args.limit), end="")
+    print(compare(args.data, args.split, runs, args.baseline, args.limit, args.per_family), end="")
     return 0
 
 

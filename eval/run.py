@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items")
     parser.add_argument(
+        "--per-family",
+        type=int,
+        default=None,
+        help="evaluate the first N items of each family (testbed) or group, every family "
+        "covered; applied before --limit",
+    )
+    parser.add_argument(
         "--prompt-template",
         default=None,
         help="prompt with {question} and <image>; default: the processor's "
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     # On CPU, accelerate only forms a process group when asked for one (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        items = load_task(args.task, args.data, args.split, args.limit)
+        items = load_task(args.task, args.data, args.split, args.limit, args.per_family)
     except (FileNotFoundError, ValueError) as error:
         print(f"crossget eval: {error}", file=sys.stderr)
         return 2

@@ -23,10 +23,11 @@ Layouts (``--data DIR``):
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -35,6 +36,8 @@ from eval import metrics
 __all__ = ["TASKS", "Item", "load_task", "score_task"]
 
 LLAVA_TASKS = ("vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa")
+T = TypeVar("T")
+
 TASKS: tuple[str, ...] = ("testbed", *LLAVA_TASKS, "mmbench")
 MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
 GROUND_TRUTH_FIELDS: dict[str, tuple[str, ...]] = {
@@ -206,9 +209,17 @@ def _load_mmbench(data: Path) -> list[Item]:
 
 
 def load_task(
-    task: str, data: str | Path, split: str = "test", limit: int | None = None
+    task: str,
+    data: str | Path,
+    split: str = "test",
+    limit: int | None = None,
+    per_group: int | None = None,
 ) -> list[Item]:
-    """The task's items in a stable order (so shards and reruns line up)."""
+    """The task's items in a stable order (so shards and reruns line up).
+
+    ``per_group`` keeps the first N items of each group (testbed: family) in that order: a
+    smaller run that still covers every family, where ``limit`` (the first N items) would
+    leave out a family written last, such as the testbed's fashion photos."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     root = Path(data)
@@ -226,7 +237,23 @@ def load_task(
         items = _load_mmbench(root)
     else:
         items = _load_llava_layout(task, root)
+    if per_group:
+        items = first_per_group(items, per_group, lambda item: item.group)
     return items[:limit] if limit else items
+
+
+def first_per_group(items: Sequence[T], n: int, group_of: Callable[[T], str]) -> list[T]:
+    """The first ``n`` items of every group, in their original order."""
+    if n < 1:
+        raise ValueError(f"per-family count must be at least 1, got {n}")
+    seen: Counter[str] = Counter()
+    kept = []
+    for item in items:
+        group = group_of(item)
+        if seen[group] < n:
+            seen[group] += 1
+            kept.append(item)
+    return kept
 
 
 def _group_means(values: Sequence[float], groups: Sequence[str]) -> dict[str, float]:

@@ -245,3 +245,16 @@ def test_mmbench_tsv_is_asked_circularly_and_scored(tmp_path: Path) -> None:
     assert tasks.score_task("mmbench", items, right)["overall"] == pytest.approx(100.0)
     one_wrong = [*right[:2], "C" if right[2] != "C" else "A"]
     assert tasks.score_task("mmbench", items, one_wrong)["overall"] == pytest.approx(0.0)
+
+
+def test_per_family_takes_the_first_items_of_every_family(testbed: Path) -> None:
+    items = tasks.load_task("testbed", testbed)
+    kept = tasks.load_task("testbed", testbed, per_group=1)
+    families = list(dict.fromkeys(i.group for i in items))
+    assert [i.group for i in kept] == families  # one each, in first-seen order
+    assert [i.item_id for i in kept] == [
+        next(i for i in items if i.group == family).item_id for family in families
+    ]
+    assert len(tasks.load_task("testbed", testbed, limit=2, per_group=1)) == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        tasks.first_per_group(items, 0, lambda i: i.group)
