@@ -43,6 +43,7 @@ from eval.testbed.training.train import (
     _trainer_class,
     cache_pixels,
     collator_for,
+    image_encoder_outputs,
     load_examples,
     normalize_pixels,
     trainer_arguments,
@@ -246,19 +247,9 @@ def cached_features(
 # ----------------------------------------------------------------------------- trainer
 
 
-def _projector(model: Any) -> nn.Module:
-    """The LLaVA projector under any wrapper (peft, DDP)."""
-    for name, module in model.named_modules():
-        if name.endswith(PROJECTOR_MODULE) and "modules_to_save" not in name:
-            return module
-    raise ValueError("no multi_modal_projector in the model")
-
-
 def trainer_class() -> type:
     """The recipes' TestbedTrainer, projecting cached tower features through whatever
     projector the (possibly peft-wrapped) model trains."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     base = _trainer_class()
 
     class PretrainedMiniTrainer(base):  # type: ignore[misc, valid-type]
@@ -271,12 +262,7 @@ def trainer_class() -> type:
         ) -> Any:
             if VISION_FEATURES_KEY in inputs:
                 features = inputs.pop(VISION_FEATURES_KEY)
-                projector = _projector(model)
-                dtype = next(projector.parameters()).dtype
-                projected = projector(features.to(dtype))
-                inputs["mm_encoder_outputs"] = {
-                    "image": BaseModelOutputWithPooling(pooler_output=list(projected))
-                }
+                inputs["mm_encoder_outputs"] = image_encoder_outputs(model, features)
             labels = inputs.pop("labels")
             keep, targets = answer_positions(labels)
             outputs = model(**inputs, logits_to_keep=keep)

@@ -352,10 +352,18 @@ def image_encoder_outputs(model: Any, features: torch.Tensor) -> dict[str, Any]:
     (which trains) runs here, the tower does not run at all."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    llava = model.model
-    projector = llava.multi_modal_projector
+    projector = projector_of(model)
     projected = projector(features.to(next(projector.parameters()).dtype))
     return {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+
+
+def projector_of(model: Any) -> torch.nn.Module:
+    """The LLaVA projector under any wrapper: plain, or peft's (whose ``modules_to_save``
+    wrapper forwards to the copy being trained)."""
+    for name, module in model.named_modules():
+        if name.endswith("multi_modal_projector"):
+            return module
+    raise ValueError("no multi_modal_projector in the model")
 
 
 class PackedVQADataset(torch.utils.data.Dataset):
