@@ -259,6 +259,9 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     assert recipe.main(ship_argv) == 0
     card = (shipped / "README.md").read_text()
     assert "2 steps, LR 0.001" in card and "overall" in card
+    for stage in recipe.STAGES:
+        shipped_history = json.loads((shipped / f"loss_{stage}.json").read_text())
+        assert shipped_history == json.loads((out / stage / "loss.json").read_text())
     for name, tensor in load_file(str(shipped / pm.PROJECTOR_FILE)).items():
         assert tensor.dtype == torch.float16 and torch.equal(tensor, saved[name].half())
     model, _ = pm.tiny_stand_in(28)

@@ -764,7 +764,8 @@ SHIPPED_DTYPE = torch.float16  # halves the shipped LoRA (about 11 MB); LoRA val
 
 def ship(run_dir: Path, dest: Path) -> Path:
     """Copy a finished run's trained weights (``final/``: projector + LoRA adapter) to ``dest``
-    in float16, with a model card made from the run's own records, for
+    in float16, with a model card made from the run's own records and each stage's loss
+    history (``loss_stage1.json``, ``loss_stage2.json``), for
     ``--model pretrained-mini`` to load. The folder is swapped in whole (never half written)."""
     from safetensors.torch import load_file, save_file
 
@@ -798,6 +799,10 @@ def ship(run_dir: Path, dest: Path) -> Path:
     (staging / ADAPTER_DIR / "adapter_config.json").write_bytes(
         (adapter / "adapter_config.json").read_bytes()
     )
+    for stage in STAGES:  # the learning curve travels with the weights
+        history = run_dir / stage / "loss.json"
+        if history.is_file():
+            (staging / f"loss_{stage}.json").write_bytes(history.read_bytes())
     (staging / "README.md").write_text(model_card(run_dir), encoding="utf-8")
     replace_folder(staging, dest)
     return dest
