@@ -51,6 +51,7 @@ from mllm_crossget.flops import FlopsReport
 from mllm_crossget.merge import bipartite_matching, complete_graph_matching
 from mllm_crossget.peers import MERGING_METHODS, METHOD_NAMES, FeatureInputs, get_method
 from mllm_crossget.peers import fastv as fastv_peer
+from mllm_crossget.processing import processor_image_size
 
 # `llava-7b-shape` is built here with random weights; any other --model is a named model
 # (mllm_crossget.named_models), a LLaVA folder or a hub id.
@@ -120,8 +121,10 @@ def build_settings(
     budgets: Sequence[str],
     fastv_layer: int,
     llm_positions: str = "original",
+    processor: Any = None,
 ) -> tuple[list[Setting], list[str]]:
-    """Valid settings (full first) and a note for each skipped combination.
+    """Valid settings (full first) and a note for each skipped combination (a budget is
+    judged at the size ``processor`` feeds when one is given, else at the config's size).
 
     FastV's ``fastv_layer`` is lowered to the LLM's last layer - 1 for shallow models (noted).
     """
@@ -144,8 +147,8 @@ def build_settings(
                 continue
             try:
                 config = parse_budget(method, budget, fastv_layer, llm_positions)
-                crossget.remove(model)
-                crossget.apply(model, config)
+                crossget.remove(model, processor)
+                crossget.apply(model, config, processor)
             except ValueError as error:
                 skipped.append(f"{method}/{budget}: {error}")
                 continue
@@ -153,19 +156,26 @@ def build_settings(
             if method == "fastv" and fastv_layer != wanted_fastv_layer:
                 note = f"K={fastv_layer}: the LLM has {llm_layers} layers"
             settings.append(Setting(method, budget, config, note=note))
-    crossget.remove(model)
+    crossget.remove(model, processor)
     return settings, skipped
 
 
 def prepare(
-    model: nn.Module, setting: Setting, text: Tensor, image_token_id: int, prompt_tokens: int
+    model: nn.Module,
+    setting: Setting,
+    text: Tensor,
+    image_token_id: int,
+    prompt_tokens: int,
+    processor: Any = None,
 ) -> None:
-    """Apply the setting once to read token counts, FLOPs and build its input ids."""
-    crossget.remove(model)
+    """Apply the setting once to read token counts, FLOPs and build its input ids, at the
+    size ``processor`` feeds (default: the tower config's)."""
+    image_size = input_image_size(model, processor)
+    crossget.remove(model, processor)
     if setting.config is not None:
-        crossget.apply(model, setting.config)
-        setting.visual_tokens = crossget.num_visual_tokens(model)
-    flops = crossget.flops_report(model, prompt_length=prompt_tokens)
+        crossget.apply(model, setting.config, processor)
+        setting.visual_tokens = crossget.num_visual_tokens(model, image_size)
+    flops = crossget.flops_report(model, image_size=image_size, prompt_length=prompt_tokens)
     if setting.config is None:
         setting.visual_tokens = flops.visual_tokens
     setting.flops = flops
@@ -173,7 +183,7 @@ def prepare(
     batch = text.shape[0]
     image = torch.full((batch, setting.visual_tokens), image_token_id, device=text.device)
     setting.input_ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-    crossget.remove(model)
+    crossget.remove(model, processor)
 
 
 # ------------------------------------------------------------------------------- timing
@@ -361,8 +371,10 @@ def time_round_robin(
     repeats: int,
     progress: bool = True,
     autocast: torch.dtype | None = None,
+    processor: Any = None,
 ) -> None:
-    """Fill ``setting.samples`` (and its KV cache / CUDA memory) of every setting.
+    """Fill ``setting.samples`` (and its KV cache / CUDA memory) of every setting
+    (``processor``: the budgets are applied as `build_settings` judged them).
 
     Rounds go round-robin (one call of each setting per round) so that load changes on a
     shared machine hit every setting alike; the first round reads the KV cache and CUDA
@@ -373,7 +385,7 @@ def time_round_robin(
         for round_index in range(rounds):
             for setting in settings:
                 bar.set_postfix_str(setting.label)
-                with configured(model, setting):
+                with configured(model, setting, processor):
                     if round_index == 0:
                         times = measure_cache(model, setting, pixels, device, new_tokens, autocast)
                     else:
@@ -387,20 +399,22 @@ def time_round_robin(
 
 
 @contextmanager
-def configured(model: nn.Module, setting: Setting) -> Iterator[None]:
-    crossget.remove(model)
+def configured(model: nn.Module, setting: Setting, processor: Any = None) -> Iterator[None]:
+    crossget.remove(model, processor)
     if setting.config is not None:
-        crossget.apply(model, setting.config)
+        crossget.apply(model, setting.config, processor)
     try:
         yield
     finally:
-        crossget.remove(model)
+        crossget.remove(model, processor)
 
 
 # ------------------------------------------------------------- choosing-tokens overhead
 
 
-def overhead_fn(model: nn.Module, setting: Setting, batch: int, device: str) -> Callable[[], Any]:
+def overhead_fn(
+    model: nn.Module, setting: Setting, batch: int, device: str, image_size: int | None = None
+) -> Callable[[], Any]:
     """The token-choosing work of one setting alone, on random tensors of the real shapes.
 
     Merging methods: matching + merge of every merging layer (their ``r`` and token counts).
@@ -411,7 +425,7 @@ def overhead_fn(model: nn.Module, setting: Setting, batch: int, device: str) -> 
     vision = model.config.vision_config
     width, heads = vision.hidden_size, vision.num_attention_heads
     dtype = next(model.parameters()).dtype
-    size = vision.image_size
+    size = image_size or vision.image_size
     planner = model.crossget_planner
     patches = (size // vision.patch_size) ** 2
 
@@ -487,8 +501,8 @@ def median_time(fn: Callable[[], Any], repeats: int, device: str) -> float:
 # ---------------------------------------------------------------------------- models
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model and a one-line description of it."""
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, str, Any]:
+    """The model, a one-line description of it and its processor (None for shapes)."""
     dtype = DTYPES[args.dtype]
     if args.model != SHAPE_MODEL:
         entry = named_models.get(args.model)
@@ -497,13 +511,13 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
             if not (folder / "config.json").is_file():
                 from eval.testbed.model import build_reference
 
-                model, _ = build_reference(seed=args.seed)
+                model, processor = build_reference(seed=args.seed)
                 description = "testbed reference architecture, random weights (not trained yet)"
-                return model.to(args.device, dtype).eval(), description
-        model, _ = named_models.load_llava(args.model, dtype=dtype, device=args.device)
+                return model.to(args.device, dtype).eval(), description, processor
+        model, processor = named_models.load_llava(args.model, dtype=dtype, device=args.device)
         if entry is not None:
-            return model, f"named model {entry.name!r} ({entry.folder()})"
-        return model, f"LLaVA {args.model}"
+            return model, f"named model {entry.name!r} ({entry.folder()})", processor
+        return model, f"LLaVA {args.model}", processor
     from transformers import LlavaForConditionalGeneration
 
     from eval.bench_llava import llava_7b_config
@@ -532,7 +546,18 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
             f"tower width {args.vision_width}, {args.vision_layers} layers, "
             f"{args.image_size} px), random weights"
         )
-    return model.eval(), description
+    return model.eval(), description, None
+
+
+def input_image_size(model: nn.Module, processor: Any) -> int:
+    """The square side the tower is fed: the processor's, else the tower config's (they
+    differ for pretrained-mini, whose config keeps DINOv2's native 518-px grid)."""
+    size = processor_image_size(processor) if processor is not None else None
+    if size is None:
+        return int(model.config.vision_config.image_size)
+    if size[0] != size[1]:
+        raise ValueError(f"bench times square images; the processor feeds {size}")
+    return size[0]
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -866,10 +891,12 @@ def autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return None if args.autocast == "none" else DTYPES[args.autocast]
 
 
-def make_inputs(args: argparse.Namespace, config: Any) -> tuple[Tensor, Tensor]:
+def make_inputs(
+    args: argparse.Namespace, config: Any, image_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The prompt tokens [B, prompt] (no image token among them) and pixels, from the seed."""
     vocab = config.text_config.vocab_size
-    size = config.vision_config.image_size
+    size = image_size or config.vision_config.image_size
     generator = torch.Generator().manual_seed(args.seed)
     text = torch.randint(5, vocab, (args.batch, args.prompt_tokens), generator=generator)
     text = text.masked_fill(text == config.image_token_id, 5).to(args.device)
@@ -896,14 +923,15 @@ def main(argv: list[str] | None = None) -> int:
         except named_models.UnknownModelError as error:
             raise SystemExit(f"crossget bench: {error}") from None
     torch.manual_seed(args.seed)
-    model, description = load_model(args)
+    model, description, processor = load_model(args)
     config = model.config
-    text, pixels = make_inputs(args, config)
+    image_size = input_image_size(model, processor)
+    text, pixels = make_inputs(args, config, image_size)
     settings, skipped = build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions
+        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
     )
     for setting in settings:
-        prepare(model, setting, text, config.image_token_id, args.prompt_tokens)
+        prepare(model, setting, text, config.image_token_id, args.prompt_tokens, processor)
     if args.memory == "process":
         # One fresh process per setting, while this one holds no model (two copies of a
         # large model would not fit beside each other on a small machine).
@@ -916,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             setting.memory.update({k: result[k] for k in ("peak_mb", "working_mb", "base_mb")})
             setting.memory["process_kv_mb"] = result["kv_mb"]
         torch.manual_seed(args.seed)
-        model, _ = load_model(args)
+        model, _, processor = load_model(args)
     time_round_robin(
         model,
         settings,
@@ -926,10 +954,11 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup,
         args.repeats,
         autocast=autocast,
+        processor=processor,
     )
     for setting in tqdm(settings, desc="overhead"):
-        with configured(model, setting), autocast_context(args.device, autocast):
-            fn = overhead_fn(model, setting, args.batch, args.device)
+        with configured(model, setting, processor), autocast_context(args.device, autocast):
+            fn = overhead_fn(model, setting, args.batch, args.device, image_size)
             setting.overhead_s = median_time(fn, max(args.repeats, 5), args.device)
 
     rows = result_rows(settings)

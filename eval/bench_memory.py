@@ -73,18 +73,19 @@ def measure(argv: Sequence[str]) -> dict[str, Any]:
     if args.device != "cpu":
         raise ValueError("eval.bench_memory measures CPU memory; on CUDA bench reads the allocator")
     method, _, budget = args.only.partition("/")
-    model, _ = bench.load_model(args)
-    text, pixels = bench.make_inputs(args, model.config)
+    model, _, processor = bench.load_model(args)
+    image_size = bench.input_image_size(model, processor)
+    text, pixels = bench.make_inputs(args, model.config, image_size)
     methods, budgets = ([], ["full"]) if method == "full" else ([method], [budget])
     settings, skipped = bench.build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions
+        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
     )
     if not settings:
         raise ValueError(f"{args.only}: {'; '.join(skipped) or 'no such setting'}")
     setting = settings[0]
-    bench.prepare(model, setting, text, model.config.image_token_id, args.prompt_tokens)
+    bench.prepare(model, setting, text, model.config.image_token_id, args.prompt_tokens, processor)
     autocast = bench.autocast_dtype(args)
-    with bench.configured(model, setting):
+    with bench.configured(model, setting, processor):
         bench.run_once(model, setting, pixels, "cpu", args.new_tokens, autocast=autocast)
         gc.collect()
         reset = _reset_peak()

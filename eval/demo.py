@@ -42,13 +42,13 @@ from eval.testbed.data import (
 )
 from eval.testbed.model import (
     DEFAULT_PATH,
-    format_prompt,
     load_reference,
     visual_tokens_per_image,
 )
 from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text, write_json_atomic
 from mllm_crossget.peers import METHOD_NAMES, get_method
+from mllm_crossget.processing import processor_image_size
 
 # Measured (untrained cpu-small model, 1 thread, batch 32, 2 new tokens, another training job on
 # the same two cores): 29 questions/s at the full 256 tokens, 22-60/s at 192-64 tokens, so the
@@ -89,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        type=named_models.folder_argument,
         default="reference",
-        help="a named model (reference: the shipped testbed model) or the folder of a testbed "
-        "LLaVA saved with save_pretrained (model + processor)",
+        help="a named model (reference: the shipped testbed model; pretrained-mini: the LLaVA "
+        "from real pretrained parts, loaded with its trained weights and asked in its chat "
+        "template) or the folder of a LLaVA saved with save_pretrained (model + processor)",
     )
     parser.add_argument(
         "--data",
@@ -192,6 +192,22 @@ def load_model(folder: Path, device: str, untrained_fallback: bool = False) -> t
     return load_reference(folder, device)
 
 
+def load_named_or_folder(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """``--model``: a named model with its own loader (pretrained-mini: converted parts plus
+    the shipped trained weights) goes through the registry; ``reference`` and folders load
+    as saved (the shipped reference may fall back to an untrained stand-in, said by the
+    third value)."""
+    entry = named_models.get(args.model)
+    if entry is not None and entry.loader is not named_models.load_llava_folder:
+        try:
+            return (*named_models.load_llava(args.model, device=args.device), False)
+        except named_models.UnknownModelError as error:
+            raise DemoError(str(error)) from error
+    folder = named_models.folder_argument(args.model)
+    untrained = not (folder / "config.json").is_file() and folder == DEFAULT_PATH
+    return (*load_model(folder, args.device, untrained_fallback=untrained), untrained)
+
+
 def ensure_test_split(
     cache: Path, questions: int, seed: int, image_size: int, progress: bool
 ) -> Path:
@@ -211,6 +227,11 @@ def ensure_test_split(
     return export(splits, folder, progress=progress)
 
 
+def _prompt(processor: Any, question: str) -> str:
+    """The prompt the answers are generated with (eval.run's: chat template, else LLaVA's)."""
+    return run.format_prompt(processor, question, None)
+
+
 def _timing_inputs(
     processor: Any, items: Sequence[tasks.Item], batch: int, image_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -220,10 +241,10 @@ def _timing_inputs(
     one realistic length.
     """
     tokenizer = processor.tokenizer
-    lengths = [len(tokenizer(format_prompt(item.question)).input_ids) - 1 for item in items]
+    lengths = [len(tokenizer(_prompt(processor, item.question)).input_ids) - 1 for item in items]
     mean = statistics.fmean(lengths)
     chosen = min(range(len(items)), key=lambda i: abs(lengths[i] - mean))
-    ids = tokenizer(format_prompt(items[chosen].question), return_tensors="pt").input_ids
+    ids = tokenizer(_prompt(processor, items[chosen].question), return_tensors="pt").input_ids
     text = ids[:, ids[0] != image_token_id].repeat(batch, 1)
     images = [items[i % len(items)].load_image() for i in range(batch)]
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -368,9 +389,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             get_method(method)  # a typo fails before any work
     except ValueError as error:
         raise DemoError(str(error)) from error
-    untrained = not (args.model / "config.json").is_file() and args.model == DEFAULT_PATH
-    model, processor = load_model(args.model, args.device, untrained_fallback=untrained)
-    image_size = model.config.vision_config.image_size
+    model, processor, untrained = load_named_or_folder(args)
+    size = processor_image_size(processor)  # rendered at the size the tower is fed
+    if size is None or size[0] != size[1]:
+        raise DemoError(f"the demo renders square images; the processor feeds {size}")
+    image_size = size[0]
     data = args.data or ensure_test_split(
         args.data_cache, args.questions, args.seed, image_size, not args.no_progress
     )
@@ -382,7 +405,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: {data} holds only {len(items)} test questions", file=sys.stderr)
 
     settings, skipped = bench.build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions
+        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
     )
     threads = torch.get_num_threads() if args.device == "cpu" else None
     print(
@@ -396,7 +419,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     text, pixels = text.to(args.device), pixels.to(args.device)
     for setting in settings:
-        bench.prepare(model, setting, text, model.config.image_token_id, prompt_tokens)
+        bench.prepare(model, setting, text, model.config.image_token_id, prompt_tokens, processor)
     scores = evaluate_settings(model, processor, settings, items, args)
     bench.time_round_robin(
         model,
@@ -407,6 +430,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         args.timing_warmup,
         args.timing_repeats,
         progress=not args.no_progress,
+        processor=processor,
     )
     rows = build_rows(settings, scores)
     for row in rows:  # what the processor really emitted must match the plan and the FLOPs
@@ -455,7 +479,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         rows,
         chance["overall"],
         args.out / "accuracy_vs_tokens.png",
-        f"{args.model.name}: {len(items)} testbed questions",
+        f"{Path(args.model).name}: {len(items)} testbed questions",
     )
     print(table)
     print("\n".join(notes))

@@ -18,7 +18,7 @@ from .adapters import open_clip as open_clip_adapter
 from .adapters.family import Family
 from .config import CrossGETConfig, atomic_output, budget_error
 from .cross_tokens import CrossTokens, unwrap_cross_tokens
-from .processing import restore_processor
+from .processing import processor_image_size, restore_processor
 
 __all__ = [
     "SUPPORTED_MODELS",
@@ -119,8 +119,12 @@ def apply(
         )
     family.check(model, config)
     planner = family.planner(model, config)
-    planner.visual_tokens(*family.image_size(model))  # validate the budget now
-    _warn_if_r_clamped(planner, *family.image_size(model))
+    # Validate the budget now, at the size the processor feeds (else the config's).
+    size = (processor_image_size(processor) if processor is not None else None) or (
+        family.image_size(model)
+    )
+    planner.visual_tokens(*size)
+    _warn_if_r_clamped(planner, *size)
     holder = family.holder(model)
     previous = getattr(holder, TOKENS_ATTR, None)
     processor = processor if processor is not None else _adjusted_processor(model)

@@ -6,7 +6,27 @@ from typing import Any
 
 from .adapters.llava import BUDGET_OVERRIDE
 
-__all__ = ["adjust_processor", "restore_processor"]
+__all__ = ["adjust_processor", "processor_image_size", "restore_processor"]
+
+
+def processor_image_size(processor: Any) -> tuple[int, int] | None:
+    """(height, width) of the pixels ``processor`` hands the tower, or None if it does not
+    say. This, not the tower config's ``image_size``, is what the budget must fit: a DINOv2
+    tower (pretrained-mini) keeps its native 518-px grid in its config and interpolates its
+    positions to the processor's 224 or 336 px."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    cropped = getattr(image_processor, "do_center_crop", False)
+    spec = getattr(image_processor, "crop_size" if cropped else "size", None)
+    if spec is None:
+        return None
+    read = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key, None)
+    height, width = read("height"), read("width")
+    if height and width:
+        return int(height), int(width)
+    side = read("shortest_edge")
+    return (int(side), int(side)) if side else None
 
 
 def _replace_image_token(self: Any, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:

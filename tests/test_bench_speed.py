@@ -34,7 +34,7 @@ def _one_thread() -> Iterator[None]:
 def _prepared(argv: list[str], methods: list[str], budgets: list[str]) -> tuple:
     args = bench.build_parser().parse_args([*TINY, *argv])
     bench.finish_args(args)
-    model, _ = bench.load_model(args)
+    model, _, _ = bench.load_model(args)
     text, pixels = bench.make_inputs(args, model.config)
     settings, skipped = bench.build_settings(model, methods, budgets, args.fastv_layer)
     assert not skipped

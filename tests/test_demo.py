@@ -93,3 +93,54 @@ def test_missing_shipped_model_falls_back_to_an_untrained_stand_in(
     assert model.config.image_seq_length == 256
     assert model.config.vision_config.hidden_size == 128  # the cpu-small shape the recipe trains
     assert processor.tokenizer.padding_side == "left"
+
+
+def test_a_named_model_with_its_own_loader_runs_in_its_own_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m eval.demo --model pretrained-mini`: the entry's loader is used (not a plain
+    from_pretrained of its folder), questions are rendered at the processor's size (not the
+    tower config's, which is 518 for pretrained-mini) and asked in the chat template."""
+    import torch
+
+    from eval import run
+    from mllm_crossget import named_models
+    from mllm_crossget import pretrained_mini as pm
+    from mllm_crossget.named_models import NamedModel
+
+    folder = tmp_path / "mini"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    calls: list[Path] = []
+
+    def loader(path: Path, dtype: torch.dtype) -> tuple[object, object]:
+        calls.append(path)
+        return pm.tiny_stand_in(112)
+
+    monkeypatch.setattr(named_models, "_REGISTRY", dict(named_models._REGISTRY))
+    named_models.register(
+        NamedModel(
+            name="mini-demo",
+            summary="a test entry",
+            prompt="chat template",
+            folder=lambda: folder,
+            missing="build it",
+            loader=loader,
+        )
+    )
+    prompts: list[str] = []
+    format_prompt = run.format_prompt
+    monkeypatch.setattr(
+        run, "format_prompt", lambda *a: prompts.append(format_prompt(*a)) or prompts[-1]
+    )
+    out = tmp_path / "demo"
+    argv = ["--model", "mini-demo", "--data-cache", str(tmp_path / "data"), "--out", str(out)]
+    argv += ["--questions", "7", "--budgets", "full,32", "--methods", "crossget,tome"]
+    argv += ["--batch-size", "4", "--timing-batch", "2", "--timing-repeats", "1"]
+    assert demo.main([*argv, "--timing-warmup", "0", "--threads", "1", "--no-progress"]) == 0
+    assert calls == [folder]
+    assert (tmp_path / "data" / "seed0-112px").is_dir()  # the stand-in's processor size
+    assert prompts and all(p.startswith("<|im_start|>system") for p in prompts)
+    report = json.loads((out / "demo.json").read_text())
+    tokens = {(r["method"], r["budget"]): r["visual_tokens"] for r in report["rows"]}
+    assert tokens == {("full", "full"): 64, ("crossget", "32"): 32, ("tome", "32"): 32}

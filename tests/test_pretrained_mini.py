@@ -318,3 +318,24 @@ def test_answer_only_logits_give_the_models_own_loss() -> None:
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     total = answer_loss(logits, targets, num_items_in_batch=torch.tensor(len(targets) * 2))
     torch.testing.assert_close(total, reference / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_budget_is_checked_at_the_size_the_processor_feeds() -> None:
+    """pretrained-mini's tower config keeps its native grid (518 px; the stand-in's 42 px)
+    and interpolates to the processor's size: apply must judge a budget at that size."""
+    import mllm_crossget as crossget
+
+    model, processor = pm.tiny_stand_in(112)  # config 42 px = 9 patches; fed 112 px = 64
+    assert model.config.vision_config.image_size == 42
+    model, processor = crossget.apply(model, crossget.CrossGETConfig(visual_tokens=32), processor)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=Image.new("RGB", (112, 112)), text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 32
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    crossget.remove(model, processor)
+    with pytest.raises(ValueError, match=r"choose visual_tokens in \[16, 64\]"):
+        crossget.apply(model, crossget.CrossGETConfig(visual_tokens=8), processor)
