@@ -30,6 +30,7 @@ from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
 from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text
+from mllm_crossget.processing import processor_image_size
 
 DEFAULT_TEMPLATE = "<image>\nUSER: {question} ASSISTANT:"
 
@@ -515,8 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise RuntimeError(f"{len(missing)} answers missing for {stem} (e.g. {missing[:3]})")
         predictions = [answers[item.item_id] for item in items]
-        visual = crossget.num_visual_tokens(model) if crossget.is_applied(model) else None
-        report = crossget.flops_report(model, prompt_length=32)
+        size = processor_image_size(processor)  # what the tower is fed (not its config's)
+        visual = crossget.num_visual_tokens(model, size) if crossget.is_applied(model) else None
+        report = crossget.flops_report(
+            model, image_size=size[0] if size else None, prompt_length=32
+        )
         rows.append(
             {
                 "task": args.task,

@@ -53,8 +53,8 @@ def assignment_for(
     patch = tower.config.patch_size
     height, width = pixels.shape[-2:]
     grid = (height // patch, width // patch)
-    crossget.remove(model)
-    crossget.apply(model, _config(method, budget, model))
+    crossget.remove(model, processor)
+    crossget.apply(model, _config(method, budget, model), processor)
     try:
         if method == "fastv":
             assignment = _fastv_assignment(model, processor, pixels, prompt)
@@ -86,7 +86,7 @@ def assignment_for(
                 source = encoded.source_map[0, start:, start:]
                 assignment = source.argmax(dim=0)
     finally:
-        crossget.remove(model)
+        crossget.remove(model, processor)
     return assignment.cpu().numpy().reshape(grid)
 
 
@@ -96,7 +96,7 @@ def _fastv_assignment(model: nn.Module, processor: Any, pixels: Tensor, prompt: 
     image_token = processor.image_token
     text = prompt if image_token in prompt else f"{image_token}\n{prompt}"
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
-    count = crossget.num_visual_tokens(model)
+    count = crossget.num_visual_tokens(model, tuple(pixels.shape[-2:]))
     image_id = model.config.image_token_id
     position = int((ids[0] == image_id).nonzero()[0])
     ids = torch.cat(

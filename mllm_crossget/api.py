@@ -240,10 +240,14 @@ def num_visual_tokens(
     image_size: int | tuple[int, int] | None = None,
     visual_tokens: int | None = None,
 ) -> int:
-    """Exact number of visual tokens an image of ``image_size`` yields under the config."""
+    """Exact number of visual tokens an image of ``image_size`` yields under the config.
+
+    Default size: what the processor given to ``apply`` feeds, else the tower config's."""
     _require_applied(model)
     if image_size is None:
-        image_size = _FAMILIES[_family(model)].image_size(model)
+        adjusted = _adjusted_processor(model)
+        fed = processor_image_size(adjusted) if adjusted is not None else None
+        image_size = fed or _FAMILIES[_family(model)].image_size(model)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     return model.crossget_planner.visual_tokens(height, width, visual_tokens)
 

@@ -337,5 +337,9 @@ def test_budget_is_checked_at_the_size_the_processor_feeds() -> None:
     with torch.no_grad():
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
     crossget.remove(model, processor)
+    # token counts default to the fed size too: r=8 in both merging layers, 64 -> 48
+    model, processor = crossget.apply(model, crossget.CrossGETConfig(r=8), processor)
+    assert crossget.num_visual_tokens(model) == 48
+    crossget.remove(model, processor)
     with pytest.raises(ValueError, match=r"choose visual_tokens in \[16, 64\]"):
         crossget.apply(model, crossget.CrossGETConfig(visual_tokens=8), processor)
