@@ -253,6 +253,32 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     answers = recipe.answer_questions(trained, processor, [image], ["what?"], bf16=False)
     assert len(answers) == 1 and isinstance(answers[0], str)
 
+    # --init-from: a continued run starts stage 2 from the final weights (stage 1 skipped)
+    more = tmp_path / "more"
+    continued = [*argv[: argv.index("--output-dir")], "--output-dir", str(more)]
+    continued += argv[argv.index("--output-dir") + 2 :]
+    continued += ["--init-from", str(out / "final"), "--seed", "1", "--eval-split", ""]
+    assert recipe.main([*continued, "--stage2-lr", "0"]) == 0
+    assert not (more / "stage1" / "stage_summary.json").exists()  # no stage-1 training
+    assert (more / "stage1" / pm.PROJECTOR_FILE).read_bytes() == (
+        out / "final" / pm.PROJECTOR_FILE
+    ).read_bytes()
+    from safetensors.torch import load_file
+
+    adapter = "adapter/adapter_model.safetensors"
+    before, after = (
+        load_file(str(out / "final" / adapter)),
+        load_file(str(more / "final" / adapter)),
+    )
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():  # LR 0: it starts from, so ends at, the final weights
+        assert torch.equal(after[name], tensor), name
+    assert json.loads((more / "run_config.json").read_text())["init_from"] == str(
+        (out / "final").resolve()
+    )
+    missing = [*continued[:-6], "--init-from", str(tmp_path), "--output-dir", str(tmp_path / "x")]
+    assert recipe.main(missing) == 2
+
     # --ship: the final weights in float16 with a card, loadable as the trained run is
     shipped = tmp_path / "shipped"
     ship_argv = ["--ship", "--output-dir", str(out), "--ship-to", str(shipped)]

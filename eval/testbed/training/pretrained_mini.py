@@ -513,6 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-split; results go to --output-dir/evals/",
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="FINAL",
+        help="continue an earlier run: start stage 2 from its final/ folder (projector + LoRA) "
+        "and skip stage 1; pass another --seed so the conversations come in a new order",
+    )
+    parser.add_argument(
         "--ship",
         action="store_true",
         help="do not train: copy --output-dir's final/ weights (projector + LoRA, float16) with "
@@ -684,6 +692,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
         "batch": [args.batch_size, args.grad_accum, args.max_turns],
     }
+    if args.init_from is not None:
+        record["init_from"] = str(args.init_from.resolve())
+        for needed in (args.init_from / PROJECTOR_FILE, args.init_from / ADAPTER_DIR):
+            if not needed.exists():
+                raise PretrainedMiniTrainError(
+                    f"--init-from {args.init_from}: no {needed.name}; pass the final/ folder "
+                    "of a finished run"
+                )
     _check_run_config(output_dir, record, args.resume)
 
     model, processor = _load_model(args)
@@ -719,13 +735,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     summaries = {}
     stage1_projector = output_dir / "stage1" / PROJECTOR_FILE
+    if args.init_from is not None and not stage1_projector.is_file():
+        # A continued run: its stage 1 is the earlier run's trained projector.
+        stage1_projector.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(stage1_projector) as tmp:
+            tmp.write_bytes((args.init_from / PROJECTOR_FILE).read_bytes())
     if not stage1_projector.is_file():
         freeze_for_stage1(model)
         summaries["stage1"] = _run_stage("stage1", model, dataset, collator, args)
         _save_projector(model.model.multi_modal_projector, stage1_projector)
     projector = model.model.multi_modal_projector
     projector.load_state_dict(load_file(str(stage1_projector)))
-    peft_model = wrap_for_stage2(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    if args.init_from is not None:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(
+            model, str(args.init_from / ADAPTER_DIR), is_trainable=True
+        )
+    else:
+        peft_model = wrap_for_stage2(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     summaries["stage2"] = _run_stage("stage2", peft_model, dataset, collator, args)
 
     final = output_dir / FINAL_DIR
