@@ -43,10 +43,10 @@ from eval.testbed.training.train import (
     _trainer_class,
     cache_pixels,
     collator_for,
-    image_encoder_outputs,
     load_examples,
     normalize_pixels,
     trainer_arguments,
+    use_cached_features,
 )
 from mllm_crossget.config import atomic_output, write_json_atomic
 from mllm_crossget.named_models import PRETRAINED_MINI_WEIGHTS
@@ -260,9 +260,7 @@ def trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            if VISION_FEATURES_KEY in inputs:
-                features = inputs.pop(VISION_FEATURES_KEY)
-                inputs["mm_encoder_outputs"] = image_encoder_outputs(model, features)
+            use_cached_features(model, inputs)
             labels = inputs.pop("labels")
             keep, targets = answer_positions(labels)
             outputs = model(**inputs, logits_to_keep=keep)
@@ -908,8 +906,7 @@ def model_card(run_dir: Path) -> str:
                 "",
             ]
     lines += [
-        "Test-split accuracy, the learning curve and what limits the run: "
-        "docs/pretrained-mini.md.",
+        "Test-split accuracy, the learning curve and what limits the run: docs/pretrained-mini.md.",
         "",
         "## Use",
         "",

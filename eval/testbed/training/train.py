@@ -357,6 +357,14 @@ def image_encoder_outputs(model: Any, features: torch.Tensor) -> dict[str, Any]:
     return {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
 
 
+def use_cached_features(model: Any, inputs: dict[str, Any]) -> None:
+    """A batch with cached tower features: replace them (in place) by the projected
+    `mm_encoder_outputs` the LLaVA forward takes instead of pixels."""
+    if VISION_FEATURES_KEY in inputs:
+        features = inputs.pop(VISION_FEATURES_KEY)
+        inputs["mm_encoder_outputs"] = image_encoder_outputs(model, features)
+
+
 def projector_of(model: Any) -> torch.nn.Module:
     """The LLaVA projector under any wrapper: plain, or peft's (whose ``modules_to_save``
     wrapper forwards to the copy being trained)."""
@@ -795,9 +803,7 @@ def _trainer_class() -> type:
         ) -> Any:
             # Side inputs for the extra terms only; the model's forward must not see them.
             side = {key: inputs.pop(key) for key in SIDE_KEYS if key in inputs}
-            if VISION_FEATURES_KEY in inputs:
-                features = inputs.pop(VISION_FEATURES_KEY)
-                inputs["mm_encoder_outputs"] = image_encoder_outputs(model, features)
+            use_cached_features(model, inputs)
             if TURN_IDS_KEY in side:
                 inputs["attention_mask"] = isolated_turns_mask(side[TURN_IDS_KEY], model)
             forced = self.forcings if model.training else []
