@@ -48,7 +48,6 @@ from eval.testbed.model import (
 from mllm_crossget import named_models
 from mllm_crossget.config import atomic_write_text, write_json_atomic
 from mllm_crossget.peers import METHOD_NAMES, get_method
-from mllm_crossget.processing import processor_image_size
 
 # Measured (untrained cpu-small model, 1 thread, batch 32, 2 new tokens, another training job on
 # the same two cores): 29 questions/s at the full 256 tokens, 22-60/s at 192-64 tokens, so the
@@ -390,10 +389,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as error:
         raise DemoError(str(error)) from error
     model, processor, untrained = load_named_or_folder(args)
-    size = processor_image_size(processor)  # rendered at the size the tower is fed
-    if size is None or size[0] != size[1]:
-        raise DemoError(f"the demo renders square images; the processor feeds {size}")
-    image_size = size[0]
+    try:  # questions are rendered at the size the tower is fed
+        image_size = bench.input_image_size(model, processor)
+    except ValueError as error:
+        raise DemoError(str(error)) from error
     data = args.data or ensure_test_split(
         args.data_cache, args.questions, args.seed, image_size, not args.no_progress
     )

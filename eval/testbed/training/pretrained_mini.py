@@ -374,17 +374,14 @@ def evaluate(
     `limit_per_family` questions of each family when > 0)."""
     from tqdm.auto import tqdm
 
+    from eval.tasks import first_per_group
     from eval.testbed.data import chance_by_family, load_split
 
     dataset = load_split(data, split)
-    families = dataset["family"]
-    taken: dict[str, int] = {}
-    keep = []
-    for index, family in enumerate(families):
-        if limit_per_family <= 0 or taken.get(family, 0) < limit_per_family:
-            taken[family] = taken.get(family, 0) + 1
-            keep.append(index)
-    dataset = dataset.select(keep)
+    if limit_per_family > 0:
+        families = list(dataset["family"])
+        keep = first_per_group(range(len(families)), limit_per_family, families.__getitem__)
+        dataset = dataset.select(keep)
     model.eval()
     rows = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluating", disable=not progress):
