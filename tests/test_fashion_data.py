@@ -126,3 +126,15 @@ def test_make_appends_the_family_and_skips_it_when_missing(
     assert data.FASHION not in data.load_split(tmp_path / "without", "train")["family"]
     with pytest.raises(data.FashionDataMissing, match="apt-get install -y dataset-fashion-mnist"):
         data.generate_fashion_examples(1, 0, "train", folder=tmp_path / "nope")
+
+
+def test_fashion_captions_name_every_cell(fashion_dir: Path) -> None:
+    for record in data.generate_fashion_examples(
+        12, 3, "train", image_size=112, questions_per_image=16, folder=fashion_dir
+    ):
+        cells = json.loads(record["meta"])["cells"]
+        caption = data.scene_caption(json.loads(record["meta"]), 112)
+        assert caption.startswith("a grid of product photos. row 1: ")
+        for cell in cells:
+            row = caption.split(f"row {cell['row']}: ")[1].split(".")[0].split(", ")
+            assert row[cell["column"] - 1] == cell["label"]

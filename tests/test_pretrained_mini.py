@@ -192,6 +192,26 @@ def test_packed_labels_cover_answers_only(tmp_path: Path) -> None:
         assert ids[: len(prompt_ids)].tolist() == prompt_ids
 
 
+def test_stage1_captions_are_the_same_images_with_their_scene_caption(tmp_path: Path) -> None:
+    from eval.testbed.data import CAPTION_PROMPTS, scene_caption
+    from eval.testbed.training.pretrained_mini import (
+        PretrainedMiniTrainError,
+        caption_examples,
+    )
+    from eval.testbed.training.train import load_examples
+
+    examples = load_examples(_tiny_data(tmp_path), "train")
+    captioned = caption_examples(examples)
+    assert [e.key for e in captioned] == [e.key for e in examples]  # features line up
+    for example, caption in zip(examples, captioned, strict=True):
+        (turn,) = caption.turns
+        assert turn.question in CAPTION_PROMPTS
+        assert turn.answer == scene_caption(json.loads(example.meta), 112)
+    examples[1].meta = None  # e.g. a LLaVA JSON row: nothing to caption
+    with pytest.raises(PretrainedMiniTrainError, match="--stage1-data questions"):
+        caption_examples(examples)
+
+
 def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     from eval.testbed.training import pretrained_mini as recipe
 
@@ -285,6 +305,7 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     assert recipe.main(ship_argv) == 0
     card = (shipped / "README.md").read_text()
     assert "2 steps, LR 0.001" in card and "overall" in card
+    assert "on one caption per image" in card  # stage 1: LLaVA's caption alignment
     for stage in recipe.STAGES:
         shipped_history = json.loads((shipped / f"loss_{stage}.json").read_text())
         assert shipped_history == json.loads((out / stage / "loss.json").read_text())

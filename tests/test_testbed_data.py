@@ -214,3 +214,75 @@ def test_counting_objects_centre_inside_one_patch(size: int) -> None:
             for b in boxes[i + 1 :]:
                 assert not data._boxes_overlap(a, b, margin=2)
     assert seen > 30
+
+
+def _caption_rows(caption: str) -> dict[int, list[str]]:
+    """'row 1: a b c. row 2: ...' -> {1: [a, b, c], ...} (words split on spaces or commas)."""
+    rows = {}
+    for part in caption.split("row ")[1:]:
+        number, _, cells = part.partition(":")
+        rows[int(number)] = cells.strip().rstrip(".").replace(",", " ").split()
+    return rows
+
+
+def test_captions_state_what_each_question_asks(balanced_records: list[dict]) -> None:
+    """Stage 1's captions (LLaVA's image-caption alignment) hold each question's answer:
+    a cell's digit, the code, a named shape's colour, whether a shape is there, how many."""
+    checked = Counter()
+    for record in balanced_records:
+        meta = json.loads(record["meta"])
+        caption = data.scene_caption(meta, record["image"].size[0])
+        assert caption == data.scene_caption(meta, record["image"].size[0])  # deterministic
+        question, answer, kind = record["question"], record["answer"], record["kind"]
+        if record["family"] == "multiple_choice":
+            continue
+        if kind == "cell":  # "what digit is in row R column C?"
+            words = question.rstrip("?").split()
+            row, column = int(words[5]), int(words[7])
+            assert _caption_rows(caption)[row][column - 1] == answer, caption
+        elif kind == "code":
+            assert f"the code {answer} " in caption
+        elif record["family"] == "attribute" and kind == "colour":
+            shape = question.removeprefix("what color is the ").rstrip("?")
+            assert f"{answer} {shape}" in caption, (question, caption)
+        elif record["family"] == "existence":
+            colour, shape = question.removeprefix("is there a ").rstrip("?").split()
+            named = f"a {colour} {shape} " in caption or f" {colour} {shape}" in caption
+            assert named == (answer == "yes"), (question, answer, caption)
+        elif record["family"] == "counting":
+            colour, plural = question.split()[2:4]
+            shape = next(s for s, p in data.SHAPE_PLURALS.items() if p == plural)
+            listed = caption.count(f"a {colour} {shape} at")
+            counted = [
+                int(part.split()[0])
+                for part in caption.rstrip(".").replace(" and ", ", ").split(", ")
+                if part.split()[1:] in ([colour, shape], [colour, plural])
+            ]
+            assert listed + sum(counted) == int(answer), (question, answer, caption)
+        elif record["family"] == "small" and kind == "colour":
+            assert f"a small {answer} dot at" in caption
+        else:
+            continue
+        checked[record["family"]] += 1
+    assert set(checked) == {"text", "attribute", "existence", "counting", "small"}
+
+
+def test_caption_places_and_prompts() -> None:
+    meta = {
+        "objects": [
+            {"colour": "red", "shape": "circle", "box": [150, 150, 200, 200]},
+            {"colour": "blue", "shape": "square", "box": [0, 0, 30, 30]},
+            {"colour": "green", "shape": "cross", "box": [90, 90, 130, 130]},
+        ],
+        "small_objects": [{"colour": "yellow", "shape": "square", "box": [200, 5, 207, 12]}],
+    }
+    assert data.scene_caption(meta, 224) == (
+        "a blue square at the top left, a green cross at the center, a red circle at the "
+        "bottom right and a small yellow dot at the top right."
+    )
+    many = {"objects": [{"colour": "red", "shape": "cross", "box": [i, i, i + 5, i + 5]}
+                        for i in range(0, 70, 10)]}  # fmt: skip
+    assert data.scene_caption(many, 224) == "7 red crosses."
+    assert data.scene_caption({"objects": []}, 224) == "an empty picture."
+    assert data.caption_prompt("s0-0000001") in data.CAPTION_PROMPTS
+    assert len({data.caption_prompt(f"s0-{i:07d}") for i in range(8)}) > 1

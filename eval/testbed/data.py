@@ -1104,6 +1104,85 @@ def generate_fashion_examples(
     return records
 
 
+# ----------------------------------------------------------------------------- captions
+
+# LLaVA's stage-1 instructions ask for a brief description; a few wordings, as LLaVA uses.
+CAPTION_PROMPTS: tuple[str, ...] = (
+    "describe the image briefly.",
+    "what does this image show?",
+    "give a short description of the image.",
+    "summarize the picture.",
+)
+CAPTION_LIST_MAX = 6  # scenes with more shapes are captioned by counts, not one by one
+
+
+def _place(box: Sequence[int], image_size: int) -> tuple[int, int]:
+    """(row, column) of a box's centre in a 3 x 3 division of the image."""
+    x, y = _centre(tuple(box))  # type: ignore[arg-type]
+    return min(2, int(3 * y / image_size)), min(2, int(3 * x / image_size))
+
+
+def _place_words(box: Sequence[int], image_size: int) -> str:
+    row, column = _place(box, image_size)
+    if (row, column) == (1, 1):
+        return "the center"
+    return f"the {('top', 'middle', 'bottom')[row]} {('left', 'center', 'right')[column]}"
+
+
+def _join_words(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _grid_rows(cells: Sequence[dict[str, Any]], key: str, sep: str) -> str:
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for cell in cells:
+        rows.setdefault(int(cell["row"]), []).append((int(cell["column"]), str(cell[key])))
+    return " ".join(
+        f"row {row}: {sep.join(v for _, v in sorted(items))}."
+        for row, items in sorted(rows.items())
+    )
+
+
+def scene_caption(meta: dict[str, Any], image_size: int) -> str:
+    """A dense caption of a testbed scene written from its metadata, for LLaVA's stage 1.
+
+    LLaVA aligns its projector on image-caption pairs before any question: every caption
+    token depends on the image, where a question's answer can often be guessed from the
+    question. These captions name what the families ask about (shapes with colour and
+    place, counts, digit and photo grids, the code) in plain words and a fixed order, so
+    the projector learns to carry it; they are data, not supervision of the model's insides.
+    """
+    if "cells" in meta:  # Fashion-MNIST grid
+        return "a grid of product photos. " + _grid_rows(meta["cells"], "label", ", ")
+    if "digits" in meta:  # text scene
+        return f"the code {meta['code']} above a grid of digits. " + _grid_rows(
+            meta["digits"], "digit", " "
+        )
+    objects = list(meta.get("objects", []))
+    parts: list[str] = []
+    if len(objects) > CAPTION_LIST_MAX:
+        counts: dict[tuple[str, str], int] = {}
+        for obj in objects:
+            key = (obj["colour"], obj["shape"])
+            counts[key] = counts.get(key, 0) + 1
+        for (colour, shape), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            parts.append(f"{n} {colour} {SHAPE_PLURALS[shape] if n > 1 else shape}")
+    else:
+        ordered = sorted(objects, key=lambda o: (_place(o["box"], image_size), o["box"]))
+        for obj in ordered:
+            parts.append(
+                f"a {obj['colour']} {obj['shape']} at {_place_words(obj['box'], image_size)}"
+            )
+    for obj in meta.get("small_objects", []):
+        parts.append(f"a small {obj['colour']} dot at {_place_words(obj['box'], image_size)}")
+    return (_join_words(parts) + ".") if parts else "an empty picture."
+
+
+def caption_prompt(key: str) -> str:
+    """One of `CAPTION_PROMPTS`, fixed per image key (stable across runs and processes)."""
+    return CAPTION_PROMPTS[sum(key.encode()) % len(CAPTION_PROMPTS)]
+
+
 # ----------------------------------------------------------------------------- datasets / export
 
 

@@ -39,6 +39,7 @@ from eval.testbed.training.train import (
     IGNORE_INDEX,
     VISION_FEATURES_KEY,
     ImageExample,
+    Turn,
     _loss_logger,
     _trainer_class,
     cache_pixels,
@@ -149,6 +150,28 @@ class ChatPackedDataset(torch.utils.data.Dataset):
         else:
             raise RuntimeError("set .pixels or .vision_features before training")
         return item
+
+
+STAGE1_DATA: tuple[str, ...] = ("captions", "questions")
+
+
+def caption_examples(examples: Sequence[ImageExample]) -> list[ImageExample]:
+    """The same images (same order, so cached features are shared), each with one turn: a
+    brief-description instruction and the scene's caption (LLaVA's stage-1 data)."""
+    from eval.testbed.data import caption_prompt, scene_caption
+
+    captioned = []
+    for example in examples:
+        if not example.meta:
+            raise PretrainedMiniTrainError(
+                f"image {example.key} has no scene metadata to caption; captions need the "
+                "testbed's own export (hf/), or pass --stage1-data questions"
+            )
+        size = example.load_image().size[0]
+        caption = scene_caption(json.loads(example.meta), size)
+        turn = Turn(caption_prompt(example.key), caption, "caption")
+        captioned.append(ImageExample(example.key, example.load_image, [turn], example.meta))
+    return captioned
 
 
 # ----------------------------------------------------------------------------- cached features
@@ -460,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 peak LR")
     parser.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak LR")
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    parser.add_argument(
+        "--stage1-data",
+        choices=STAGE1_DATA,
+        default="captions",
+        help="stage 1 trains on one caption per image, written from the scene's metadata "
+        "(LLaVA's image-caption alignment), or on the question conversations of stage 2",
+    )
+    parser.add_argument(
+        "--stage1-batch-size",
+        type=int,
+        default=0,
+        help="images per stage-1 step (0 = --batch-size); captions are shorter than packed "
+        "conversations, so a step can hold more",
+    )
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation")
     parser.add_argument("--warmup", type=float, default=0.03, help="warmup ratio (<1) or steps")
     parser.add_argument("--max-turns", type=int, default=0, help="questions per conversation")
@@ -607,10 +644,13 @@ def _stage_args(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """The flags `eval.testbed.training.train.trainer_arguments` reads, for one stage."""
     steps = args.stage1_steps if stage == "stage1" else args.stage2_steps
     lr = args.stage1_lr if stage == "stage1" else args.stage2_lr
+    batch_size = args.batch_size
+    if stage == "stage1" and args.stage1_batch_size > 0:
+        batch_size = args.stage1_batch_size
     return argparse.Namespace(
         max_steps=steps,
         epochs=1.0,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         grad_accum=args.grad_accum,
         lr=lr,
         weight_decay=0.0,
@@ -683,7 +723,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "limit_images": args.limit_images,
         "model_factory": args.model_factory,
-        "stage1": [args.stage1_steps, args.stage1_lr],
+        "stage1": [args.stage1_steps, args.stage1_lr, args.stage1_data, args.stage1_batch_size],
         "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
         "batch": [args.batch_size, args.grad_accum, args.max_turns],
     }
@@ -737,7 +777,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             tmp.write_bytes((args.init_from / PROJECTOR_FILE).read_bytes())
     if not stage1_projector.is_file():
         freeze_for_stage1(model)
-        summaries["stage1"] = _run_stage("stage1", model, dataset, collator, args)
+        stage1_dataset = dataset
+        if args.stage1_data == "captions":
+            stage1_dataset = ChatPackedDataset(
+                caption_examples(examples),
+                processor.tokenizer,
+                model.config.image_token_id,
+                n_tokens,
+            )
+            stage1_dataset.vision_features = dataset.vision_features
+            stage1_dataset.feature_source = dataset.feature_source
+        summaries["stage1"] = _run_stage("stage1", model, stage1_dataset, collator, args)
         _save_projector(model.model.multi_modal_projector, stage1_projector)
     projector = model.model.multi_modal_projector
     projector.load_state_dict(load_file(str(stage1_projector)))
@@ -834,11 +884,24 @@ def ship(run_dir: Path, dest: Path) -> Path:
 CHANCE_MARGIN = 0.10  # within 10 points of chance, the card says the model is not usable yet
 
 
+def _stage1_data(config: dict[str, Any]) -> tuple[str, int | None]:
+    """(what stage 1 trained on, images per step); runs from before captions trained stage 1
+    on the question conversations at stage 2's batch size."""
+    stage1 = list(config.get("stage1") or [])
+    batch = (config.get("batch") or [None])[0]
+    data = stage1[2] if len(stage1) > 2 else "questions"
+    return data, (stage1[3] if len(stage1) > 3 and stage1[3] else batch)
+
+
 def _conversations_seen(config: dict[str, Any]) -> int | None:
-    """Optimizer steps x conversations per step, over both stages (None if unrecorded)."""
+    """Stage 2's optimizer steps x conversations per step, plus stage 1's when it trained on
+    the same conversations (None if unrecorded)."""
     try:
-        steps = config["stage1"][0] + config["stage2"][0]
-        return steps * config["batch"][0] * config["batch"][1]
+        per_step = config["batch"][0] * config["batch"][1]
+        seen = config["stage2"][0] * per_step
+        if _stage1_data(config)[0] == "questions":
+            seen += config["stage1"][0] * per_step
+        return seen
     except (KeyError, IndexError, TypeError):
         return None
 
@@ -855,7 +918,12 @@ def model_card(run_dir: Path) -> str:
     stages = {s: _json_or_empty(run_dir / s / "stage_summary.json") for s in STAGES}
     steps1, lr1 = (config.get("stage1") or [None, None])[:2]
     steps2, lr2, rank, alpha = (config.get("stage2") or [None] * 4)[:4]
-    batch = (config.get("batch") or [None])[0]
+    stage1_data, stage1_batch = _stage1_data(config)
+    stage1_what = {
+        "captions": "one caption per image written from its scene (LLaVA's image-caption "
+        "alignment)",
+        "questions": "the question conversations",
+    }[stage1_data]
     lines = [
         "# pretrained-mini: trained projector and LoRA",
         "",
@@ -872,8 +940,9 @@ def model_card(run_dir: Path) -> str:
         "Fashion-MNIST photo grids, split `train` of the export "
         f"({summary.get('images')} images, {summary.get('questions')} questions, all questions "
         "of an image packed into one ChatML conversation; the run saw "
-        f"{_conversations_seen(config)} conversations);",
-        f"- stage 1: projector only, {steps1} steps, LR {lr1}, batch {batch}; "
+        f"{_conversations_seen(config)} question conversations);",
+        f"- stage 1: projector only, {steps1} steps, LR {lr1}, batch {stage1_batch}, on "
+        f"{stage1_what}; "
         f"wall time {stages['stage1'].get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {stages['stage1'].get('train_loss', float('nan')):.3f};",
         f"- stage 2: projector + LoRA (r {rank}, alpha {alpha}), {steps2} steps, LR {lr2}; "
