@@ -9,6 +9,10 @@ test `eval.compare_runs` uses for two settings.
 
     python -m eval.image_reliance --model pretrained-mini --data data/pm224 --split validation \\
         --per-family 3
+
+``--captions`` scores each image's scene caption after a description prompt instead of the
+answer (what stage 1 of the pretrained-mini recipe trains on), and ``--weights`` loads a
+pretrained-mini run's own projector (+ LoRA), e.g. ``runs/X/stage1`` right after stage 1.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +104,45 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def caption_items(items: Sequence[Item]) -> list[Item]:
+    """The same images, each asked for a brief description and scored on its scene caption
+    (the testbed's metadata written out, as the pretrained-mini recipe's stage 1 trains)."""
+    import json
+
+    from eval.testbed.data import caption_prompt, scene_caption
+
+    captioned = []
+    for item in items:
+        meta = item.extra.get("meta")
+        if not meta:
+            raise ValueError(
+                f"item {item.item_id} has no scene metadata: --captions needs a testbed export"
+            )
+        caption = scene_caption(json.loads(meta), item.load_image().size[0])
+        captioned.append(
+            Item(
+                item_id=item.item_id,
+                question=caption_prompt(item.item_id),
+                truth={"answer": caption},
+                image=item.image,
+                image_path=item.image_path,
+                group=item.group,
+            )
+        )
+    return captioned
+
+
+def load_reliance_model(name: str, weights: Path | None) -> tuple[Any, Any]:
+    """The named model, or pretrained-mini with a run's own trained weights."""
+    if weights is None:
+        return load_model(name, torch.device("cpu"), torch.float32)
+    if name != "pretrained-mini":
+        raise ValueError(f"--weights applies to --model pretrained-mini only, not {name!r}")
+    from mllm_crossget.pretrained_mini import load_pretrained_mini
+
+    return load_pretrained_mini(weights=weights)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval.image_reliance",
@@ -115,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shift", type=int, default=7, help="question i is also shown the image of i + shift"
     )
+    parser.add_argument(
+        "--captions",
+        action="store_true",
+        help="score each image's scene caption after a description prompt, not the answer",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="pretrained-mini only: a run's folder holding projector.safetensors (and adapter/), "
+        "e.g. runs/X/stage1 or runs/X/final, instead of the shipped weights",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--out", default=None, help="write the result (per question too) here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -127,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         items = load_task("testbed", args.data, args.split, per_group=args.per_family)
-        model, processor = load_model(args.model, torch.device("cpu"), torch.float32)
+        if args.captions:
+            items = caption_items(items)
+        model, processor = load_reliance_model(args.model, args.weights)
         result = measure(model, processor, items, args.shift, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -165,6 +165,7 @@ def _load_testbed(data: Path, split: str) -> list[Item]:
             truth={"answer": row["answer"]},
             image=row["image"],
             group=row["family"],
+            extra={"meta": row["meta"]},
         )
         for row in load_split(data, split)
     ]

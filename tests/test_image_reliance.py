@@ -57,3 +57,24 @@ def test_sign_test_of_the_paired_counts() -> None:
     assert result["overall"]["own_lower"] == 6 and result["overall"]["other_lower"] == 0
     assert result["overall"]["p_value"] == 2 / 2**6
     assert result["families"]["b"]["p_value"] == 1.0
+
+
+def test_captions_score_each_images_scene_caption(model_dir: Path, testbed: Path) -> None:
+    from eval.testbed.data import CAPTION_PROMPTS, scene_caption
+
+    items = load_task("testbed", testbed, "test", per_group=1)
+    captioned = image_reliance.caption_items(items)
+    assert [c.item_id for c in captioned] == [i.item_id for i in items]
+    for item, caption in zip(items, captioned, strict=True):
+        assert caption.question in CAPTION_PROMPTS
+        meta = json.loads(item.extra["meta"])
+        assert caption.truth["answer"] == scene_caption(meta, item.load_image().size[0])
+    argv = ["--model", str(model_dir), "--data", str(testbed), "--split", "test"]
+    assert (
+        image_reliance.main(
+            [*argv, "--per-family", "1", "--shift", "3", "--captions", "--no-progress"]
+        )
+        == 0
+    )
+    weights = ["--weights", str(model_dir)]
+    assert image_reliance.main([*argv, *weights, "--no-progress"]) == 2  # not pretrained-mini
