@@ -64,7 +64,8 @@ pretrained-mini: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,pretrained-mini]'
 	$(PY) -m mllm_crossget.pretrained_mini
 
-# LLaVA-1.5's recipe on pretrained-mini at 224 px (docs/pretrained-mini.md), about an hour on
+# LLaVA-1.5's recipe on pretrained-mini at 224 px (docs/pretrained-mini.md): stage 1 aligns the
+# projector on one caption per image, stage 2 trains it with LoRA on the questions; under two hours on
 # 2 CPU cores; rerunning the target after an interruption resumes the run (--resume), and the
 # last line ships its weights to eval/testbed/pretrained_mini_weights.
 pretrained-mini-train: pretrained-mini fashion-mnist
@@ -72,7 +73,8 @@ pretrained-mini-train: pretrained-mini fashion-mnist
 		--seed 0 --train-questions-per-image 16 --fashion-train 3200 --fashion-validation 100 \
 		--fashion-test 200 --no-progress
 	$(PY) -m eval.testbed.training.pretrained_mini --data data/pm224 --image-size 224 --threads 2 \
-		--stage1-steps 40 --stage2-steps 160 --batch-size 4 --stage1-lr 1e-3 --stage2-lr 2e-4 \
+		--stage1-data captions --stage1-batch-size 8 --stage1-steps 200 --stage2-steps 200 \
+		--batch-size 4 --stage1-lr 1e-3 --stage2-lr 2e-4 \
 		--save-steps 10 --logging-steps 2 --eval-split validation --eval-per-family 20 \
 		--output-dir runs/pretrained-mini $(if $(wildcard runs/pretrained-mini/run_config.json),--resume)
 	$(PY) -m eval.testbed.training.pretrained_mini --ship --output-dir runs/pretrained-mini

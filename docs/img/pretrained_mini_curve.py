@@ -27,7 +27,8 @@ def history(stage: str) -> list[tuple[int, float]]:
 
 
 def smoothed(values: list[float], window: int = 5) -> list[float]:
-    """Trailing mean: each logged loss is one batch of 4 conversations, so it is noisy."""
+    """Trailing mean: each logged loss is one small batch (8 captions or 4 conversations),
+    so it is noisy."""
     return [
         sum(values[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1)
         for i in range(len(values))
@@ -39,16 +40,16 @@ def main() -> None:
     offset = stage1[-1][0]
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for label, rows, shift, colour in (
-        ("stage 1: projector", stage1, 0, "tab:blue"),
-        ("stage 2: projector + LoRA", stage2, offset, "tab:orange"),
+        ("stage 1: projector, caption tokens", stage1, 0, "tab:blue"),
+        ("stage 2: projector + LoRA, answer tokens", stage2, offset, "tab:orange"),
     ):
         steps = [step + shift for step, _ in rows]
         losses = [loss for _, loss in rows]
         axis.plot(steps, losses, color=colour, alpha=0.3, linewidth=1)
         axis.plot(steps, smoothed(losses), color=colour, linewidth=2, label=label)
     axis.axvline(offset, color="grey", linestyle=":", linewidth=1)
-    axis.set_xlabel("optimizer step (4 packed conversations each)")
-    axis.set_ylabel("answer-token loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss per target token")
     axis.set_title("pretrained-mini: LLaVA-1.5 recipe, 224 px, 2 CPU cores")
     axis.grid(alpha=0.3)
     axis.legend()

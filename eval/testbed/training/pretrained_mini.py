@@ -1,8 +1,10 @@
 """Trains `pretrained-mini` with LLaVA-1.5's plain recipe, on the project's own trainer.
 
-Stage 1 trains the projector alone (tower and LLM frozen); stage 2 the projector plus LoRA on
-the LLM's decoder layers. The loss is the next-token loss on answer tokens only (each answer
-and its ``<|im_end|>``): no attention supervision, no auxiliary terms. All questions of an
+Stage 1 trains the projector alone (tower and LLM frozen) on one caption per image, written
+from the scene's metadata (LLaVA aligns its projector on image-caption pairs); stage 2 the
+projector plus LoRA on the LLM's decoder layers, on the questions. The loss is the next-token
+loss on target tokens only (the caption, or each answer, with its ``<|im_end|>``): no
+attention supervision, no auxiliary terms. All questions of an
 image are packed into one ChatML conversation (the image in the first user turn, the turns in
 a fresh random order each epoch), as LLaVA's multi-turn data are.
 
@@ -948,7 +950,8 @@ def model_card(run_dir: Path) -> str:
         f"- stage 2: projector + LoRA (r {rank}, alpha {alpha}), {steps2} steps, LR {lr2}; "
         f"wall time {stages['stage2'].get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {stages['stage2'].get('train_loss', float('nan')):.3f};",
-        "- next-token loss on answer tokens only; no attention supervision, no auxiliary loss; "
+        "- next-token loss on target tokens only (the caption in stage 1, the answers in "
+        "stage 2); no attention supervision, no auxiliary loss; "
         "tower frozen (features cached), fp32 on 2 CPU cores.",
         "",
     ]
@@ -957,8 +960,9 @@ def model_card(run_dir: Path) -> str:
         rows = evaluation["families"].values()
         chance = sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
         lines += [
-            f"Right after training, on {evaluation['n']} validation questions (the first of "
-            f"each family): **{100 * evaluation['accuracy']:.1f} %**, chance "
+            f"Right after training, on {evaluation['n']} validation questions (the first "
+            f"{evaluation['n'] // max(1, len(rows))} of each family): "
+            f"**{100 * evaluation['accuracy']:.1f} %**, chance "
             f"{100 * chance:.1f} %.",
             "",
             format_results(evaluation),
