@@ -107,9 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
 def caption_items(items: Sequence[Item]) -> list[Item]:
     """The same images, each asked for a brief description and scored on its scene caption
     (the testbed's metadata written out, as the pretrained-mini recipe's stage 1 trains)."""
-    import json
-
-    from eval.testbed.data import caption_prompt, scene_caption
+    from eval.testbed.data import caption_turn
 
     captioned = []
     for item in items:
@@ -118,11 +116,11 @@ def caption_items(items: Sequence[Item]) -> list[Item]:
             raise ValueError(
                 f"item {item.item_id} has no scene metadata: --captions needs a testbed export"
             )
-        caption = scene_caption(json.loads(meta), item.load_image().size[0])
+        prompt, caption = caption_turn(item.item_id, meta, item.load_image().size[0])
         captioned.append(
             Item(
                 item_id=item.item_id,
-                question=caption_prompt(item.item_id),
+                question=prompt,
                 truth={"answer": caption},
                 image=item.image,
                 image_path=item.image_path,

@@ -1183,6 +1183,12 @@ def caption_prompt(key: str) -> str:
     return CAPTION_PROMPTS[sum(key.encode()) % len(CAPTION_PROMPTS)]
 
 
+def caption_turn(key: str, meta: str, image_size: int) -> tuple[str, str]:
+    """(prompt, caption) of one exported image: its fixed description prompt and the caption
+    of its scene metadata (the export's JSON ``meta`` string)."""
+    return caption_prompt(key), scene_caption(json.loads(meta), image_size)
+
+
 # ----------------------------------------------------------------------------- datasets / export
 
 

@@ -160,7 +160,7 @@ STAGE1_DATA: tuple[str, ...] = ("captions", "questions")
 def caption_examples(examples: Sequence[ImageExample]) -> list[ImageExample]:
     """The same images (same order, so cached features are shared), each with one turn: a
     brief-description instruction and the scene's caption (LLaVA's stage-1 data)."""
-    from eval.testbed.data import caption_prompt, scene_caption
+    from eval.testbed.data import caption_turn
 
     captioned = []
     for example in examples:
@@ -169,9 +169,8 @@ def caption_examples(examples: Sequence[ImageExample]) -> list[ImageExample]:
                 f"image {example.key} has no scene metadata to caption; captions need the "
                 "testbed's own export (hf/), or pass --stage1-data questions"
             )
-        size = example.load_image().size[0]
-        caption = scene_caption(json.loads(example.meta), size)
-        turn = Turn(caption_prompt(example.key), caption, "caption")
+        prompt, caption = caption_turn(example.key, example.meta, example.load_image().size[0])
+        turn = Turn(prompt, caption, "caption")
         captioned.append(ImageExample(example.key, example.load_image, [turn], example.meta))
     return captioned
 
