@@ -299,6 +299,23 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     missing = [*continued[:-6], "--init-from", str(tmp_path), "--output-dir", str(tmp_path / "x")]
     assert recipe.main(missing) == 2
 
+    # --init-projector: stage 1 continues an earlier projector (LR 0: it ends where it started)
+    longer = tmp_path / "longer"
+    start = out / "stage1" / pm.PROJECTOR_FILE
+    again = [*argv[: argv.index("--output-dir")], "--output-dir", str(longer)]
+    again += [*argv[argv.index("--output-dir") + 2 :], "--eval-split", ""]
+    assert recipe.main([*again, "--init-projector", str(start), "--stage1-lr", "0"]) == 0
+    assert json.loads((longer / "stage1" / "stage_summary.json").read_text())["steps"] == 2
+    continued_projector = load_file(str(longer / "stage1" / pm.PROJECTOR_FILE))
+    for name, tensor in load_file(str(start)).items():
+        assert torch.equal(continued_projector[name], tensor), name
+    assert "continued an earlier run's projector" in recipe.model_card(longer)
+    fresh = [*again, "--output-dir", str(tmp_path / "fresh")]
+    both = [*fresh, "--init-projector", str(start), "--init-from", str(out / "final")]
+    assert recipe.main(both) == 2  # one or the other
+    assert recipe.main([*fresh, "--init-projector", str(tmp_path / "nope")]) == 2
+    assert not (tmp_path / "fresh").exists()  # refused before anything is written
+
     # --ship: the final weights in float16 with a card, loadable as the trained run is
     shipped = tmp_path / "shipped"
     ship_argv = ["--ship", "--output-dir", str(out), "--ship-to", str(shipped)]

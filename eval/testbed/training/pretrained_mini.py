@@ -554,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and skip stage 1; pass another --seed so the conversations come in a new order",
     )
     parser.add_argument(
+        "--init-projector",
+        type=Path,
+        default=None,
+        metavar="SAFETENSORS",
+        help="give stage 1 more steps: start its projector from this file (an earlier run's "
+        "stage1/projector.safetensors) instead of a fresh one; stage 2 then starts a new LoRA",
+    )
+    parser.add_argument(
         "--ship",
         action="store_true",
         help="do not train: copy --output-dir's final/ weights (projector + LoRA, float16) with "
@@ -717,7 +725,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     output_dir: Path = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "data": str(args.data.resolve()),
         "split": args.split,
@@ -728,6 +735,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
         "batch": [args.batch_size, args.grad_accum, args.max_turns],
     }
+    if args.init_from is not None and args.init_projector is not None:
+        raise PretrainedMiniTrainError(
+            "--init-from skips stage 1 and --init-projector continues it; pass one of them"
+        )
+    if args.init_projector is not None:
+        if not args.init_projector.is_file():
+            raise PretrainedMiniTrainError(
+                f"--init-projector {args.init_projector}: no such file; pass an earlier run's "
+                f"stage1/{PROJECTOR_FILE}"
+            )
+        record["init_projector"] = str(args.init_projector.resolve())
     if args.init_from is not None:
         record["init_from"] = str(args.init_from.resolve())
         for needed in (args.init_from / PROJECTOR_FILE, args.init_from / ADAPTER_DIR):
@@ -736,6 +754,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     f"--init-from {args.init_from}: no {needed.name}; pass the final/ folder "
                     "of a finished run"
                 )
+    output_dir.mkdir(parents=True, exist_ok=True)
     _check_run_config(output_dir, record, args.resume)
 
     model, processor = _load_model(args)
@@ -778,6 +797,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             tmp.write_bytes((args.init_from / PROJECTOR_FILE).read_bytes())
     if not stage1_projector.is_file():
         freeze_for_stage1(model)
+        if args.init_projector is not None:
+            model.model.multi_modal_projector.load_state_dict(
+                load_file(str(args.init_projector))
+            )
         stage1_dataset = dataset
         if args.stage1_data == "captions":
             stage1_dataset = ChatPackedDataset(
@@ -907,6 +930,19 @@ def _conversations_seen(config: dict[str, Any]) -> int | None:
         return None
 
 
+def _continued_from(config: dict[str, Any]) -> list[str]:
+    """Card lines naming the earlier weights a continued run started from (last path parts:
+    the absolute path is this machine's)."""
+    lines = []
+    if config.get("init_projector"):
+        start = "/".join(Path(config["init_projector"]).parts[-3:])
+        lines.append(f"- stage 1 continued an earlier run's projector (`{start}`);")
+    if config.get("init_from"):
+        start = "/".join(Path(config["init_from"]).parts[-2:])
+        lines.append(f"- stage 1 skipped: both stages continued from `{start}`;")
+    return lines
+
+
 def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -949,6 +985,7 @@ def model_card(run_dir: Path) -> str:
         f"- stage 2: projector + LoRA (r {rank}, alpha {alpha}), {steps2} steps, LR {lr2}; "
         f"wall time {stages['stage2'].get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {stages['stage2'].get('train_loss', float('nan')):.3f};",
+        *_continued_from(config),
         "- next-token loss on target tokens only (the caption in stage 1, the answers in "
         "stage 2); no attention supervision, no auxiliary loss; "
         "tower frozen (features cached), fp32 on 2 CPU cores.",
