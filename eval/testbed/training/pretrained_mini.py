@@ -798,9 +798,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if not stage1_projector.is_file():
         freeze_for_stage1(model)
         if args.init_projector is not None:
-            model.model.multi_modal_projector.load_state_dict(
-                load_file(str(args.init_projector))
-            )
+            model.model.multi_modal_projector.load_state_dict(load_file(str(args.init_projector)))
         stage1_dataset = dataset
         if args.stage1_data == "captions":
             stage1_dataset = ChatPackedDataset(
