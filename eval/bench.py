@@ -100,12 +100,33 @@ def add_llm_positions_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+LLM_PROPORTIONAL_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def add_llm_proportional_argument(parser: argparse.ArgumentParser) -> None:
+    """``--llm-proportional-attention`` for every harness that builds LLaVA configs."""
+    parser.add_argument(
+        "--llm-proportional-attention",
+        choices=tuple(LLM_PROPORTIONAL_CHOICES),
+        default="auto",
+        help="log(size) on reduced visual tokens' keys in the LLM, so a merged token weighs "
+        "as the patches it holds: auto = on for LLaVA-1.5 with every method that reduces "
+        "before the LLM (FastV: off), on, off (the LLM weighs every token as one patch)",
+    )
+
+
 def parse_budget(
-    method: str, text: str, fastv_layer: int, llm_positions: str = "original"
+    method: str,
+    text: str,
+    fastv_layer: int,
+    llm_positions: str = "original",
+    llm_proportional: str = "auto",
 ) -> crossget.CrossGETConfig:
     """``rN`` -> r=N (merging methods), ``K`` -> visual_tokens=K, ``0.25`` -> keep_ratio."""
     extra: dict[str, Any] = {"fastv_layer": fastv_layer} if method == "fastv" else {}
     extra["llm_positions"] = llm_positions
+    if method != "fastv":
+        extra["llm_proportional_attention"] = LLM_PROPORTIONAL_CHOICES[llm_proportional]
     if text.startswith("r"):
         if method not in MERGING_METHODS:
             raise ValueError(f"r applies to the merging methods {', '.join(MERGING_METHODS)}")
@@ -122,6 +143,7 @@ def build_settings(
     fastv_layer: int,
     llm_positions: str = "original",
     processor: Any = None,
+    llm_proportional: str = "auto",
 ) -> tuple[list[Setting], list[str]]:
     """Valid settings (full first) and a note for each skipped combination (a budget is
     judged at the size ``processor`` feeds when one is given, else at the config's size).
@@ -146,7 +168,7 @@ def build_settings(
                 )
                 continue
             try:
-                config = parse_budget(method, budget, fastv_layer, llm_positions)
+                config = parse_budget(method, budget, fastv_layer, llm_positions, llm_proportional)
                 crossget.remove(model, processor)
                 crossget.apply(model, config, processor)
             except ValueError as error:
@@ -826,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
     )
     add_llm_positions_argument(parser)
+    add_llm_proportional_argument(parser)
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
@@ -928,7 +951,13 @@ def main(argv: list[str] | None = None) -> int:
     image_size = input_image_size(model, processor)
     text, pixels = make_inputs(args, config, image_size)
     settings, skipped = build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
+        model,
+        methods,
+        budgets,
+        args.fastv_layer,
+        args.llm_positions,
+        processor,
+        args.llm_proportional_attention,
     )
     for setting in settings:
         prepare(model, setting, text, config.image_token_id, args.prompt_tokens, processor)

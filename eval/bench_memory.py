@@ -78,7 +78,13 @@ def measure(argv: Sequence[str]) -> dict[str, Any]:
     text, pixels = bench.make_inputs(args, model.config, image_size)
     methods, budgets = ([], ["full"]) if method == "full" else ([method], [budget])
     settings, skipped = bench.build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
+        model,
+        methods,
+        budgets,
+        args.fastv_layer,
+        args.llm_positions,
+        processor,
+        args.llm_proportional_attention,
     )
     if not settings:
         raise ValueError(f"{args.only}: {'; '.join(skipped) or 'no such setting'}")

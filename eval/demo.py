@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
     )
     bench.add_llm_positions_argument(parser)
+    bench.add_llm_proportional_argument(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call")
     parser.add_argument(
         "--max-new-tokens",
@@ -404,7 +405,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: {data} holds only {len(items)} test questions", file=sys.stderr)
 
     settings, skipped = bench.build_settings(
-        model, methods, budgets, args.fastv_layer, args.llm_positions, processor
+        model,
+        methods,
+        budgets,
+        args.fastv_layer,
+        args.llm_positions,
+        processor,
+        args.llm_proportional_attention,
     )
     threads = torch.get_num_threads() if args.device == "cpu" else None
     print(

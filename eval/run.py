@@ -25,7 +25,11 @@ import torch
 from tqdm import tqdm
 
 import mllm_crossget as crossget
-from eval.bench import add_llm_positions_argument
+from eval.bench import (
+    LLM_PROPORTIONAL_CHOICES,
+    add_llm_positions_argument,
+    add_llm_proportional_argument,
+)
 from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
 from mllm_crossget import named_models
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CrossGET guidance: cross, attention (eager only), query, none",
     )
     add_llm_positions_argument(parser)
+    add_llm_proportional_argument(parser)
     parser.add_argument(
         "--crossget-option",
         action="append",
@@ -148,11 +153,14 @@ def method_config(
     llm_layers: int | None = None,
     llm_positions: str = "original",
     options: dict[str, Any] | None = None,
+    llm_proportional: str = "auto",
 ) -> crossget.CrossGETConfig:
     """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
     except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
     (the testbed model has 2), as `crossget bench` does."""
-    common = {"visual_tokens": budget, "llm_positions": llm_positions}
+    common: dict[str, Any] = {"visual_tokens": budget, "llm_positions": llm_positions}
+    if method != "fastv":  # FastV reduces inside the LLM: no sizes to weigh
+        common["llm_proportional_attention"] = LLM_PROPORTIONAL_CHOICES[llm_proportional]
     if method == "crossget":
         return crossget.CrossGETConfig(guidance=guidance, **common, **(options or {}))
     config = crossget.CrossGETConfig(method=method, **common)
@@ -172,6 +180,7 @@ def configure(
     state: Path | None,
     llm_positions: str = "original",
     options: dict[str, Any] | None = None,
+    llm_proportional: str = "auto",
 ) -> Any:
     """Put ``model``/``processor`` into the (method, budget) setting; 'full' = unmodified."""
     crossget.remove(model, processor)
@@ -180,13 +189,19 @@ def configure(
     if state is not None:
         saved = crossget.CrossGETConfig.from_pretrained(state).to_dict()
         saved.update(
-            visual_tokens=int(budget), keep_ratio=None, r=None, llm_positions=llm_positions
+            visual_tokens=int(budget),
+            keep_ratio=None,
+            r=None,
+            llm_positions=llm_positions,
+            llm_proportional_attention=LLM_PROPORTIONAL_CHOICES[llm_proportional],
         )
         model, processor = crossget.from_pretrained(model, state, processor)
         _, processor = crossget.apply(model, crossget.CrossGETConfig(**saved), processor)
         return processor
     llm_layers = model.config.get_text_config().num_hidden_layers
-    config = method_config(method, int(budget), guidance, llm_layers, llm_positions, options)
+    config = method_config(
+        method, int(budget), guidance, llm_layers, llm_positions, options, llm_proportional
+    )
     _, processor = crossget.apply(model, config, processor)
     return processor
 
@@ -198,6 +213,7 @@ def parse_crossget_options(pairs: Sequence[str]) -> dict[str, Any]:
 
     known = {f.name for f in fields(crossget.CrossGETConfig)}
     owned = {"visual_tokens", "keep_ratio", "r", "method", "guidance", "llm_positions"}
+    owned.add("llm_proportional_attention")  # --llm-proportional-attention
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -355,6 +371,7 @@ ANSWER_SETTINGS: tuple[str, ...] = (
     "split",
     "guidance",
     "llm_positions",
+    "llm_proportional_attention",
     "crossget_option",
     "crossget_state",
     "adapter",
@@ -490,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             args.crossget_state,
             args.llm_positions,
             options,
+            args.llm_proportional_attention,
         )
         stem = f"{args.task}-{method}-{budget}"
         if state.is_main_process:

@@ -117,6 +117,11 @@ def apply(
             f"pass per image); {family.name} does not support it: set cross_token_to_llm=False "
             "(cross_token_attended works with every family)"
         )
+    if config.llm_proportional_attention and family.name != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"llm_proportional_attention adds log(size) to a LLaVA-1.5 LLM's visual keys; "
+            f"{family.name} does not support it: leave llm_proportional_attention at None"
+        )
     family.check(model, config)
     planner = family.planner(model, config)
     # Validate the budget now, at the size the processor feeds (else the config's).

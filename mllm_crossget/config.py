@@ -149,6 +149,17 @@ class CrossGETConfig:
             "image: K - 1 image tokens and the cross token). Needs a cross-token guidance."
         },
     )
+    llm_proportional_attention: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Proportional attention inside the LLM as well: every visual token's key "
+            "gets + log(size), size = the patches it stands for, so the LLM weighs a merged "
+            "token as that many copies of itself (training-free). None = on where it applies "
+            "(LLaVA-1.5 with sdpa or eager LLM attention, any method that reduces before the "
+            "LLM: kept patches weigh 1, merged or pooled tokens their members), True = on or "
+            "an error saying why not, False = off."
+        },
+    )
     first_merge_layer: int = field(
         default=0, metadata={"help": "Index of the first encoder layer allowed to merge."}
     )
@@ -276,6 +287,17 @@ class CrossGETConfig:
                     f"'cross', 'attention' or 'query' (got method={self.method!r}, "
                     f"guidance={self.guidance!r}); set {name}=False or change the guidance"
                 )
+        if self.llm_proportional_attention not in (None, True, False):
+            raise ValueError(
+                "llm_proportional_attention must be None (where it applies), True or False, got "
+                f"{self.llm_proportional_attention!r}"
+            )
+        if self.llm_proportional_attention and self.method == "fastv":
+            raise ValueError(
+                "llm_proportional_attention weighs tokens reduced before the LLM by the patches "
+                "they hold; FastV prunes inside the LLM and merges nothing: leave "
+                "llm_proportional_attention at None or False for method='fastv'"
+            )
         if self.first_merge_layer < 0:
             raise ValueError(f"first_merge_layer must be >= 0, got {self.first_merge_layer}")
         if self.alignment_weight < 0:

@@ -32,7 +32,8 @@ from ..guidance import text_relevance
 from ..loss import symmetric_js_divergence
 from ..peers import FEATURE_METHODS, fastv
 from ..peers.encoder import reduce_after_encoder
-from ..peers.reduction import first_patch_of_tokens
+from ..peers.reduction import first_patch_of_tokens, patches_per_token
+from . import llm_size_bias
 from .family import Family
 from .vit_layer import patch_layers, run_encoder, unpatch_layers
 
@@ -111,6 +112,7 @@ class LastForward:
     text_cross: list[Tensor] = field(default_factory=list)  # per LLM layer [B, C_llm]
     image_rows: Tensor | None = None  # row of each image in the batch
     visual_tokens: list[int] = field(default_factory=list)
+    visual_sizes: list[Tensor] = field(default_factory=list)  # per image [K_i]: patches held
 
 
 @dataclass
@@ -123,6 +125,7 @@ class MergedImageFeatures(BaseModelOutputWithPooling):
 
     first_patch: list[Tensor] | None = None
     unreduced: list[int] | None = None
+    token_size: list[Tensor] | None = None  # per image [K_i]: unreduced tokens each one holds
 
 
 @dataclass
@@ -132,6 +135,7 @@ class LlavaRuntime:
     original_model_class: type
     hook_handles: list[Any] = field(default_factory=list)
     last: LastForward = field(default_factory=LastForward)
+    llm_key_bias: bool = False  # llm_proportional_attention, resolved for this model
 
 
 @dataclass
@@ -271,6 +275,7 @@ def _llava_get_image_features(
         groups.setdefault(budget, []).append(index)
     features: list[Tensor | None] = [None] * num_images
     first_patches: list[Tensor | None] = [None] * num_images
+    sizes: list[Tensor | None] = [None] * num_images
     unreduced: list[int] = [0] * num_images
     cross_states: list[list[Tensor]] = []
     order: list[int] = []
@@ -301,11 +306,14 @@ def _llava_get_image_features(
             )
             projected = self.multi_modal_projector(selected)
             first = first_patch_of_tokens(assignment, selected.shape[1] - int(keep_cls))
+            size = patches_per_token(assignment, selected.shape[1] - int(keep_cls))
             if kind.has_cls and not drop_first:  # CLS stays first, patches count after it
                 first = torch.cat([torch.zeros_like(first[:, :1]), first + 1], dim=1)
+                size = torch.cat([torch.ones_like(size[:, :1]), size], dim=1)
             for position, index in enumerate(indices):
                 features[index] = projected[position]
                 first_patches[index] = first[position]
+                sizes[index] = size[position]
             continue
             # --- end of peers ---
         relevance = None
@@ -328,16 +336,22 @@ def _llava_get_image_features(
         first = encoded.first_patch
         if first is None:  # nothing merged: every token is its own patch
             first = torch.arange(selected.shape[1], device=selected.device).expand(len(indices), -1)
+        # counts, never differentiated (a checkpointed tower returns them from its graph)
+        size = encoded.token_size.detach() if encoded.token_size is not None else None
+        if size is None:
+            size = torch.ones(selected.shape[:2], device=selected.device)
         if drop_first:
-            selected, first = selected[:, 1:], first[:, 1:] - 1
+            selected, first, size = selected[:, 1:], first[:, 1:] - 1, size[:, 1:]
         if plan.cross_token_to_llm and encoded.cross_states:
             selected, first = _append_cross_token(
                 selected, first, encoded.cross_states[-1], unreduced[indices[0]]
             )
+            size = torch.cat([size, torch.ones_like(size[:, :1])], dim=1)  # the cross token
         projected = self.multi_modal_projector(selected)
         for position, index in enumerate(indices):
             features[index] = projected[position]
             first_patches[index] = first[position]
+            sizes[index] = size[position]
         if encoded.cross_states:
             cross_states.append(torch.stack(encoded.cross_states, dim=0))  # [L, I_g, C]
             order.extend(indices)
@@ -348,12 +362,14 @@ def _llava_get_image_features(
         inverse[torch.tensor(order)] = torch.arange(len(order))
         runtime.last.vision_cross = list(stacked[:, inverse.to(stacked.device)])
     runtime.last.visual_tokens = [f.shape[0] for f in features]  # type: ignore[union-attr]
+    runtime.last.visual_sizes = [s.detach() for s in sizes]  # type: ignore[union-attr]
     # `pooler_output` as a list is what LLaVA's forward concatenates into placeholders.
     return MergedImageFeatures(
         last_hidden_state=None,
         pooler_output=features,
         first_patch=first_patches,  # type: ignore[arg-type]
         unreduced=unreduced,
+        token_size=sizes,  # type: ignore[arg-type]
     )
 
 
@@ -432,8 +448,22 @@ def _llava_forward(
     runtime: LlavaRuntime = self._crossget_llava
     parent_forward = super(type(self), self).forward
     if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
+        llm_mask = None
+        cache = kwargs.get("past_key_values")
+        key_bias = llm_size_bias.stored(cache) if runtime.llm_key_bias else None
+        if key_bias is not None:  # a step after a reduced prefill: its keys keep their weight
+            length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            llm_mask = _biased_llm_mask(self, key_bias, attention_mask, length, cache)
         return _with_text_states(
-            self, runtime, parent_forward, input_ids, pixel_values, attention_mask, args, kwargs
+            self,
+            runtime,
+            parent_forward,
+            input_ids,
+            pixel_values,
+            attention_mask,
+            args,
+            kwargs,
+            llm_mask,
         )
     if input_ids is None:
         raise ValueError(
@@ -508,9 +538,42 @@ def _llava_forward(
             return _with_text_states(
                 self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
             )
+    llm_mask = None
+    if runtime.llm_key_bias and any(bool((s != 1).any()) for s in outputs.token_size):
+        # Each visual key weighs as the patches it stands for (llm_size_bias.py).
+        cache = kwargs.get("past_key_values")
+        key_bias = llm_size_bias.store(
+            cache,
+            llm_size_bias.visual_key_bias(
+                input_ids,
+                image_token_id,
+                outputs.token_size,
+                self.get_input_embeddings().weight.dtype,
+            ),
+        )
+        llm_mask = _biased_llm_mask(self, key_bias, attention_mask, input_ids.shape[1], cache)
     return _with_text_states(
-        self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
+        self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs, llm_mask
     )
+
+
+def _biased_llm_mask(
+    self: nn.Module,
+    key_bias: Tensor,
+    attention_mask: Tensor | None,
+    query_length: int,
+    cache: Any,
+) -> Tensor:
+    """The 4-D mask the LLM gets under ``llm_proportional_attention`` (llm_size_bias.py)."""
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "llm_proportional_attention builds the LLM's 4-D mask from a 2-D padding mask; "
+            f"got attention_mask of shape {tuple(attention_mask.shape)}: pass the processor's "
+            "2-D mask, or set llm_proportional_attention=False"
+        )
+    dtype = self.get_input_embeddings().weight.dtype
+    return llm_size_bias.biased_mask(attention_mask, key_bias, query_length, past, dtype)
 
 
 def _check_placeholders_follow_override(lengths: list[int], override: Sequence[int] | int) -> None:
@@ -544,10 +607,15 @@ def _with_text_states(
     attention_mask: Tensor | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    llm_mask: Tensor | None = None,
 ) -> Any:
-    """Run the parent forward with the text cross tokens active (and their states collected)."""
+    """Run the parent forward with the text cross tokens active (and their states collected).
+
+    ``llm_mask``: a 4-D mask the LLM gets instead of ``attention_mask`` (which still places
+    the text cross token)."""
+    given_mask = attention_mask if llm_mask is None else llm_mask
     if not (runtime.config.text_cross_tokens and runtime.config.merges_in_encoder):
-        return _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
+        return _call_parent(parent_forward, input_ids, pixel_values, given_mask, args, kwargs)
     first = None
     if attention_mask is not None and attention_mask.dim() == 2:
         # The text cross token sits on each row's first real token, also under left padding.
@@ -555,7 +623,7 @@ def _with_text_states(
     context = _TextCrossContext(unwrap_cross_tokens(self.crossget_tokens).text_prompts, first)
     token = _TEXT_CONTEXT.set(context)
     try:
-        result = _call_parent(parent_forward, input_ids, pixel_values, attention_mask, args, kwargs)
+        result = _call_parent(parent_forward, input_ids, pixel_values, given_mask, args, kwargs)
     finally:
         _TEXT_CONTEXT.reset(token)
     if context.collected:
@@ -639,6 +707,7 @@ def patch_llava(
     model._supports_mm_encoder_outputs = _no_pre_encoding
     if config.method == "fastv":  # peers/fastv.py: hooks that prune inside the LLM
         runtime.hook_handles += fastv.install(inner.language_model, config.fastv_layer)
+    runtime.llm_key_bias = llm_key_bias_applies(model, config, tiled=get_image_features is not None)
     if config.text_cross_tokens and config.merges_in_encoder:
         for index, layer in enumerate(inner.language_model.layers):
             handle = layer.register_forward_pre_hook(_text_cross_hook(index), with_kwargs=True)
@@ -760,6 +829,21 @@ def _check(model: nn.Module, config: CrossGETConfig) -> None:
         )
     if config.method == "fastv":
         fastv.check(model.model.language_model, config.fastv_layer)
+    if config.llm_proportional_attention:
+        llm_size_bias.check(model.model.language_model)
+
+
+def llm_key_bias_applies(model: nn.Module, config: CrossGETConfig, tiled: bool = False) -> bool:
+    """Whether ``llm_proportional_attention`` runs: True = on (checked in ``_check``), None = on
+    for LLaVA-1.5 (not the tiled models) with an sdpa/eager LLM and a method that reduces
+    before the LLM, False = off."""
+    setting = config.llm_proportional_attention
+    if setting is not None:
+        return setting
+    if tiled or config.method == "fastv":
+        return False
+    implementation = getattr(model.model.language_model.config, "_attn_implementation", None)
+    return (implementation or "eager") in ("sdpa", "eager")
 
 
 def _build_tokens(model: nn.Module, planner: Any, config: CrossGETConfig) -> Any:

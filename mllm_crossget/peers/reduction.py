@@ -21,6 +21,7 @@ __all__ = [
     "Reducer",
     "check_reduction",
     "first_patch_of_tokens",
+    "patches_per_token",
     "keep_indices",
 ]
 
@@ -94,3 +95,17 @@ def first_patch_of_tokens(assignment: Tensor, k: int) -> Tensor:
     if bool((first == n).any()):
         raise RuntimeError("a reduced token holds no patch in its assignment (a bug in the peer)")
     return first
+
+
+def patches_per_token(assignment: Tensor, k: int) -> Tensor:
+    """[I, K] float32: how many patches each output token stands for (its size).
+
+    A kept patch holds itself (1), a pooled or merged token its members; dropped patches
+    (``-1``) count for no token.  ``llm_proportional_attention`` gives each token's key
+    ``log(size)`` in the LLM.
+    """
+    batch = assignment.shape[0]
+    slot = torch.where(assignment >= 0, assignment, torch.full_like(assignment, k))
+    counts = torch.zeros(batch, k + 1, dtype=torch.float32, device=assignment.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))
+    return counts[:, :k]
