@@ -199,7 +199,8 @@ def test_decode_steps_keep_the_prefill_bias(mode: str, images: list[Image.Image]
     with torch.no_grad():
         unweighted = greedy(model, inputs, 4, **extra)
     assert any(
-        not torch.allclose(a, b, atol=1e-4) for a, b in zip(cached.scores, unweighted.scores)
+        not torch.allclose(a, b, atol=1e-4)
+        for a, b in zip(cached.scores, unweighted.scores, strict=True)
     )
 
 
