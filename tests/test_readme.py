@@ -42,7 +42,7 @@ SLOW: dict[str, str] = {
         "splits in a temporary folder)"
     ),
     "crossget eval --model reference --task testbed --data data/testbed --budgets 128,64 "
-    "--methods crossget,tome": "1,400 questions x 4 settings (about a minute)",
+    "--methods crossget,tome,divprune": "1,400 questions x 6 settings (a few minutes)",
     "python -m eval.recovery_study --model reference --data data/testbed --limit 1400 --steps "
     "600 --batch-size 16 --lr 1e-3 --out runs/recovery14": "five fine-tunes (24 min)",
     "crossget chat --model reference --budget 64": "interactive (reads the terminal)",

@@ -1,7 +1,8 @@
 """Redraws docs/img/accuracy_vs_tokens.png with `make demo`'s own plot function.
 
 The accuracies are the overall figures of the `make demo` run on the shipped `reference` model
-(2 December 2026) as printed in README.md's results table; chance is computed here from the
+(7 December 2026, every default as shipped, so `llm_proportional_attention` on) as printed in
+README.md's results table; chance is computed here from the
 same 350 demo questions (rendered into data/testbed-demo/ when missing, as `make demo` does).
 `make demo` draws this plot from its own run into outputs/demo/accuracy_vs_tokens.png.
 
@@ -24,11 +25,11 @@ from eval.testbed.data import chance_by_family, load_split
 FULL = ("full", 256, 85.1)
 # method -> accuracy (%) at 192, 128 and 64 visual tokens (README's results table)
 MEASURED: dict[str, tuple[float, float, float]] = {
-    "crossget": (83.1, 80.9, 74.0),
-    "tome": (83.1, 80.6, 78.6),
-    "visionzip": (83.4, 80.6, 67.1),
+    "crossget": (85.1, 85.1, 81.4),
+    "tome": (84.6, 84.9, 78.3),
+    "visionzip": (83.4, 81.7, 74.6),
     "divprune": (84.6, 84.3, 77.4),
-    "pool": (69.4, 66.0, 58.0),
+    "pool": (69.4, 66.0, 58.3),
     "random": (80.6, 71.1, 66.6),
     "fastv": (84.9, 84.6, 84.3),
 }
@@ -48,7 +49,7 @@ def main() -> None:
             )
     title = (
         f"reference model, {DEFAULT_QUESTIONS} held-out testbed questions (make demo, "
-        "2 Dec 2026); FastV keeps K tokens from LLM layer 2"
+        "7 Dec 2026); FastV keeps K tokens from LLM layer 2"
     )
     plot_accuracy(rows, overall, Path(__file__).with_suffix(".png"), title)
     print(f"chance {100 * overall:.1f} %; wrote {Path(__file__).with_suffix('.png')}")
