@@ -254,3 +254,12 @@ def test_where_it_cannot_run_it_is_refused_with_the_fix() -> None:
         crossget.apply(
             tiny_clip_vision(), CrossGETConfig(visual_tokens=16, llm_proportional_attention=True)
         )
+
+
+def test_a_static_cache_is_refused_with_the_fix(images: list[Image.Image]) -> None:
+    model, processor = crossget.apply(
+        tiny_llava(), CrossGETConfig(visual_tokens=8), tiny_processor()
+    )
+    inputs = encode(processor, images[:1], PROMPTS[:1])
+    with pytest.raises(ValueError, match="use generate's default cache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..config import CrossGETConfig
@@ -539,7 +540,7 @@ def _llava_forward(
                 self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
             )
     llm_mask = None
-    if runtime.llm_key_bias and any(bool((s != 1).any()) for s in outputs.token_size):
+    if runtime.llm_key_bias and bool(torch.cat(outputs.token_size).ne(1).any()):
         # Each visual key weighs as the patches it stands for (llm_size_bias.py).
         cache = kwargs.get("past_key_values")
         key_bias = llm_size_bias.store(
@@ -565,6 +566,12 @@ def _biased_llm_mask(
     cache: Any,
 ) -> Tensor:
     """The 4-D mask the LLM gets under ``llm_proportional_attention`` (llm_size_bias.py)."""
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            "llm_proportional_attention builds the LLM's mask over the keys a dynamic KV cache "
+            f"holds; got {type(cache).__name__}: use generate's default cache, or set "
+            "llm_proportional_attention=False"
+        )
     past = int(cache.get_seq_length()) if cache is not None else 0
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
