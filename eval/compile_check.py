@@ -54,6 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _where(frames: Sequence[Any]) -> str:
+    """The innermost frame of this project or of transformers, as ``path:line``."""
+    for frame in reversed(frames):
+        for root in ("mllm_crossget/", "transformers/"):
+            if root in frame.filename:
+                return f"{root}{frame.filename.split(root, 1)[1]}:{frame.lineno}"
+    return "elsewhere"
+
+
+def graph_breaks(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``torch._dynamo.explain`` of one forward: graph and break counts, reasons, locations."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    explanation = dynamo.explain(model)(**inputs)
+    reasons: Counter[str] = Counter()
+    locations: Counter[str] = Counter()
+    for item in explanation.break_reasons:
+        reasons[str(getattr(item, "reason", item)).splitlines()[0][:160]] += 1
+        locations[_where(getattr(item, "user_stack", []) or [])] += 1
+    return {
+        "graph_count": explanation.graph_count,
+        "graph_breaks": explanation.graph_break_count,
+        "reasons": dict(reasons),
+        "locations": dict(locations),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
@@ -84,11 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = request()
     with torch.inference_mode():
-        dynamo.reset()
-        explanation = dynamo.explain(model)(**inputs)
-        reasons = Counter(
-            str(getattr(b, "reason", b)).splitlines()[0][:160] for b in explanation.break_reasons
-        )
+        breaks = graph_breaks(model, inputs)
         dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend=args.backend)
@@ -111,9 +135,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
         "visual_tokens": visual,
-        "graph_count": explanation.graph_count,
-        "graph_breaks": explanation.graph_break_count,
-        "break_reasons": dict(reasons),
+        "graph_count": breaks["graph_count"],
+        "graph_breaks": breaks["graph_breaks"],
+        "break_reasons": breaks["reasons"],
+        "break_locations": breaks["locations"],
         "graphs_after_first_request": frames_after_first,
         "graphs_after_all_requests": graphs_total,
         "recompiles": recompiles,

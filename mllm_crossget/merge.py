@@ -216,7 +216,9 @@ def _check_inputs(
             )
         if protected.dtype != torch.bool:
             raise TypeError(f"protected must be a bool tensor, got {protected.dtype}")
-    if not torch.isfinite(metric).all():
+    # A data-dependent check: one host sync per layer, and a graph break under torch.compile,
+    # where it is skipped (compiled code cannot raise on tensor values anyway).
+    if not torch.compiler.is_compiling() and not torch.isfinite(metric).all():
         raise ValueError(
             "metric contains NaN or inf; the layer's keys are not finite (check the input pixels "
             "and the model dtype — fp16 overflow is a common cause)."
@@ -233,11 +235,27 @@ def _similarity(metric: Tensor) -> Tensor:
     return torch.add(sim, sim.transpose(1, 2)).mul_(0.5)
 
 
-def _clamped_r(r: int, protected: Tensor | None, n: int) -> int:
+def _check_prefix(protected_prefix: int | None, protected: Tensor | None, n: int) -> None:
+    if protected_prefix is None:
+        return
     if protected is None:
-        return min(r, max_merge_count(n))
-    unprotected = (~protected).sum(dim=1).min().item()
-    return min(r, int(unprotected) // 2)
+        raise ValueError("protected_prefix needs the protected mask it describes")
+    if not isinstance(protected_prefix, int) or not 0 <= protected_prefix <= n:
+        raise ValueError(f"protected_prefix must be an int in [0, {n}], got {protected_prefix!r}")
+
+
+def _unprotected(protected: Tensor | None, n: int, protected_prefix: int | None) -> int:
+    """The fewest unprotected tokens of any row: from the caller's ``protected_prefix`` (a
+    host int, no device sync and no graph break) or else read from the mask."""
+    if protected is None:
+        return n
+    if protected_prefix is not None:
+        return n - protected_prefix
+    return int((~protected).sum(dim=1).min().item())
+
+
+def _clamped_r(r: int, protected: Tensor | None, n: int, protected_prefix: int | None) -> int:
+    return min(r, _unprotected(protected, n, protected_prefix) // 2)
 
 
 def _empty_matching(batch: int, n: int, device: torch.device) -> Matching:
@@ -264,6 +282,7 @@ def complete_graph_matching(
     max_sources_per_destination: int | None = None,
     max_rounds: int = HUB_GUARD_ROUNDS,
     hub_guard: str = "defer",
+    protected_prefix: int | None = None,
 ) -> Matching:
     """CrossGET's complete-graph soft matching (CGSM) over all token pairs.
 
@@ -281,8 +300,14 @@ def complete_graph_matching(
     (``hub_guard="rematch"``, :func:`_capped_destinations`, parallel rounds; ``max_rounds``
     bounds them), or (``hub_guard="defer"``, :func:`_deferred_matching`) are not merged in
     this layer and the next candidates by score take their place.
+
+    ``protected_prefix`` (optional) tells that the protected tokens of every row are exactly
+    its first ``protected_prefix`` tokens (a ViT's CLS: merges keep it first), so ``r`` is
+    clamped from that host int instead of reading the mask (one device sync and one
+    ``torch.compile`` graph break less per layer). The mask is still what blocks them.
     """
     _check_inputs(metric, r, importance, protected)
+    _check_prefix(protected_prefix, protected, metric.shape[1])
     if max_sources_per_destination is not None and (
         not isinstance(max_sources_per_destination, int) or max_sources_per_destination < 1
     ):
@@ -296,7 +321,7 @@ def complete_graph_matching(
         raise ValueError(f"hub_guard must be one of {HUB_GUARDS}, got {hub_guard!r}")
     batch, n, _ = metric.shape
     device = metric.device
-    r = _clamped_r(r, protected, n)
+    r = _clamped_r(r, protected, n, protected_prefix)
     if r == 0:
         return _empty_matching(batch, n, device)
 
@@ -327,7 +352,7 @@ def complete_graph_matching(
         score = score.masked_fill(protected, torch.inf)
     by_score = torch.sort(score, dim=1, stable=True).indices
     if max_sources_per_destination is not None and hub_guard == "defer":
-        unprotected = n if protected is None else int((~protected).sum(dim=1).min().item())
+        unprotected = _unprotected(protected, n, protected_prefix)
         return _deferred_matching(sim, by_score, r, unprotected, max_sources_per_destination)
     src_idx = by_score[:, :r]
 
@@ -450,25 +475,35 @@ def bipartite_matching(
     metric: Tensor,
     r: int,
     protected: Tensor | None = None,
+    *,
+    protected_prefix: int | None = None,
 ) -> Matching:
     """ToMe's bipartite soft matching: even tokens (A) may merge into odd tokens (B) only.
 
     Kept as the peer baseline behind the same :class:`Matching` interface.  Each A token's
     best B partner is found; the ``r`` A tokens with the highest such similarity merge.
     Protected tokens are neither sources nor destinations.  ``r`` is clamped to the number of
-    unprotected A tokens and to half of all unprotected tokens.
+    unprotected A tokens and to half of all unprotected tokens. ``protected_prefix``: as in
+    :func:`complete_graph_matching` (the first k tokens hold ``ceil(k/2)`` A and ``floor(k/2)``
+    B tokens, so every count is known on the host).
     """
     _check_inputs(metric, r, None, protected)
     batch, n, _ = metric.shape
+    _check_prefix(protected_prefix, protected, n)
     device = metric.device
     a_idx = torch.arange(0, n, 2, device=device)
     b_idx = torch.arange(1, n, 2, device=device)
-    r = _clamped_r(r, protected, n)
+    r = _clamped_r(r, protected, n, protected_prefix)
     if protected is not None:
         # Neither side may be exhausted by protected tokens: a source needs an unprotected
         # partner, or argmax over an all -inf row would pick a protected destination.
-        r = min(r, int((~protected[:, a_idx]).sum(dim=1).min().item()))
-        r = min(r, int((~protected[:, b_idx]).sum(dim=1).min().item()))
+        if protected_prefix is not None:
+            a_free = a_idx.numel() - (protected_prefix + 1) // 2
+            b_free = b_idx.numel() - protected_prefix // 2
+        else:
+            a_free = int((~protected[:, a_idx]).sum(dim=1).min().item())
+            b_free = int((~protected[:, b_idx]).sum(dim=1).min().item())
+        r = min(r, a_free, b_free)
     r = min(r, b_idx.numel())
     if r == 0:
         return _empty_matching(batch, n, device)

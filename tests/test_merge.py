@@ -901,3 +901,38 @@ def test_first_patch_is_the_lowest_patch_a_token_holds() -> None:
             first, source = m.merge_first_patch(first), m.merge_source(source)
         lowest = (source > 0).to(torch.int64).argmax(dim=-1)
         assert torch.equal(first, lowest), seed
+
+
+# --------------------------------------------------------------------------------------------
+# protected_prefix: r clamped from a host int instead of the mask (no sync, no graph break)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("matcher", ["cgsm", "bipartite"])
+def test_protected_prefix_gives_the_mask_only_matching(matcher: str) -> None:
+    """Every r up to past the clamp, every prefix 0-3, odd and even N: the same matching."""
+    generator = torch.Generator().manual_seed(3)
+    for n, prefix in itertools.product((5, 8, 9, 17), (0, 1, 2, 3)):
+        metric = torch.randn(3, n, 6, generator=generator)
+        importance = torch.randn(3, n, generator=generator)
+        protected = torch.zeros(3, n, dtype=torch.bool)
+        protected[:, :prefix] = True
+        for r in range(n + 1):
+            if matcher == "cgsm":
+                by_mask = complete_graph_matching(metric, r, importance, protected)
+                by_prefix = complete_graph_matching(
+                    metric, r, importance, protected, protected_prefix=prefix
+                )
+            else:
+                by_mask = bipartite_matching(metric, r, protected)
+                by_prefix = bipartite_matching(metric, r, protected, protected_prefix=prefix)
+            assert as_lists(by_prefix) == as_lists(by_mask), (n, prefix, r)
+
+
+def test_protected_prefix_rejects_bad_values() -> None:
+    metric = torch.randn(1, 6, 4)
+    protected = torch.zeros(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs the protected mask"):
+        complete_graph_matching(metric, 1, protected_prefix=1)
+    with pytest.raises(ValueError, match=r"protected_prefix must be an int in \[0, 6\]"):
+        bipartite_matching(metric, 1, protected, protected_prefix=7)

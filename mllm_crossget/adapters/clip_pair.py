@@ -71,7 +71,8 @@ def vision_state(hidden: Tensor, with_cross: bool) -> TokenState:
     protected = torch.zeros(batch, n, dtype=torch.bool, device=hidden.device)
     protected[:, 0] = True
     size = torch.ones(batch, n, dtype=torch.float32, device=hidden.device)
-    return TokenState(hidden, size, protected, cross=hidden[:, :1] if with_cross else None)
+    cross = hidden[:, :1] if with_cross else None
+    return TokenState(hidden, size, protected, cross=cross, protected_prefix=1)
 
 
 def text_state(

@@ -191,7 +191,7 @@ def original_position_ids(
     removed = torch.zeros(base.shape[0], dtype=base.dtype, device=base.device)
     for row, start, first, full in zip(rows, starts, first_patch, unreduced, strict=True):
         length = first.shape[0]
-        if length and int(first.max()) >= full:
+        if length and not torch.compiler.is_compiling() and int(first.max()) >= full:
             raise ValueError(f"a visual token's first patch {int(first.max())} is >= {full}")
         anchor = positions[row, start].clone()
         positions[row, start : start + length] = anchor + first.to(positions)
@@ -540,7 +540,7 @@ def _llava_forward(
                 self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
             )
     llm_mask = None
-    if runtime.llm_key_bias and bool(torch.cat(outputs.token_size).ne(1).any()):
+    if runtime.llm_key_bias and _some_token_merged(outputs):
         # Each visual key weighs as the patches it stands for (llm_size_bias.py).
         cache = kwargs.get("past_key_values")
         key_bias = llm_size_bias.store(
@@ -603,6 +603,20 @@ def _check_placeholders_follow_override(lengths: list[int], override: Sequence[i
             "= crossget.apply(model, config, processor)` and call it inside the same "
             "`crossget.budget(...)` context as the model"
         )
+
+
+def _some_token_merged(outputs: MergedImageFeatures) -> bool:
+    """Whether some visual token stands for more than one patch (then the LLM key bias applies).
+
+    Eager reads the sizes. Under ``torch.compile`` (a data-dependent branch breaks the graph)
+    every image with fewer tokens than patches counts: for a method that keeps unmerged
+    patches (DivPrune, random) that adds a bias of log 1 = 0, the same attention."""
+    if torch.compiler.is_compiling() and outputs.unreduced is not None:
+        return any(
+            size.shape[0] < full
+            for size, full in zip(outputs.token_size, outputs.unreduced, strict=True)
+        )
+    return bool(torch.cat(outputs.token_size).ne(1).any())
 
 
 def _with_text_states(
@@ -670,20 +684,27 @@ def _text_cross_hook(layer_index: int) -> Any:
         if hidden.shape[1] < 2:  # decoding step: only prefill carries the cross token
             return None
         batch = hidden.shape[0]
-        if context.first_positions is not None and context.first_positions.shape[0] == batch:
+        rows = torch.arange(batch, device=hidden.device)
+        positions = context.first_positions
+        if positions is not None and positions.shape[0] == batch:
+            # One first token per row by construction: no data-dependent check (no host sync,
+            # no graph break under torch.compile).
             first = torch.zeros(batch, hidden.shape[1], dtype=torch.bool, device=hidden.device)
-            first[torch.arange(batch, device=hidden.device), context.first_positions] = True
+            first[rows, positions] = True
         else:
             position_ids = kwargs.get("position_ids")
             if position_ids is None:
                 return None
             first = (position_ids == 0).expand(batch, -1)
-        if not bool(first.any()):
-            return None
+            if not bool(first.any()):
+                return None
+            positions = first.to(torch.int8).argmax(dim=1)
+            if not bool((first.sum(dim=1) == 1).all()):
+                positions = None  # several or no first tokens in a row: nothing to collect
         prompt = context.prompts[layer_index].to(hidden.dtype)
         crossed = torch.where(first[..., None], hidden.detach() + prompt, hidden)
-        if bool((first.sum(dim=1) == 1).all()):
-            context.collected.append(crossed[first])
+        if positions is not None:
+            context.collected.append(crossed[rows, positions])
         return (crossed, *args[1:]), kwargs
 
     return hook

@@ -40,6 +40,15 @@ def visual_key_bias(
     """
     is_image = input_ids == image_token_id
     flat = torch.cat([s.reshape(-1) for s in sizes]) if sizes else input_ids.new_empty(0)
+    if not torch.compiler.is_compiling():  # data-dependent checks: graph breaks when compiled
+        check_sizes(flat, is_image)
+    bias = torch.zeros(input_ids.shape, dtype=dtype, device=input_ids.device)
+    bias[is_image] = flat.to(device=input_ids.device, dtype=torch.float64).log().to(dtype)
+    return bias
+
+
+def check_sizes(flat: Tensor, is_image: Tensor) -> None:
+    """One size per image placeholder, every size at least 1 (sizes count patches)."""
     if flat.numel() != int(is_image.sum()):
         raise ValueError(
             f"the prompt has {int(is_image.sum())} image placeholders but the visual tokens "
@@ -47,9 +56,6 @@ def visual_key_bias(
         )
     if flat.numel() and bool((flat < 1).any()):
         raise ValueError("a visual token's size is below 1 (sizes count patches)")
-    bias = torch.zeros(input_ids.shape, dtype=dtype, device=input_ids.device)
-    bias[is_image] = flat.to(device=input_ids.device, dtype=torch.float64).log().to(dtype)
-    return bias
 
 
 def biased_mask(

@@ -263,7 +263,10 @@ class TokenState:
     ``protected`` tokens are never merged (CLS, end-of-text, padding); ``key_valid`` says
     which tokens may be attended (``None``: all); ``position`` is each token's latest original
     position for causal towers (``None``: bidirectional); ``marker`` flags the token to pool
-    (end-of-text) so it can be found after merges; ``cross`` is the cross token ``[B, 1, C]``.
+    (end-of-text) so it can be found after merges; ``cross`` is the cross token ``[B, 1, C]``;
+    ``protected_prefix`` (a host int, ``None``: unknown) says the protected tokens are exactly
+    the first k of every row, as a ViT's CLS is (merges keep survivors in order), so the
+    matching clamps ``r`` without reading the mask (no device sync, no graph break).
     """
 
     hidden: Tensor
@@ -273,6 +276,7 @@ class TokenState:
     position: Tensor | None = None
     marker: Tensor | None = None
     cross: Tensor | None = None
+    protected_prefix: int | None = None
 
     def pooled_index(self) -> Tensor:
         """[B] index of the marked token (the first one when several are marked)."""
@@ -388,7 +392,9 @@ def merging_block(
             score_importance = relevance(visible)  # [B, N]: each image against its prompt
         score_importance = _scaled_importance(score_importance, state.protected, plan)
         if plan.matching == "bipartite":
-            matching = bipartite_matching(metric, r, protected=state.protected)
+            matching = bipartite_matching(
+                metric, r, protected=state.protected, protected_prefix=state.protected_prefix
+            )
         else:
             matching = complete_graph_matching(
                 metric,
@@ -397,6 +403,7 @@ def merging_block(
                 state.protected,
                 max_sources_per_destination=plan.max_sources_per_destination,
                 hub_guard=plan.hub_guard,
+                protected_prefix=state.protected_prefix,
             )
         visible, size = matching.merge(visible, state.size, importance)
         state = replace(
@@ -437,6 +444,7 @@ class LayerStep:
     r: int
     plan: EncoderPlan
     relevance: Callable[[Tensor], Tensor] | None = None  # text guidance (see merging_block)
+    protected_prefix: int | None = None  # see TokenState
 
 
 def _merging_layer_forward(
@@ -453,7 +461,9 @@ def _merging_layer_forward(
     if crossget_step is None:
         return super(type(self), self).forward(hidden_states, *args, **kwargs)
     size, protected, cross, offset = args
-    state = TokenState(hidden_states, size, protected, cross=cross)
+    state = TokenState(
+        hidden_states, size, protected, cross=cross, protected_prefix=crossget_step.protected_prefix
+    )
     state, matching = merging_block(
         layer_ops(self),
         state,
@@ -586,7 +596,7 @@ def run_encoder(
             protected,
             cross,
             offset,
-            crossget_step=LayerStep(plan.layer_r[index], plan, relevance),
+            crossget_step=LayerStep(plan.layer_r[index], plan, relevance, 1 if has_cls else 0),
         )
         if cross is not None:
             cross_states.append(cross[:, 0])
