@@ -35,7 +35,7 @@ FAST: tuple[str, ...] = ("crossget --help", "crossget eval --help")
 # Printed commands it only checks, with why they are not run here.
 SLOW: dict[str, str] = {
     "pip install -e .": "installs the package; CI's fresh clone does it (.ci/run -> make test)",
-    "make demo": "the 2.5-minute demo job; tests/test_demo.py runs its code on a tiny model",
+    "make demo": "the 6-minute demo job; tests/test_demo.py runs its code on a tiny model",
     "make test": "this test suite itself",
     "crossget data make --out data/testbed --train 0 --validation 700 --test 1400 --seed 0": (
         "renders 2,100 questions into the checkout's data/ (tests/test_testbed_data.py makes "
@@ -44,7 +44,7 @@ SLOW: dict[str, str] = {
     "crossget eval --model reference --task testbed --data data/testbed --budgets 128,64 "
     "--methods crossget,tome,divprune": "1,400 questions x 6 settings (a few minutes)",
     "python -m eval.recovery_study --model reference --data data/testbed --limit 1400 --steps "
-    "600 --batch-size 16 --lr 1e-3 --out runs/recovery14": "five fine-tunes (24 min)",
+    "600 --batch-size 16 --lr 1e-3 --out runs/recovery-lpa": "five fine-tunes (44 min)",
     "crossget chat --model reference --budget 64": "interactive (reads the terminal)",
     "crossget serve --model reference --budget 64 --port 8000": "serves until stopped "
     "(tests/test_serving.py runs the server)",
