@@ -117,6 +117,8 @@ def _evaluate(setting: Setting, args: argparse.Namespace, run_dir: Path | None, 
             "--crossget-state",
             str(run_dir / "crossget"),
         ]
+    if args.no_progress:
+        argv.append("--no-progress")
     if eval_main(argv) != 0:
         raise RuntimeError(f"evaluation failed for {setting}")
     rows = json.loads((out / "results.json").read_text(encoding="utf-8"))

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("outputs/eval"),
         help="folder for answers/*.jsonl, results.json and results.md",
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the per-setting progress bars (for logs: a bar redraws itself many times)",
+    )
     return parser
 
 
@@ -524,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_new_tokens,
             args.prompt_template,
             f"{stem} [{state.process_index}]",
+            progress=not args.no_progress,
         )
         seconds = time.perf_counter() - start
         state.wait_for_everyone()

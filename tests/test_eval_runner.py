@@ -258,3 +258,19 @@ def test_per_family_takes_the_first_items_of_every_family(testbed: Path) -> None
     assert len(tasks.load_task("testbed", testbed, limit=2, per_group=1)) == 2
     with pytest.raises(ValueError, match="at least 1"):
         tasks.first_per_group(items, 0, lambda i: i.group)
+
+
+def test_no_progress_hides_the_bars_and_changes_no_answer(
+    model_dir: Path, testbed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Long runs log to files, where a redrawn bar is thousands of lines; the flag is not an
+    answer setting, so a run resumed with it reuses the answers."""
+    argv = ["--model", str(model_dir), "--task", "testbed", "--data", str(testbed)]
+    argv += ["--budgets", "32", "--batch-size", "4", "--max-new-tokens", "2"]
+    assert run.main([*argv, "--out", str(tmp_path / "bars")]) == 0
+    assert "testbed-crossget-32 [0]" in capsys.readouterr().err
+    assert run.main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "testbed-crossget-32 [0]" not in capsys.readouterr().err
+    answers = "answers/testbed-crossget-32.rank0.jsonl"
+    assert (tmp_path / "quiet" / answers).read_text() == (tmp_path / "bars" / answers).read_text()
+    assert run.main([*argv, "--out", str(tmp_path / "quiet")]) == 0  # same settings: resumes

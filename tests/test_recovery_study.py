@@ -79,3 +79,25 @@ def test_control_fine_tunes_all_visual_tokens_without_alignment(model_dir: Path)
     assert (control.name, control.budget, control.train) == (CONTROL, str(unreduced), True)
     assert control.alignment_weight == 0.0
     assert all(s.name != CONTROL for s in settings_for([64], 64))
+
+
+def test_no_progress_reaches_the_evaluations(tmp_path: Path, monkeypatch) -> None:
+    """The study's --no-progress hides the evaluation bars too (they flooded its logs)."""
+    import eval.run
+    from eval.recovery_study import Setting, _evaluate, build_parser
+
+    seen: list[list[str]] = []
+
+    def fake_eval(argv: list[str]) -> int:
+        seen.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps([{"budget": "64"}]))
+        return 0
+
+    monkeypatch.setattr(eval.run, "main", fake_eval)
+    setting = Setting("training-free", "64", train=False)
+    for flags, expected in (([], False), (["--no-progress"], True)):
+        args = build_parser().parse_args(["--out", str(tmp_path), *flags])
+        assert _evaluate(setting, args, None, tmp_path / "eval") == {"budget": "64"}
+        assert ("--no-progress" in seen[-1]) is expected
