@@ -21,7 +21,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,8 @@ def graph_breaks(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, An
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
-
-    torch.set_num_threads(args.threads)
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
+    """The CrossGET LLaVA of the size flags, and a maker of new requests of one shape."""
     config = llava_7b_config(
         args.llm_layers,
         "sdpa",
@@ -109,6 +106,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
         pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=generator)
         return {"input_ids": ids, "pixel_values": pixels, "logits_to_keep": 1}
+
+    return model, request
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(args.threads)
+    model, request = build(args)
+    visual = crossget.num_visual_tokens(model)
 
     inputs = request()
     with torch.inference_mode():

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import single_thread
-from transformers import LlavaForConditionalGeneration
 
-import mllm_crossget as crossget
-from eval.bench_llava import llava_7b_config
-from eval.compile_check import graph_breaks
+from eval.compile_check import build, build_parser, graph_breaks
 
 
 @pytest.mark.parametrize("method", ["crossget", "tome"])
@@ -17,16 +14,13 @@ def test_merging_layers_add_no_graph_break(method: str) -> None:
     """Before: one .item() (r's clamp) and one data-dependent branch (the finite check) per
     merging layer, plus the LLM-side checks; now only the text cross token's context variable
     (set and reset around the LLM) and transformers' own placeholder check break the graph."""
-    config = llava_7b_config(
-        1, "sdpa", llm_width=128, vision_width=64, vision_layers=4, image_size=112
+    args = build_parser().parse_args(
+        ["--method", method, "--budget", "16", "--llm-layers", "1", "--llm-width", "128"]
+        + ["--vision-width", "64", "--vision-layers", "4", "--image-size", "112"]
+        + ["--prompt-tokens", "12"]
     )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config).eval()
-    crossget.apply(model, crossget.CrossGETConfig(visual_tokens=16, method=method))
-    visual = crossget.num_visual_tokens(model)
-    text = torch.randint(5, 32000, (1, 12), generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([text[:, :1], torch.full((1, visual), config.image_token_id), text[:, 1:]], 1)
-    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 112, 112), "logits_to_keep": 1}
+    model, request = build(args)
+    inputs = request()
     with single_thread(), torch.inference_mode():
         breaks = graph_breaks(model, inputs)
     ours = {

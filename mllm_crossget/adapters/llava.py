@@ -698,9 +698,9 @@ def _text_cross_hook(layer_index: int) -> Any:
             first = (position_ids == 0).expand(batch, -1)
             if not bool(first.any()):
                 return None
-            positions = first.to(torch.int8).argmax(dim=1)
-            if not bool((first.sum(dim=1) == 1).all()):
-                positions = None  # several or no first tokens in a row: nothing to collect
+            # Several or no first tokens in a row: cross them, collect nothing.
+            one_per_row = bool((first.sum(dim=1) == 1).all())
+            positions = first.to(torch.int8).argmax(dim=1) if one_per_row else None
         prompt = context.prompts[layer_index].to(hidden.dtype)
         crossed = torch.where(first[..., None], hidden.detach() + prompt, hidden)
         if positions is not None:
