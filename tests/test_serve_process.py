@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -149,18 +150,34 @@ def test_visual_tokens_count_toward_the_prompt(limited: str) -> None:
 
 
 # ----------------------------------------------------------------------------- client gone
-def test_a_request_whose_client_left_is_cancelled(limited: str) -> None:
+def test_requests_whose_clients_left_are_cancelled(limited: str) -> None:
+    """A streamed request is cancelled when its client closes the stream; a non-streamed one
+    whose client gave up while it waited is cancelled before it starts.
+
+    Nothing here races the model's speed: the streamed answer (1,000 tokens) is still being
+    written when its stream is closed, since the test has read only its first piece, and the
+    worker is busy with it for as long as the non-streamed client waits.
+    """
     before = _health(limited)
-    # About 1,000 answer tokens take seconds; the client gives up after one.
-    with pytest.raises(httpx.ReadTimeout):
-        _chat(limited, _text(5, max_tokens=1000), timeout=1.0)
+    body = _text(5, max_tokens=1000, stream=True)
+    with httpx.stream("POST", limited + "/v1/chat/completions", json=body, timeout=60) as streamed:
+        assert streamed.status_code == 200
+        for line in streamed.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
+                if delta.get("content"):
+                    break  # the first answer token: the worker is generating this request
+        # The worker is busy: this one waits in the queue, and its client leaves first.
+        with pytest.raises(httpx.ReadTimeout):
+            _chat(limited, _text(5, max_tokens=1000), timeout=0.5)
     deadline = time.monotonic() + 60
     while True:
         health = _health(limited)
-        if health["queued"] == 0 and health["cancelled"] > before["cancelled"]:
+        if health["queued"] == 0 and health["cancelled"] >= before["cancelled"] + 2:
             break
         assert time.monotonic() < deadline, health
         time.sleep(0.2)
+    assert health["cancelled"] == before["cancelled"] + 2
     assert health["served"] == before["served"]  # stopped, not answered to nobody
     assert _chat(limited, _text(5)).status_code == 200  # and the worker is free again
 
