@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import mllm_crossget as crossget
 from eval.bench_memory import measure_in_subprocess
-from eval.timing import DTYPES
+from eval.timing import DTYPES, describe_environment, environment
 from mllm_crossget import named_models
 from mllm_crossget.config import LLM_POSITION_MODES, atomic_output, atomic_write_text
 from mllm_crossget.flops import FlopsReport
@@ -992,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = result_rows(settings)
     threads = torch.get_num_threads() if args.device == "cpu" else None
+    machine = environment(args.device)
     header = (
         f"**{description}**; batch {args.batch}, {args.prompt_tokens} prompt tokens, "
         f"{args.new_tokens} new tokens, {args.device} {args.dtype} weights {args.attn}"
@@ -1000,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", medians of {args.repeats} after {args.warmup} warm-up. TTFT = vision + prefill "
         "+ first logits; measured x = TTFT speedup; overhead = choosing tokens alone. "
         + MEMORY_NOTES[args.memory]
+        + f" Machine: {describe_environment(machine)}."
         + " KV MB/req: bytes of the KV cache object generate returned, per request; KV "
         "analytic: 2 x layers x KV heads x head size x cached tokens x bytes."
     )
@@ -1009,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": description,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
+        "environment": machine,
         "rows": rows,
         "skipped": skipped,
     }

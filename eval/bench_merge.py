@@ -18,8 +18,6 @@ the ratios CGSM/layer (the overhead budget is 3%), bipartite/layer and CGSM/bipa
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.timing import DTYPES
+from eval.timing import DTYPES, describe_environment, environment
 from mllm_crossget.config import write_json_atomic
 from mllm_crossget.merge import Matching, bipartite_matching, complete_graph_matching
 
@@ -191,17 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device_name": (
-                torch.cuda.get_device_name(device)
-                if device.type == "cuda"
-                else platform.processor()
-            ),
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": environment(device),
         "shapes": {
             "x": [batch, n, width],
             "metric": [batch, n, head_dim],
@@ -220,7 +208,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"bench_merge: B={cfg['batch']} N={cfg['tokens']} width={cfg['width']} "
         f"heads={cfg['heads']} r={cfg['r']} device={cfg['device']} dtype={cfg['dtype']} "
         f"repeats={cfg['repeats']} warmup={cfg['warmup']}",
-        f"torch {env['torch']}, {env['torch_threads']} threads, {env['device_name'] or 'cpu'}",
+        describe_environment(env),
         "",
         f"{'op':<34}{'median ms':>11}{'min ms':>10}{'max ms':>10}",
     ]

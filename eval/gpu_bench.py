@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from eval import bench, bench_merge
+from eval.timing import describe_environment, environment
 from mllm_crossget.config import atomic_write_text
 from mllm_crossget.peers import METHOD_NAMES
 
@@ -68,21 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-r", type=int, default=13, help="bench_merge: r per merge")
     parser.add_argument("--merge-repeats", type=int, default=20, help="bench_merge: runs")
     return parser
-
-
-def environment(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-        info["threads"] = torch.get_num_threads()
-    return info
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,10 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": bench_report,
         "bench_merge": merge,
     }
-    env = report["environment"]
-    where = env.get("gpu") or f"{env.get('cpu')} ({env.get('threads')} threads)"
     table = (
-        f"# GPU benchmark ({where}, torch {env['torch']})\n\n"
+        f"# GPU benchmark ({describe_environment(report['environment'])})\n\n"
         + (args.out / "bench" / "bench.md").read_text()
         + "\n## Matching + merge vs one CLIP-L/14-336 layer\n\n```\n"
         + merge_text

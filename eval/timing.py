@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +32,63 @@ def timed(fn: Callable[[], object], device: str | torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (Linux; elsewhere what
+    ``platform`` knows and no flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    name, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name or platform.machine(), flags
+
+
+def cpu_bf16_kernels(flags: set[str]) -> str | None:
+    """Which bf16 matrix instructions the CPU has (``amx_bf16``, ``avx512_bf16``) or None.
+    Without them torch emulates bf16 matmuls, tens of times slower than fp32, so a bf16 CPU
+    timing means something only where this is set."""
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return flag
+    return None
+
+
+def environment(device: str | torch.device) -> dict[str, Any]:
+    """What a timing depends on, for every benchmark's report: torch, the device (GPU name,
+    or the CPU's model, its bf16 kernels, cores and torch threads)."""
+    cpu, flags = _cpu_model_and_flags()
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": cpu,
+        "cpu_bf16": cpu_bf16_kernels(flags),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe_environment(info: dict[str, Any]) -> str:
+    """One line for a table's caption: the GPU, or the CPU with its bf16 kernels and threads."""
+    if info.get("gpu"):
+        return f"{info['gpu']} (CUDA {info.get('cuda')}), torch {info['torch']}"
+    bf16 = info.get("cpu_bf16") or "no bf16 kernels"
+    return (
+        f"{info['cpu']} ({bf16}; {info['threads']} of {info['cpu_count']} cores), "
+        f"torch {info['torch']}"
+    )
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, attn_help: str) -> None:

@@ -102,6 +102,29 @@ def test_gpu_bench_script_runs_on_cpu_at_tiny_sizes(tmp_path: Path) -> None:
     assert set(report["bench_merge"]["results"]) >= {"cgsm", "bipartite", "layer"}
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| crossget | 8 | 8 | 8 |" in table and "CGSM / layer" in table
+    machine = report["environment"]
+    assert machine == report["bench"]["environment"] == report["bench_merge"]["environment"]
+    assert table.startswith(f"# GPU benchmark ({machine['cpu']} (")
+
+
+def test_environment_reads_the_cpu_model_and_its_bf16_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eval import timing
+
+    assert timing.cpu_bf16_kernels({"avx2", "avx512_bf16", "amx_bf16"}) == "amx_bf16"
+    assert timing.cpu_bf16_kernels({"avx2", "avx512f", "avx512_bf16"}) == "avx512_bf16"
+    assert timing.cpu_bf16_kernels({"avx2", "avx512f"}) is None
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n"
+    monkeypatch.setattr(timing.Path, "read_text", lambda self: cpuinfo)
+    info = timing.environment("cpu")
+    assert (info["cpu"], info["cpu_bf16"]) == ("Some CPU 9000", "avx512_bf16")
+    line = timing.describe_environment(info | {"threads": 2, "cpu_count": 4})
+    assert line.startswith("Some CPU 9000 (avx512_bf16; 2 of 4 cores), torch ")
+    assert "no bf16 kernels" in timing.describe_environment(info | {"cpu_bf16": None})
+    assert timing.describe_environment(info | {"gpu": "H100", "cuda": "13.0"}).startswith(
+        "H100 (CUDA 13.0)"
+    )
 
 
 def test_llava_shape_rejects_widths_that_do_not_split_into_heads() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny_models import random_images, single_thread, tiny_llava, tiny_processor
 
@@ -104,3 +105,6 @@ def test_bench_runs_end_to_end_on_the_reference_architecture(tmp_path: Path) -> 
     assert any("pool/r13" in note for note in report["skipped"])
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert "| pool | 64 | 64 | 64 |" in (tmp_path / "bench.md").read_text()
+    machine = report["environment"]
+    assert machine["device"] == "cpu" and machine["threads"] == torch.get_num_threads()
+    assert f"Machine: {machine['cpu']} (" in (tmp_path / "bench.md").read_text()
