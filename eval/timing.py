@@ -34,13 +34,8 @@ def timed(fn: Callable[[], object], device: str | torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and feature flags from /proc/cpuinfo (Linux; elsewhere what
-    ``platform`` knows and no flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """The first CPU's model name and feature flags in the text of ``/proc/cpuinfo``."""
     name, flags = "", set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -49,6 +44,14 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
     return name or platform.machine(), flags
+
+
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    """This machine's CPU model and flags (Linux; elsewhere what ``platform`` knows, no flags)."""
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return platform.processor() or platform.machine(), set()
 
 
 def cpu_bf16_kernels(flags: set[str]) -> str | None:

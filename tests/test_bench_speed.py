@@ -116,7 +116,8 @@ def test_environment_reads_the_cpu_model_and_its_bf16_kernels(
     assert timing.cpu_bf16_kernels({"avx2", "avx512f", "avx512_bf16"}) == "avx512_bf16"
     assert timing.cpu_bf16_kernels({"avx2", "avx512f"}) is None
     cpuinfo = "processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n"
-    monkeypatch.setattr(timing.Path, "read_text", lambda self: cpuinfo)
+    assert timing.parse_cpuinfo(cpuinfo) == ("Some CPU 9000", {"fpu", "avx2", "avx512_bf16"})
+    monkeypatch.setattr(timing, "_cpu_model_and_flags", lambda: timing.parse_cpuinfo(cpuinfo))
     info = timing.environment("cpu")
     assert (info["cpu"], info["cpu_bf16"]) == ("Some CPU 9000", "avx512_bf16")
     line = timing.describe_environment(info | {"threads": 2, "cpu_count": 4})
