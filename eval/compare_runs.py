@@ -8,7 +8,8 @@ Each ``--run NAME=STEM`` names the answers of one (method, budget) of an earlier
 `crossget eval --out OUT` run (``OUT/answers/<task>-<method>-<budget>``, without the
 ``.rankN.jsonl`` suffix; every rank's file is read).  The table gives overall and per-family
 accuracy; then every run is compared with ``--baseline`` on the same questions (exact
-McNemar test: right only with the run / right only with the baseline, p-value).
+McNemar test: right only with the run / right only with the baseline, p-value), overall and
+within each family.
 """
 
 from __future__ import annotations
@@ -93,13 +94,32 @@ def compare(
             f"| {name} | {pair.delta_points:+.1f} | {pair.only_first} | {pair.only_second} | "
             f"{pair.p_value:.3g} |"
         )
+    lines += [
+        "",
+        f"Per family against {baseline} (only run / only {baseline}, exact McNemar p):",
+        "",
+        "| run | " + " | ".join(families) + " |",
+        "|---|" + "---|" * len(families),
+    ]
+    for name, values in correct.items():
+        if name == baseline:
+            continue
+        cells = []
+        for family in families:
+            rows = [i for i, item in enumerate(items) if item[2] == family]
+            pair = metrics.paired_comparison(
+                [values[i] for i in rows], [correct[baseline][i] for i in rows]
+            )
+            cells.append(f"{pair.only_first} / {pair.only_second}, {pair.p_value:.2g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval.compare_runs",
-        description="Per-family accuracy and exact McNemar tests of finished eval runs.",
+        description="Per-family accuracy and exact McNemar tests (overall and per family) of "
+        "finished eval runs.",
     )
     parser.add_argument("--data", type=Path, required=True, help="testbed data folder")
     parser.add_argument("--split", default="test", help="split the runs answered")

@@ -122,6 +122,11 @@ def apply(
             f"llm_proportional_attention adds log(size) to a LLaVA-1.5 LLM's visual keys; "
             f"{family.name} does not support it: leave llm_proportional_attention at None"
         )
+    if config.llm_keep_ratio is not None and family.name != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"llm_keep_ratio prunes visual tokens inside a LLaVA-1.5 LLM (one tower pass per "
+            f"image); {family.name} does not support it: leave llm_keep_ratio at None"
+        )
     family.check(model, config)
     planner = family.planner(model, config)
     # Validate the budget now, at the size the processor feeds (else the config's).

@@ -191,7 +191,22 @@ class CrossGETConfig:
     )
     fastv_layer: int = field(
         default=2,
-        metadata={"help": "fastv: LLM layer from which only the kept visual tokens remain (K=2)."},
+        metadata={
+            "help": "fastv and llm_keep_ratio: LLM layer from which only the kept visual "
+            "tokens remain (K=2); the layer before ranks them."
+        },
+    )
+    llm_keep_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LLaVA-1.5, every method that reduces before the LLM: a second, "
+            "text-guided stage inside the LLM. From LLM layer fastv_layer on, each image keeps "
+            "this fraction (rounded, at least 1) of the visual tokens it reached the LLM "
+            "with, ranked by the attention of the prompt's last token in the layer before "
+            "(FastV's ranking, with the token sizes' bias), so the question picks which "
+            "reduced tokens the deeper layers read. None = off (every LLM layer reads every "
+            "visual token)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "random: seed of the kept patch positions."})
     llm_positions: Literal["original", "compact"] = field(
@@ -321,6 +336,20 @@ class CrossGETConfig:
             )
         if self.fastv_layer < 1:
             raise ValueError(f"fastv_layer must be >= 1, got {self.fastv_layer}")
+        ratio = self.llm_keep_ratio
+        if ratio is not None:
+            if (
+                isinstance(ratio, bool)
+                or not isinstance(ratio, int | float)
+                or not 0.0 < ratio <= 1.0
+            ):
+                raise ValueError(f"llm_keep_ratio must be in (0, 1] or None, got {ratio!r}")
+            if self.method == "fastv":
+                raise ValueError(
+                    "llm_keep_ratio adds FastV's in-LLM stage after a reduction before the LLM; "
+                    "method='fastv' already prunes in the LLM by its budget: leave "
+                    "llm_keep_ratio at None"
+                )
 
     @property
     def merges_in_encoder(self) -> bool:

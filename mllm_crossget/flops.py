@@ -5,7 +5,8 @@ linear, convolution and attention product (full ``S x S`` attention, also when c
 element-wise work is ignored.  Merging adds its similarity matrix and the cross token's row.
 Peers (``mllm_crossget.peers``) count what really runs: feature-stage methods run the whole
 tower up to the feature layer plus their selection, then K tokens through projector and LLM;
-FastV runs every visual token through LLM layers ``< fastv_layer`` and K from there on.
+FastV runs every visual token through LLM layers ``< fastv_layer`` and K from there on; so does
+``llm_keep_ratio``'s in-LLM stage, after the reduction before the LLM.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .peers import get_method
+from .peers.fastv import ratio_keep
 from .schedule import output_tokens
 
 __all__ = ["FlopsReport", "flops_report"]
@@ -164,6 +166,8 @@ def flops_report(
             )
             vision += extra
             overhead += extra
+    if crossget is not None and crossget.llm_keep_ratio is not None:
+        kept = ratio_keep(visual, crossget.llm_keep_ratio)  # the in-LLM stage after reduction
     projector = llm = 0
     text_config = getattr(config, "text_config", None)
     if text_config is not None:
@@ -171,7 +175,7 @@ def flops_report(
         projector = 2 * visual * vision_config.hidden_size * text_width
         projector += 2 * visual * text_width * text_width
         llm = _llm_flops(text_config, prompt_length + visual, logits_positions)
-        if kept is not None and kept != visual:  # FastV: shorter from its pruning layer on
+        if kept is not None and kept != visual:  # FastV, llm_keep_ratio: shorter from layer K on
             layer = crossget.fastv_layer
             rest = text_config.num_hidden_layers - layer
             short = prompt_length + kept

@@ -434,6 +434,7 @@ def test_compare_runs_counts_families_and_discordant_questions(tmp_path: Path) -
     assert "| a | 50.0 | 100.0 | 0.0 |" in report
     assert "| b | 75.0 | 50.0 | 100.0 |" in report
     assert "| b | +25.0 | 2 | 1 | 1 |" in report  # 2 right only with b, 1 only with a
+    assert "| b | 0 / 1, 1 | 2 / 0, 0.5 |" in report  # per family: small, then text
     assert "| a | 100.0 |" in compare(tmp_path, "test", [("a", tmp_path / "a")], "a", limit=2)
 
 

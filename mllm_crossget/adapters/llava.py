@@ -17,6 +17,7 @@ CLS); nothing is protected or dropped, and the cross token starts as the mean pa
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -539,7 +540,7 @@ def _llava_forward(
             return _with_text_states(
                 self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs
             )
-    llm_mask = None
+    llm_mask = key_bias = None
     if runtime.llm_key_bias and _some_token_merged(outputs):
         # Each visual key weighs as the patches it stands for (llm_size_bias.py).
         cache = kwargs.get("past_key_values")
@@ -553,9 +554,17 @@ def _llava_forward(
             ),
         )
         llm_mask = _biased_llm_mask(self, key_bias, attention_mask, input_ids.shape[1], cache)
-    return _with_text_states(
-        self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs, llm_mask
-    )
+    second_stage: Any = contextlib.nullcontext()
+    if runtime.config.llm_keep_ratio is not None:
+        # A second, text-guided stage: from LLM layer K on, each image keeps the reduced tokens
+        # its prompt's last token attends to most (peers/fastv.py's ranking and pruning).
+        keeps = [fastv.ratio_keep(n, runtime.config.llm_keep_ratio) for n in lengths]
+        prefill_bias = None if key_bias is None else key_bias[:, -input_ids.shape[1] :]
+        second_stage = fastv.pruning(input_ids, attention_mask, image_token_id, keeps, prefill_bias)
+    with second_stage:
+        return _with_text_states(
+            self, runtime, parent_forward, input_ids, None, attention_mask, args, kwargs, llm_mask
+        )
 
 
 def _biased_llm_mask(
@@ -733,7 +742,8 @@ def patch_llava(
     # instance attribute (not a class patch) makes it pass pixel_values to forward instead,
     # where placeholders are checked and the prompt can guide (guidance="query").
     model._supports_mm_encoder_outputs = _no_pre_encoding
-    if config.method == "fastv":  # peers/fastv.py: hooks that prune inside the LLM
+    if config.method == "fastv" or config.llm_keep_ratio is not None:
+        # peers/fastv.py: hooks that prune inside the LLM
         runtime.hook_handles += fastv.install(inner.language_model, config.fastv_layer)
     runtime.llm_key_bias = llm_key_bias_applies(model, config, tiled=get_image_features is not None)
     if config.text_cross_tokens and config.merges_in_encoder:
@@ -855,7 +865,7 @@ def _check(model: nn.Module, config: CrossGETConfig) -> None:
             f"method={config.method!r} ranks patches by the CLS token's attention, and a "
             f"{kind.name} tower has no CLS; use crossget, tome, divprune, pool, random or fastv"
         )
-    if config.method == "fastv":
+    if config.method == "fastv" or config.llm_keep_ratio is not None:
         fastv.check(model.model.language_model, config.fastv_layer)
     if config.llm_proportional_attention:
         llm_size_bias.check(model.model.language_model)

@@ -41,7 +41,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FastVState", "check", "install", "pruning", "run_keeps", "attention_scores"]
+__all__ = [
+    "FastVState",
+    "attention_scores",
+    "check",
+    "install",
+    "pruning",
+    "ratio_keep",
+    "run_keeps",
+]
 
 STATE_ATTR = "_crossget_fastv"
 MEMO_ATTR = "_crossget_fastv_mask"
@@ -76,6 +84,7 @@ class _Prefill:
     runs: list[tuple[int, int, int, int]]  # (row, start, length, keep) per image
     key_valid: Tensor  # [B, S] real (non-padding) tokens
     last: Tensor  # [B] position of each row's last real token
+    key_bias: Tensor | None = None  # [B, S] additive bias the LLM puts on each key (or None)
     captured: dict[str, Tensor] = field(default_factory=dict)
     selection: _Selection | None = None
 
@@ -117,14 +126,25 @@ def run_keeps(
     return keeps
 
 
+def ratio_keep(count: int, ratio: float) -> int:
+    """Tokens an image of ``count`` visual tokens keeps under ``llm_keep_ratio=ratio``:
+    rounded half up, at least 1, at most ``count``."""
+    return max(1, min(count, int(count * ratio + 0.5)))
+
+
 @contextlib.contextmanager
 def pruning(
     input_ids: Tensor,
     attention_mask: Tensor | None,
     image_token_id: int,
     keeps: Sequence[int],
+    key_bias: Tensor | None = None,
 ) -> Iterator[None]:
-    """Make the next LLM prefill prune each image run to its ``keeps`` entry."""
+    """Make the next LLM prefill prune each image run to its ``keeps`` entry.
+
+    ``key_bias`` [B, S]: the additive bias the LLM's attention puts on each key (the token
+    sizes of ``llm_proportional_attention``), so the ranking reads the attention the layer
+    really computes."""
     is_image = (input_ids == image_token_id).to(torch.int8)
     padded = nn.functional.pad(is_image, (1, 1))
     edges = padded[:, 1:] - padded[:, :-1]
@@ -143,7 +163,7 @@ def pruning(
         key_valid = torch.ones_like(input_ids, dtype=torch.bool)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (key_valid * positions).amax(dim=1)
-    token = _PREFILL.set(_Prefill(runs, key_valid, last))
+    token = _PREFILL.set(_Prefill(runs, key_valid, last, key_bias))
     try:
         yield
     finally:
@@ -210,12 +230,14 @@ def attention_scores(
     position_embeddings: tuple[Tensor, Tensor],
     last: Tensor,
     key_valid: Tensor,
+    key_bias: Tensor | None = None,
 ) -> Tensor:
     """[B, S]: head-averaged attention of each row's last token over all positions.
 
     ``query``/``key`` are the raw ``q_proj``/``k_proj`` outputs [B, S, H*D] of the scoring
     layer; RoPE is applied here, as the layer itself does, and keys after ``last`` or on
-    padding are masked.  This is the row FastV reads from ``output_attentions``.
+    padding are masked; ``key_bias`` [B, S] is added to the logits as the layer's mask adds
+    it.  This is the row FastV reads from ``output_attentions``.
     """
     batch, length, _ = key.shape
     head_dim = attn.head_dim
@@ -229,6 +251,8 @@ def attention_scores(
     k = _rotate(k.float(), cos.float(), sin.float())
     k = k.repeat_interleave(q.shape[1] // k.shape[2], dim=2)
     logits = torch.einsum("bhd,bshd->bhs", q, k) * attn.scaling
+    if key_bias is not None:
+        logits = logits + key_bias.float()[:, None, :]
     positions = torch.arange(length, device=key.device)
     allowed = key_valid & (positions[None, :] <= last[:, None])
     logits = logits.masked_fill(~allowed[:, None, :], -torch.inf)
@@ -392,6 +416,7 @@ def _prune(
         (cos, sin),
         context.last.to(hidden.device),
         context.key_valid.to(hidden.device),
+        None if context.key_bias is None else context.key_bias.to(hidden.device),
     )
     index, valid = _select(context, scores)
     expand = index[..., None].expand(-1, -1, cos.shape[-1])
