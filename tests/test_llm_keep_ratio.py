@@ -6,7 +6,6 @@ The tiny LLaVA (``tiny_models``) has a 2-layer LLM, so the stage runs from layer
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,15 @@ from tiny_models import (
     IMAGE_TOKEN_ID,
     encode,
     greedy,
+    hook_counts,
+    llm_cache_lengths,
+    prefill_flops,
     prompts_with_image,
     random_images,
-    single_thread,
+    rows_alone_match,
     tiny_llava,
     tiny_processor,
 )
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import mllm_crossget as crossget
@@ -32,10 +33,7 @@ from mllm_crossget.peers.fastv import STATE_ATTR, attention_scores, ratio_keep
 PROMPTS = prompts_with_image([1, 3, 6])  # left padding in every batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +45,6 @@ def two_stage(method: str = "crossget", ratio: float | None = 0.5, **extra: Any)
     return CrossGETConfig(
         method=method, visual_tokens=16, llm_keep_ratio=ratio, fastv_layer=1, **extra
     )
-
-
-def cache_lengths(model: Any, inputs: Any) -> list[int]:
-    cache = DynamicCache(config=model.config.text_config)
-    with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True)
-    return [layer.keys.shape[-2] for layer in cache.layers]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.5, -0.5, True, "half"])
@@ -90,7 +81,7 @@ def test_later_layers_hold_the_kept_share_of_the_reduced_tokens(
     placeholders = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     assert placeholders == [16] * 3  # the processor still emits the encoder's budget
     width = inputs["input_ids"].shape[1]
-    assert cache_lengths(model, inputs) == [width, width - 16 + ratio_keep(16, ratio)]
+    assert llm_cache_lengths(model, inputs) == [width, width - 16 + ratio_keep(16, ratio)]
 
 
 def naive_two_stage_logits(
@@ -214,36 +205,23 @@ def test_generate_beams_and_mixed_budgets(images: list[Image.Image]) -> None:
     beams = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
     assert beams.shape == first.sequences.shape
     budgets = [8, 16, 40]
+    # Every generated step of each row of a mixed batch scores as the row alone.
+    rows_alone_match(model, processor, images, PROMPTS, budgets)
     with crossget.budget(budgets):
         batch = encode(processor, images, PROMPTS)
-        with torch.no_grad():
-            together = model(**batch).logits[:, -1]
-        lengths = cache_lengths(model, batch)
-    assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist() == budgets
+        lengths = llm_cache_lengths(model, batch)
     width = batch["input_ids"].shape[1]
     # Only image runs shrink (padding stays); rows are padded to the longest kept row with
     # filler entries that are masked out.
     longest = max(width - n + ratio_keep(n, 0.5) for n in budgets)
     assert lengths == [width, longest]
-    for row, k in enumerate(budgets):
-        with crossget.budget(k):
-            alone = encode(processor, [images[row]], [PROMPTS[row]])
-            with torch.no_grad():
-                single = model(**alone).logits[:, -1]
-        torch.testing.assert_close(together[row : row + 1], single, atol=2e-5, rtol=0)
 
 
 def test_analytic_flops_equal_the_flop_counter() -> None:
     model = crossget.apply(tiny_llava("eager"), two_stage(ratio=0.5))
     report = crossget.flops_report(model, prompt_length=10)
     assert (report.visual_tokens, report.kept_tokens) == (16, 8)
-    ids = torch.cat(
-        [torch.ones(1, 1, dtype=torch.long), torch.full((1, report.visual_tokens), 99)], dim=1
-    )
-    ids = torch.cat([ids, torch.randint(2, 90, (1, 9))], dim=1)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), logits_to_keep=1)
-    assert counter.get_total_flops() == report.total
+    assert prefill_flops(model, report.visual_tokens) == report.total
 
 
 def test_remove_is_bit_exact(images: list[Image.Image]) -> None:
@@ -251,14 +229,14 @@ def test_remove_is_bit_exact(images: list[Image.Image]) -> None:
     inputs = encode(processor, images, PROMPTS)
     with torch.no_grad():
         before = model(**inputs).logits
-    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    hooks = hook_counts(model)
     model, processor = crossget.apply(model, two_stage(), processor)
     greedy(model, encode(processor, images, PROMPTS))
     crossget.remove(model, processor)
     with torch.no_grad():
         after = model(**encode(processor, images, PROMPTS)).logits
     assert torch.equal(before, after)
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert hook_counts(model) == hooks
 
 
 def test_a_family_without_a_llava_llm_is_refused() -> None:

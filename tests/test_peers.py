@@ -17,13 +17,15 @@ from PIL import Image
 from tiny_models import (
     IMAGE_TOKEN_ID,
     NUM_PATCHES,
+    hook_counts,
+    llm_cache_lengths,
+    prefill_flops,
     prompts_with_image,
     random_images,
     single_thread,
     tiny_llava,
     tiny_processor,
 )
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import BatchFeature, DynamicCache
 
 import mllm_crossget as crossget
@@ -76,14 +78,6 @@ def greedy(model: Any, inputs: BatchFeature, new_tokens: int = 3, **kwargs: Any)
         return_dict_in_generate=True,
         **kwargs,
     )
-
-
-def llm_cache_lengths(model: Any, inputs: BatchFeature) -> list[int]:
-    """Tokens each LLM layer holds after a prefill (FastV shortens the later layers)."""
-    cache = DynamicCache(config=model.config.text_config)
-    with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True)
-    return [layer.keys.shape[-2] for layer in cache.layers]
 
 
 # ------------------------------------------------------------------- config and planner
@@ -236,21 +230,11 @@ def test_remove_is_bit_exact(method: str, images: list[Image.Image]) -> None:
     assert hook_counts(model) == hooks
 
 
-def hook_counts(model: Any) -> list[tuple[int, int]]:
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-
-
 @pytest.mark.parametrize("method", PEERS)
 def test_analytic_flops_equal_the_flop_counter(method: str) -> None:
     model = crossget.apply(tiny_llava("eager"), config(method, visual_tokens=13))
     report = crossget.flops_report(model, prompt_length=10)
-    ids = torch.cat(
-        [torch.ones(1, 1, dtype=torch.long), torch.full((1, report.visual_tokens), 99)], dim=1
-    )
-    ids = torch.cat([ids, torch.randint(2, 90, (1, 9))], dim=1)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), logits_to_keep=1)
-    assert counter.get_total_flops() == report.total
+    assert prefill_flops(model, report.visual_tokens) == report.total
     assert report.as_dict()["kept_tokens"] == 13
 
 

@@ -27,6 +27,9 @@ from transformers import (
 )
 
 __all__ = [
+    "hook_counts",
+    "prefill_flops",
+    "llm_cache_lengths",
     "assert_same_loss_and_grads",
     "crossget_keys",
     "cross_tokens_of",
@@ -234,6 +237,42 @@ def fill_cross_tokens(model: Any, scale: float = 0.5, seed: int = 1) -> None:
         for parameter in cross_tokens_of(model).parameters():
             noise = torch.randn(parameter.shape, generator=generator) * scale
             parameter.copy_(noise.to(parameter.dtype))
+
+
+def llm_cache_lengths(model: Any, inputs: Any) -> list[int]:
+    """Tokens each LLM layer holds after a prefill (FastV and ``llm_keep_ratio`` shorten the
+    layers from their pruning layer on)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache, use_cache=True)
+    return [layer.keys.shape[-2] for layer in cache.layers]
+
+
+def prefill_flops(model: Any, visual_tokens: int, text_tokens: int = 9) -> int:
+    """FLOPs ``FlopCounterMode`` counts for one tiny-LLaVA prefill: BOS, ``visual_tokens``
+    placeholders, ``text_tokens`` words, one logits row (``flops_report(prompt_length=
+    text_tokens + 1)`` counts the same prompt)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.cat(
+        [
+            torch.ones(1, 1, dtype=torch.long),
+            torch.full((1, visual_tokens), IMAGE_TOKEN_ID),
+            torch.randint(2, 90, (1, text_tokens)),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
+    return counter.get_total_flops()
+
+
+def hook_counts(model: Any) -> list[tuple[int, int]]:
+    """(forward hooks, forward pre-hooks) of every module: ``remove`` must restore them."""
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
 
 
 def greedy(model: Any, inputs: Any, new_tokens: int = 3, **kwargs: Any) -> Any:
