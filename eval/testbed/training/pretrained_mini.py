@@ -157,6 +157,18 @@ class ChatPackedDataset(torch.utils.data.Dataset):
 STAGE1_DATA: tuple[str, ...] = ("captions", "questions")
 
 
+def with_caption_turns(examples: Sequence[ImageExample]) -> list[ImageExample]:
+    """The images with their scene caption as one more turn among their questions (stage 2
+    with ``--stage2-captions``): LLaVA-1.5's stage-2 mixture holds descriptions beside the
+    questions, and a caption gives the LoRA'd LLM many image-dependent target tokens per
+    image where an answer gives one."""
+    captions = caption_examples(examples)
+    return [
+        ImageExample(e.key, e.load_image, [*e.turns, *c.turns], e.meta)
+        for e, c in zip(examples, captions, strict=True)
+    ]
+
+
 def caption_examples(examples: Sequence[ImageExample]) -> list[ImageExample]:
     """The same images (same order, so cached features are shared), each with one turn: a
     brief-description instruction and the scene's caption (LLaVA's stage-1 data)."""
@@ -498,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per stage-1 step (0 = --batch-size); captions are shorter than packed "
         "conversations, so a step can hold more",
     )
+    parser.add_argument(
+        "--stage2-captions",
+        action="store_true",
+        help="stage 2 also trains on each image's caption, as one more turn among its "
+        "questions (LLaVA-1.5's stage-2 mixture holds descriptions beside questions)",
+    )
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation")
     parser.add_argument("--warmup", type=float, default=0.03, help="warmup ratio (<1) or steps")
     parser.add_argument("--max-turns", type=int, default=0, help="questions per conversation")
@@ -733,6 +751,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "model_factory": args.model_factory,
         "stage1": [args.stage1_steps, args.stage1_lr, args.stage1_data, args.stage1_batch_size],
         "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
+        **({"stage2_captions": True} if args.stage2_captions else {}),
         "batch": [args.batch_size, args.grad_accum, args.max_turns],
     }
     if args.init_from is not None and args.init_projector is not None:
@@ -766,8 +785,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         examples = examples[: args.limit_images]
     n_tokens = visual_tokens(args.image_size)
     progress = not args.no_progress
+    stage2_examples = with_caption_turns(examples) if args.stage2_captions else examples
     dataset = ChatPackedDataset(
-        examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
+        stage2_examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
     )
     if args.feature_cache == "all":
         features_dir = output_dir / FEATURES_DIR / f"{args.split}-{args.image_size}"
