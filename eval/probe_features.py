@@ -84,16 +84,15 @@ def _scene_objects(item: Item) -> list[dict[str, Any]] | None:
 def visual_tokens(model: Any, processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The image's patch tokens [N, C] at the model's feature layer (the selection LLaVA
     makes: CLS dropped under strategy 'default') and after its projector [N, C_llm]."""
+    from eval.testbed.training.pretrained_mini import tower_features
+
     inner = model.model
-    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-    pixels = pixels.to(next(inner.vision_tower.parameters()).dtype)
-    out = inner.vision_tower(pixels, output_hidden_states=True)
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"probe_features reads one feature layer, the model has {layer!r}")
-    features = out.hidden_states[layer]
-    if model.config.vision_feature_select_strategy == "default":
-        features = features[:, 1:]
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(next(inner.vision_tower.parameters()).dtype)
+    features = tower_features(model, pixels, bf16=False)
     return features[0].float(), inner.multi_modal_projector(features)[0].float()
 
 
@@ -209,14 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_reliance_model(args.model, args.weights)
     model.eval()
     progress = not args.no_progress
-    splits = {}
-    for split, images in (
-        (args.train_split, args.train_images),
-        (args.eval_split, args.eval_images),
-    ):
-        items = load_task("testbed", args.data, split)
-        splits[split] = collect(model, processor, items, images, progress)
-    train, test = splits[args.train_split], splits[args.eval_split]
+    items = {
+        split: load_task("testbed", args.data, split)
+        for split in {args.train_split, args.eval_split}
+    }
+    train = collect(model, processor, items[args.train_split], args.train_images, progress)
+    test = collect(model, processor, items[args.eval_split], args.eval_images, progress)
     probes: dict[str, dict[str, Any]] = {}
     for where, attribute in (("feature layer", "tower"), ("after projector", "projected")):
         probes[where] = {
