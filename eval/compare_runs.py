@@ -59,6 +59,7 @@ def compare(
     items = _questions(data, split, limit, per_family)
     truth = [answer for _, answer, _ in items]
     families = sorted({family for _, _, family in items})
+    family_rows = {f: [i for i, item in enumerate(items) if item[2] == f] for f in families}
     correct: dict[str, list[bool]] = {}
     for name, stem in runs:
         answers = _answers(stem)
@@ -76,7 +77,7 @@ def compare(
     for name, values in correct.items():
         cells = [f"{100.0 * sum(values) / len(values):.1f}"]
         for family in families:
-            picked = [v for v, item in zip(values, items, strict=True) if item[2] == family]
+            picked = [values[i] for i in family_rows[family]]
             cells.append(f"{100.0 * sum(picked) / len(picked):.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
@@ -106,7 +107,7 @@ def compare(
             continue
         cells = []
         for family in families:
-            rows = [i for i, item in enumerate(items) if item[2] == family]
+            rows = family_rows[family]
             pair = metrics.paired_comparison(
                 [values[i] for i in rows], [correct[baseline][i] for i in rows]
             )

@@ -357,6 +357,12 @@ class CrossGETConfig:
         return self.method in MERGING_METHODS
 
     @property
+    def prunes_in_llm(self) -> bool:
+        """FastV, or the ``llm_keep_ratio`` stage: visual tokens dropped from LLM layer
+        ``fastv_layer`` on (peers/fastv.py's hooks)."""
+        return self.method == "fastv" or self.llm_keep_ratio is not None
+
+    @property
     def uses_cross_token(self) -> bool:
         return self.merges_in_encoder and self.guidance in ("cross", "attention", "query")
 

@@ -214,12 +214,16 @@ def test_stage1_captions_are_the_same_images_with_their_scene_caption(tmp_path: 
 
 def test_stage2_captions_add_one_labelled_caption_turn_per_image(tmp_path: Path) -> None:
     from eval.testbed.data import scene_caption
-    from eval.testbed.training.pretrained_mini import ChatPackedDataset, with_caption_turns
+    from eval.testbed.training.pretrained_mini import (
+        ChatPackedDataset,
+        caption_examples,
+        with_caption_turns,
+    )
     from eval.testbed.training.train import IGNORE_INDEX, load_examples
 
     model, processor = pm.tiny_stand_in(28)
     examples = load_examples(_tiny_data(tmp_path), "train")
-    mixed = with_caption_turns(examples)
+    mixed = with_caption_turns(examples, caption_examples(examples))
     assert [e.key for e in mixed] == [e.key for e in examples]  # features line up
     dataset = ChatPackedDataset(mixed, processor.tokenizer, model.config.image_token_id, 4)
     dataset.pixels = torch.zeros(len(examples), 3, 28, 28, dtype=torch.uint8)

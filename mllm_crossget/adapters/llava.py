@@ -742,8 +742,7 @@ def patch_llava(
     # instance attribute (not a class patch) makes it pass pixel_values to forward instead,
     # where placeholders are checked and the prompt can guide (guidance="query").
     model._supports_mm_encoder_outputs = _no_pre_encoding
-    if config.method == "fastv" or config.llm_keep_ratio is not None:
-        # peers/fastv.py: hooks that prune inside the LLM
+    if config.prunes_in_llm:  # peers/fastv.py: hooks that prune inside the LLM
         runtime.hook_handles += fastv.install(inner.language_model, config.fastv_layer)
     runtime.llm_key_bias = llm_key_bias_applies(model, config, tiled=get_image_features is not None)
     if config.text_cross_tokens and config.merges_in_encoder:
@@ -865,7 +864,7 @@ def _check(model: nn.Module, config: CrossGETConfig) -> None:
             f"method={config.method!r} ranks patches by the CLS token's attention, and a "
             f"{kind.name} tower has no CLS; use crossget, tome, divprune, pool, random or fastv"
         )
-    if config.method == "fastv" or config.llm_keep_ratio is not None:
+    if config.prunes_in_llm:
         fastv.check(model.model.language_model, config.fastv_layer)
     if config.llm_proportional_attention:
         llm_size_bias.check(model.model.language_model)

@@ -157,12 +157,13 @@ class ChatPackedDataset(torch.utils.data.Dataset):
 STAGE1_DATA: tuple[str, ...] = ("captions", "questions")
 
 
-def with_caption_turns(examples: Sequence[ImageExample]) -> list[ImageExample]:
-    """The images with their scene caption as one more turn among their questions (stage 2
-    with ``--stage2-captions``): LLaVA-1.5's stage-2 mixture holds descriptions beside the
-    questions, and a caption gives the LoRA'd LLM many image-dependent target tokens per
-    image where an answer gives one."""
-    captions = caption_examples(examples)
+def with_caption_turns(
+    examples: Sequence[ImageExample], captions: Sequence[ImageExample]
+) -> list[ImageExample]:
+    """The images with their scene caption (``caption_examples(examples)``) as one more turn
+    among their questions (stage 2 with ``--stage2-captions``): LLaVA-1.5's stage-2 mixture
+    holds descriptions beside the questions, and a caption gives the LoRA'd LLM many
+    image-dependent target tokens per image where an answer gives one."""
     return [
         ImageExample(e.key, e.load_image, [*e.turns, *c.turns], e.meta)
         for e, c in zip(examples, captions, strict=True)
@@ -785,7 +786,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         examples = examples[: args.limit_images]
     n_tokens = visual_tokens(args.image_size)
     progress = not args.no_progress
-    stage2_examples = with_caption_turns(examples) if args.stage2_captions else examples
+    captions = caption_examples(examples) if args.stage2_captions else None
+    stage2_examples = examples if captions is None else with_caption_turns(examples, captions)
     dataset = ChatPackedDataset(
         stage2_examples, processor.tokenizer, model.config.image_token_id, n_tokens, args.max_turns
     )
@@ -822,7 +824,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         stage1_dataset = dataset
         if args.stage1_data == "captions":
             stage1_dataset = ChatPackedDataset(
-                caption_examples(examples),
+                caption_examples(examples) if captions is None else captions,
                 processor.tokenizer,
                 model.config.image_token_id,
                 n_tokens,
