@@ -122,8 +122,19 @@ def parse_budget(
     llm_positions: str = "original",
     llm_proportional: str = "auto",
 ) -> crossget.CrossGETConfig:
-    """``rN`` -> r=N (merging methods), ``K`` -> visual_tokens=K, ``0.25`` -> keep_ratio."""
+    """``rN`` -> r=N (merging methods), ``K`` -> visual_tokens=K, ``0.25`` -> keep_ratio,
+    ``K@R`` -> visual_tokens=K from the encoder, then the LLM keeps R of them from layer
+    ``fastv_layer`` on (``llm_keep_ratio``: the question's attention picks them)."""
     extra: dict[str, Any] = {"fastv_layer": fastv_layer} if method == "fastv" else {}
+    text, at, ratio = text.partition("@")
+    if at:
+        if method == "fastv":
+            raise ValueError("K@R (llm_keep_ratio) follows an encoder-side method, not fastv")
+        try:
+            extra["llm_keep_ratio"] = float(ratio)
+        except ValueError:
+            raise ValueError(f"K@R wants a keep ratio after '@', got {ratio!r}") from None
+        extra["fastv_layer"] = fastv_layer
     extra["llm_positions"] = llm_positions
     if method != "fastv":
         extra["llm_proportional_attention"] = LLM_PROPORTIONAL_CHOICES[llm_proportional]
@@ -161,10 +172,11 @@ def build_settings(
         for budget in budgets:
             if budget == "full":
                 continue
-            if method == "fastv" and fastv_layer < 1:
+            prunes_in_llm = method == "fastv" or "@" in budget
+            if prunes_in_llm and fastv_layer < 1:
                 skipped.append(
-                    f"fastv/{budget}: the LLM has {llm_layers} layer(s); FastV needs a layer "
-                    "after its scoring layer (use --llm-layers >= 2)"
+                    f"{method}/{budget}: the LLM has {llm_layers} layer(s); pruning inside it "
+                    "needs a layer after its scoring layer (use --llm-layers >= 2)"
                 )
                 continue
             try:
@@ -175,7 +187,7 @@ def build_settings(
                 skipped.append(f"{method}/{budget}: {error}")
                 continue
             note = ""
-            if method == "fastv" and fastv_layer != wanted_fastv_layer:
+            if prunes_in_llm and fastv_layer != wanted_fastv_layer:
                 note = f"K={fastv_layer}: the LLM has {llm_layers} layers"
             settings.append(Setting(method, budget, config, note=note))
     crossget.remove(model, processor)
@@ -289,7 +301,7 @@ def analytic_kv_bytes(
     length = setting.input_ids.shape[1] + new_tokens - 1
     per_token = 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     pruned_from = text.num_hidden_layers
-    if setting.method == "fastv" and setting.config is not None:
+    if setting.config is not None and setting.config.prunes_in_llm:
         pruned_from = setting.config.fastv_layer
     dropped = setting.visual_tokens - setting.kept_tokens
     tokens = sum(
@@ -440,10 +452,30 @@ def overhead_fn(
     """The token-choosing work of one setting alone, on random tensors of the real shapes.
 
     Merging methods: matching + merge of every merging layer (their ``r`` and token counts).
-    Feature methods: the selection on [B, N, C] features.  FastV: the scoring row and top-K.
+    Feature methods: the selection on [B, N, C] features.  FastV, and the second stage of a
+    ``K@R`` budget: the scoring row and top-K inside the LLM (added to the encoder's part).
     """
     if setting.config is None:
         return lambda: None
+    if setting.config.method == "fastv":
+        return llm_scoring_fn(model, setting, batch, device)
+    encoder = encoder_choosing_fn(model, setting, batch, device, image_size)
+    if setting.config.llm_keep_ratio is None:
+        return encoder
+    scoring = llm_scoring_fn(model, setting, batch, device)
+
+    def both() -> None:
+        encoder()
+        scoring()
+
+    return both
+
+
+def encoder_choosing_fn(
+    model: nn.Module, setting: Setting, batch: int, device: str, image_size: int | None
+) -> Callable[[], Any]:
+    """Matching + merge of every merging layer, or a feature method's selection."""
+    assert setting.config is not None
     vision = model.config.vision_config
     width, heads = vision.hidden_size, vision.num_attention_heads
     dtype = next(model.parameters()).dtype
@@ -476,24 +508,6 @@ def overhead_fn(
                 matching.merge(hidden, None, importance)
 
         return merge_all
-    if method == "fastv":
-        text = model.config.text_config
-        layer = model.model.language_model.layers[setting.config.fastv_layer - 1].self_attn
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kv_heads = text.num_key_value_heads or text.num_attention_heads
-        length = setting.input_ids.shape[1]
-        query = randn(batch, length, text.num_attention_heads * head_dim)
-        key = randn(batch, length, kv_heads * head_dim)
-        rotary = (randn(batch, length, head_dim), randn(batch, length, head_dim))
-        last = torch.full((batch,), length - 1, device=device)
-        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        keep = setting.kept_tokens
-
-        def score() -> None:
-            scores = fastv_peer.attention_scores(layer, query, key, rotary, last, valid)
-            scores[:, 1 : 1 + setting.visual_tokens].topk(keep, dim=1)
-
-        return score
     spec = get_method(method)
     grid = size // vision.patch_size
     inputs = FeatureInputs(
@@ -503,8 +517,38 @@ def overhead_fn(
         randn(batch, patches, width // heads),
         setting.config.seed,
     )
-    kept = setting.kept_tokens
-    return lambda: spec.reduce(inputs, kept)  # type: ignore[misc]
+    # The encoder emits visual_tokens (with K@R the LLM later keeps kept_tokens of them).
+    return lambda: spec.reduce(inputs, setting.visual_tokens)  # type: ignore[misc]
+
+
+def llm_scoring_fn(
+    model: nn.Module, setting: Setting, batch: int, device: str
+) -> Callable[[], Any]:
+    """FastV's scoring row in layer K - 1 (the prompt's last token's attention to every visual
+    token) and its top-K: what FastV and the ``llm_keep_ratio`` stage add to a prefill."""
+    assert setting.config is not None and setting.input_ids is not None
+    dtype = next(model.parameters()).dtype
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    text = model.config.text_config
+    layer = model.model.language_model.layers[setting.config.fastv_layer - 1].self_attn
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = text.num_key_value_heads or text.num_attention_heads
+    length = setting.input_ids.shape[1]
+    query = randn(batch, length, text.num_attention_heads * head_dim)
+    key = randn(batch, length, kv_heads * head_dim)
+    rotary = (randn(batch, length, head_dim), randn(batch, length, head_dim))
+    last = torch.full((batch,), length - 1, device=device)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    keep = setting.kept_tokens
+
+    def score() -> None:
+        scores = fastv_peer.attention_scores(layer, query, key, rotary, last, valid)
+        scores[:, 1 : 1 + setting.visual_tokens].topk(keep, dim=1)
+
+    return score
 
 
 def median_time(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -808,7 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         default="full,r13,144,64",
         help="comma list: full (the unmodified model), rN (r per layer; merging methods "
-        "only), K visual tokens, or a keep ratio like 0.25",
+        "only), K visual tokens, a keep ratio like 0.25, or K@R: K tokens from the encoder, "
+        "then the LLM keeps R of them from layer --fastv-layer on, chosen by the question's "
+        "attention (llm_keep_ratio; e.g. 128@0.5 ends with 64)",
     )
     parser.add_argument(
         "--llm-width",
@@ -845,7 +891,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fastv-layer",
         type=int,
         default=2,
-        help="FastV's K (lowered to the LLM's last layer - 1 for shallow models, noted)",
+        help="FastV's K, and the layer K@R budgets prune from (lowered to the LLM's last "
+        "layer - 1 for shallow models, noted)",
     )
     add_llm_positions_argument(parser)
     add_llm_proportional_argument(parser)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .merge import exact_dtypes
+
 __all__ = [
     "cross_row_importance",
     "mean_received_attention",
@@ -13,6 +15,7 @@ __all__ = [
 ]
 
 
+@exact_dtypes
 def cross_row_importance(
     cross_query: Tensor, keys: Tensor, scaling: float, key_bias: Tensor | None = None
 ) -> Tensor:
@@ -59,6 +62,7 @@ def standardized_importance(
     return scaled * weight
 
 
+@exact_dtypes
 def text_relevance(projected: Tensor, prompt: Tensor, prompt_mask: Tensor) -> Tensor:
     """Training-free relevance of each visual token to its own prompt: [B, N].
 

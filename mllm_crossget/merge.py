@@ -15,7 +15,10 @@ visualisation, peers) treats them alike:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,9 +29,33 @@ __all__ = [
     "Matching",
     "bipartite_matching",
     "complete_graph_matching",
+    "exact_dtypes",
     "max_merge_count",
     "proportional_attention_bias",
 ]
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def exact_dtypes(fn: _Fn) -> _Fn:
+    """Run ``fn`` with autocast off on the device of its first tensor argument.
+
+    Token choosing asks for its dtypes (similarities and attention rows in float32, float64
+    kept): under ``torch.autocast`` a matrix product would silently run in bf16/fp16, where
+    similarities near 1 collapse into ties and the matching changes with the context the
+    model happens to be called in. The model's own layers stay under the caller's autocast.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=tensor.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # Proposal rounds of the hub guard before its fallback (a bound on rounds, not on tokens).
@@ -103,14 +130,23 @@ class Matching:
         dst_share = (weight.gather(1, self.dst_idx) / total)[..., None]
         src_share = (src_weight / total)[..., None]
         rows = dst_kept[..., None].expand(-1, -1, x.shape[-1])
-        merged = self.keep(x).to(work_dtype)
         batch_rows = self._batch_index(batch, x.device)
-        merged.index_put_(
-            (batch_rows, dst_kept), self._rows(x, self.dst_idx).to(work_dtype) * dst_share
-        )
-        merged.scatter_add_(1, rows, self._rows(x, self.src_idx).to(work_dtype) * src_share)
+        dst_part = self._rows(x, self.dst_idx).to(work_dtype) * dst_share
+        src_part = self._rows(x, self.src_idx).to(work_dtype) * src_share
         merged_size = self.keep(size).scatter_add(1, dst_kept, size.gather(1, self.src_idx))
-        return merged.to(x.dtype), merged_size
+        if x.dtype == work_dtype:
+            merged = self.keep(x)
+            merged.index_put_((batch_rows, dst_kept), dst_part)
+            return merged.scatter_add_(1, rows, src_part), merged_size
+        # Half precision: only the destination rows are combined in float32 (in a zeroed
+        # buffer, the same sums in the same order), then rounded once into the survivors;
+        # every other row is copied as is instead of going to float32 and back.
+        combined = x.new_zeros((batch, self.kept_idx.shape[1], x.shape[-1]), dtype=work_dtype)
+        combined.index_put_((batch_rows, dst_kept), dst_part)
+        combined.scatter_add_(1, rows, src_part)
+        merged = self.keep(x)
+        merged.index_put_((batch_rows, dst_kept), combined[batch_rows, dst_kept].to(x.dtype))
+        return merged, merged_size
 
     @staticmethod
     def _batch_index(batch: int, device: torch.device) -> Tensor:
@@ -193,9 +229,16 @@ def max_merge_count(num_tokens: int, num_protected: int = 0) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
+NOT_FINITE_METRIC = (
+    "metric contains NaN or inf; the layer's keys are not finite (check the input pixels "
+    "and the model dtype — fp16 overflow is a common cause)."
+)
+
+
 def _check_inputs(
     metric: Tensor, r: int, importance: Tensor | None, protected: Tensor | None
 ) -> None:
+    """Shapes and types (host checks only; finiteness is read from the similarities)."""
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
     if not isinstance(r, int) or isinstance(r, bool):
@@ -216,23 +259,40 @@ def _check_inputs(
             )
         if protected.dtype != torch.bool:
             raise TypeError(f"protected must be a bool tensor, got {protected.dtype}")
-    # A data-dependent check: one host sync per layer, and a graph break under torch.compile,
-    # where it is skipped (compiled code cannot raise on tensor values anyway).
-    if not torch.compiler.is_compiling() and not torch.isfinite(metric).all():
-        raise ValueError(
-            "metric contains NaN or inf; the layer's keys are not finite (check the input pixels "
-            "and the model dtype — fp16 overflow is a common cause)."
-        )
 
 
-def _similarity(metric: Tensor) -> Tensor:
-    """Exactly symmetric cosine similarity in float32 (float64 stays float64)."""
+def _check_finite(row_best: Tensor) -> None:
+    """Raise when a metric row was not finite, read from one similarity per row.
+
+    A NaN or inf in a row of the metric makes its unit vector NaN, and with it every
+    similarity in its row and its column; ``amax`` propagates NaN, so the row maxima (taken
+    before any row is masked) hold a NaN exactly when some row of the metric was not finite.
+    Reading [B, N] values instead of the [B, N, C] metric saves four passes per layer. A
+    data-dependent check: one host sync per layer, skipped under torch.compile (compiled
+    code cannot raise on tensor values anyway).
+    """
+    if not torch.compiler.is_compiling() and bool(torch.isnan(row_best).any()):
+        raise ValueError(NOT_FINITE_METRIC)
+
+
+def _unit(metric: Tensor) -> Tensor:
+    """Rows scaled to unit length, in float32 (float64 stays float64)."""
     work_dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
     unit = metric.to(work_dtype)
-    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _doubled_similarity(metric: Tensor) -> Tensor:
+    """Twice the cosine similarity, bit-exactly symmetric: ``S + S^T``.
+
+    ``a + b`` is commutative in floating point, so the sum is symmetric whatever order the
+    matrix product accumulated in.  The factor 2 is exact and changes no ranking or argmax,
+    so it is left in (halving [B, N, N] would cost one more pass; the few values read as
+    similarities are halved instead).
+    """
+    unit = _unit(metric)
     sim = unit @ unit.transpose(1, 2)
-    # (a + b) is commutative in floating point, so the average is bit-exactly symmetric.
-    return torch.add(sim, sim.transpose(1, 2)).mul_(0.5)
+    return torch.add(sim, sim.transpose(1, 2))
 
 
 def _check_prefix(protected_prefix: int | None, protected: Tensor | None, n: int) -> None:
@@ -273,6 +333,7 @@ def _kept_indices(src_idx: Tensor, n: int) -> Tensor:
     return order[:, : n - src_idx.shape[1]]
 
 
+@exact_dtypes
 def complete_graph_matching(
     metric: Tensor,
     r: int,
@@ -326,14 +387,20 @@ def complete_graph_matching(
         return _empty_matching(batch, n, device)
 
     # Every pass below touches all B x N x N similarities, so each is done once and in place:
-    # a token never pairs with itself, and nothing pairs with a protected token (its column).
-    sim = _similarity(metric)
+    # a token never pairs with itself, and nothing pairs with a protected token (its column:
+    # with a known prefix only those columns are written, not the whole matrix). ``sim`` is
+    # twice the cosine similarity (:func:`_doubled_similarity`): rankings and argmax do not
+    # change, and the one value that meets ``importance`` is halved.
+    sim = _doubled_similarity(metric)
     neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
     sim.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
-    if protected is not None:
+    if protected is not None and protected_prefix is not None:
+        sim[:, :, :protected_prefix] = -torch.inf
+    elif protected is not None:
         sim.masked_fill_(protected[:, None, :], -torch.inf)
 
     best_sim = sim.amax(dim=-1)
+    _check_finite(best_sim)
     if protected is not None:
         # A protected token's own row counts as fully blocked (it ranks last); its row in
         # ``sim`` is never read again (its score is +inf and it is nobody's source).
@@ -345,7 +412,7 @@ def complete_graph_matching(
     visible = rank[:, None, :] > rank[:, :, None]
     best_visible = torch.where(visible, sim, neg_inf).amax(dim=-1)
 
-    score = -best_visible
+    score = best_visible.mul_(-0.5)  # minus the best visible cosine similarity
     if importance is not None:
         score = score + importance.to(sim.dtype)
     if protected is not None:
@@ -471,6 +538,7 @@ def _deferred_matching(
     return Matching(src_idx, dst_idx, _kept_indices(src_idx, n))
 
 
+@exact_dtypes
 def bipartite_matching(
     metric: Tensor,
     r: int,
@@ -508,7 +576,11 @@ def bipartite_matching(
     if r == 0:
         return _empty_matching(batch, n, device)
 
-    sim = _similarity(metric)[:, a_idx][:, :, b_idx]  # [B, |A|, |B|]
+    # ToMe's own form: only the |A| x |B| block, a @ b^T (A and B are disjoint, so no
+    # symmetry is needed; a quarter of the complete graph's similarities).
+    unit = _unit(metric)
+    sim = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # [B, |A|, |B|]
+    _check_finite(sim.amax(dim=-1))  # a NaN row of B is a NaN column: every row's max
     if protected is not None:
         neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
         sim = sim.masked_fill(protected[:, a_idx][:, :, None], neg_inf)

@@ -37,7 +37,7 @@ def _prepared(argv: list[str], methods: list[str], budgets: list[str]) -> tuple:
     model, _, _ = bench.load_model(args)
     text, pixels = bench.make_inputs(args, model.config)
     settings, skipped = bench.build_settings(model, methods, budgets, args.fastv_layer)
-    assert not skipped
+    assert all(note.startswith("fastv/") and "@" in note for note in skipped), skipped
     for setting in settings:
         bench.prepare(model, setting, text, model.config.image_token_id, args.prompt_tokens)
     return args, model, pixels, {s.label: s for s in settings}
@@ -45,8 +45,9 @@ def _prepared(argv: list[str], methods: list[str], budgets: list[str]) -> tuple:
 
 def test_kv_cache_bytes_read_from_the_cache_equal_the_analytic_size() -> None:
     argv = ["--llm-layers=3", "--prompt-tokens=10", "--batch=2", "--fastv-layer=1"]
-    args, model, pixels, settings = _prepared(argv, ["crossget", "fastv"], ["full", "10"])
-    assert set(settings) == {"full", "crossget/10", "fastv/10"}
+    methods, budgets = ["crossget", "fastv"], ["full", "10", "12@0.5"]
+    args, model, pixels, settings = _prepared(argv, methods, budgets)
+    assert set(settings) == {"full", "crossget/10", "fastv/10", "crossget/12@0.5"}
     new_tokens = 4
     for setting in settings.values():
         with bench.configured(model, setting):
@@ -60,6 +61,8 @@ def test_kv_cache_bytes_read_from_the_cache_equal_the_analytic_size() -> None:
         "crossget/10": 3 * cached["crossget/10"] * per_token_layer,
         # FastV (K=1): layer 0 holds all 16 visual tokens, layers 1 and 2 the 10 kept.
         "fastv/10": (cached["full"] + 2 * cached["crossget/10"]) * per_token_layer,
+        # CrossGET to 12, then the LLM keeps 6 of them from layer 1 on (llm_keep_ratio).
+        "crossget/12@0.5": ((10 + 12 + 3) + 2 * (10 + 6 + 3)) * per_token_layer,
     }
     for label, setting in settings.items():
         assert setting.memory["kv_mb"] * 2**20 == expected[label], label

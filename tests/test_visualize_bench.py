@@ -81,6 +81,14 @@ def test_bench_budget_parsing() -> None:
     assert bench.parse_budget("pool", "0.25", 2).keep_ratio == 0.25
     with pytest.raises(ValueError, match="merging methods"):
         bench.parse_budget("pool", "r13", 2)
+    two_stage = bench.parse_budget("crossget", "128@0.5", 3)
+    assert (two_stage.visual_tokens, two_stage.llm_keep_ratio) == (128, 0.5)
+    assert two_stage.fastv_layer == 3 and two_stage.method == "crossget"
+    assert bench.parse_budget("divprune", "96@0.25", 2).llm_keep_ratio == 0.25
+    with pytest.raises(ValueError, match="not fastv"):
+        bench.parse_budget("fastv", "128@0.5", 2)
+    with pytest.raises(ValueError, match="keep ratio after '@'"):
+        bench.parse_budget("crossget", "128@half", 2)
 
 
 def test_bench_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:

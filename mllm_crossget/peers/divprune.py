@@ -17,11 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..merge import exact_dtypes
 from .reduction import FeatureInputs, Reduction, keep_indices
 
 __all__ = ["divprune_indices", "divprune_tokens"]
 
 
+@exact_dtypes
 def divprune_indices(features: Tensor, k: int) -> Tensor:
     """[I, K] ascending indices of a greedy max-min diverse subset of each row of [I, N, C]."""
     batch, n, _ = features.shape

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..merge import exact_dtypes
 from . import get_method
 from .reduction import FeatureInputs, check_reduction
 
@@ -88,6 +89,7 @@ def _store(captured: dict[str, Tensor], name: str) -> Any:
     return hook
 
 
+@exact_dtypes
 def _cls_row_and_keys(attn: nn.Module, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
     """CLS attention over the patches summed over heads [I, N], head-averaged keys [I, N, D]."""
     batch, tokens, _ = key.shape

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..merge import exact_dtypes
+
 __all__ = [
     "FastVState",
     "attention_scores",
@@ -223,6 +225,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
+@exact_dtypes
 def attention_scores(
     attn: nn.Module,
     query: Tensor,

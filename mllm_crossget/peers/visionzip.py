@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..merge import exact_dtypes
 from .reduction import FeatureInputs, Reduction
 
 __all__ = ["contextual_count", "visionzip_tokens"]
@@ -62,6 +63,7 @@ def visionzip_tokens(inputs: FeatureInputs, k: int) -> Reduction:
     return Reduction(torch.cat(parts, dim=1), assignment)
 
 
+@exact_dtypes
 def _contextual(
     features: Tensor, keys: Tensor, rest_idx: Tensor, count: int
 ) -> tuple[Tensor, Tensor]:
