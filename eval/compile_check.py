@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="text tokens")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="weights and pixels (bf16: for GPUs and CPUs with AVX512-BF16/AMX kernels)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     return parser
 
@@ -95,7 +101,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[], dict[
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = LlavaForConditionalGeneration._from_config(config).to(dtype).eval()
     crossget.apply(model, crossget.CrossGETConfig(visual_tokens=args.budget, method=args.method))
     visual = crossget.num_visual_tokens(model)
     generator = torch.Generator().manual_seed(0)
@@ -104,7 +111,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[], dict[
         text = torch.randint(5, 32000, (1, args.prompt_tokens), generator=generator)
         image = torch.full((1, visual), config.image_token_id)
         ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
-        pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=generator)
+        pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=generator).to(dtype)
         return {"input_ids": ids, "pixel_values": pixels, "logits_to_keep": 1}
 
     return model, request
