@@ -115,6 +115,18 @@ def add_llm_proportional_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def split_two_stage(budget: str) -> tuple[str, float | None]:
+    """``"128@0.5"`` -> ``("128", 0.5)``: K tokens from the encoder, then the LLM keeps R of
+    them (``llm_keep_ratio``); a budget without ``@`` -> ``(budget, None)``."""
+    head, at, ratio = budget.partition("@")
+    if not at:
+        return budget, None
+    try:
+        return head, float(ratio)
+    except ValueError:
+        raise ValueError(f"K@R wants a keep ratio after '@', got {ratio!r}") from None
+
+
 def parse_budget(
     method: str,
     text: str,
@@ -126,14 +138,11 @@ def parse_budget(
     ``K@R`` -> visual_tokens=K from the encoder, then the LLM keeps R of them from layer
     ``fastv_layer`` on (``llm_keep_ratio``: the question's attention picks them)."""
     extra: dict[str, Any] = {"fastv_layer": fastv_layer} if method == "fastv" else {}
-    text, at, ratio = text.partition("@")
-    if at:
+    text, ratio = split_two_stage(text)
+    if ratio is not None:
         if method == "fastv":
             raise ValueError("K@R (llm_keep_ratio) follows an encoder-side method, not fastv")
-        try:
-            extra["llm_keep_ratio"] = float(ratio)
-        except ValueError:
-            raise ValueError(f"K@R wants a keep ratio after '@', got {ratio!r}") from None
+        extra["llm_keep_ratio"] = ratio
         extra["fastv_layer"] = fastv_layer
     extra["llm_positions"] = llm_positions
     if method != "fastv":

@@ -12,6 +12,7 @@ multi-GPU node.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from eval.bench import (
     LLM_PROPORTIONAL_CHOICES,
     add_llm_positions_argument,
     add_llm_proportional_argument,
+    split_two_stage,
 )
 from eval.tasks import TASKS, Item, load_task, score_task
 from eval.timing import DTYPES
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--budgets",
         default="full,192,128,64",
-        help="comma list of visual-token budgets; 'full' = unmodified model",
+        help="comma list of visual-token budgets; 'full' = unmodified model; K@R = K tokens "
+        "from the encoder, then the LLM keeps R of them from layer 2 on, chosen by the "
+        "question's attention (llm_keep_ratio; any method but fastv, e.g. 128@0.5)",
     )
     parser.add_argument(
         "--methods",
@@ -159,20 +163,27 @@ def method_config(
     llm_positions: str = "original",
     options: dict[str, Any] | None = None,
     llm_proportional: str = "auto",
+    llm_keep_ratio: float | None = None,
 ) -> crossget.CrossGETConfig:
     """CrossGET takes the chosen guidance; peers (ToMe, VisionZip, ...) take their defaults,
     except that FastV's pruning layer is lowered to the LLM's last layer for shallow models
-    (the testbed model has 2), as `crossget bench` does."""
+    (the testbed model has 2), as `crossget bench` does; so is the layer a ``K@R`` budget's
+    second stage (``llm_keep_ratio``, any method but FastV) prunes from."""
     common: dict[str, Any] = {"visual_tokens": budget, "llm_positions": llm_positions}
     if method != "fastv":  # FastV reduces inside the LLM: no sizes to weigh
         common["llm_proportional_attention"] = LLM_PROPORTIONAL_CHOICES[llm_proportional]
+    if llm_keep_ratio is not None:
+        if method == "fastv":
+            raise ValueError("a K@R budget follows an encoder-side method, not fastv")
+        if "llm_keep_ratio" in (options or {}):
+            raise ValueError("llm_keep_ratio is set twice: by a K@R budget and --crossget-option")
+        common["llm_keep_ratio"] = llm_keep_ratio
     if method == "crossget":
-        return crossget.CrossGETConfig(guidance=guidance, **common, **(options or {}))
-    config = crossget.CrossGETConfig(method=method, **common)
-    if method == "fastv" and llm_layers is not None and config.fastv_layer >= llm_layers:
-        config = crossget.CrossGETConfig(
-            method=method, fastv_layer=max(1, llm_layers - 1), **common
-        )
+        config = crossget.CrossGETConfig(guidance=guidance, **common, **(options or {}))
+    else:
+        config = crossget.CrossGETConfig(method=method, **common)
+    if config.prunes_in_llm and llm_layers is not None and config.fastv_layer >= llm_layers:
+        config = dataclasses.replace(config, fastv_layer=max(1, llm_layers - 1))
     return config
 
 
@@ -191,10 +202,13 @@ def configure(
     crossget.remove(model, processor)
     if budget == "full":
         return processor
+    tokens, ratio = split_two_stage(budget)
     if state is not None:
         saved = crossget.CrossGETConfig.from_pretrained(state).to_dict()
+        if ratio is not None:
+            saved["llm_keep_ratio"] = ratio
         saved.update(
-            visual_tokens=int(budget),
+            visual_tokens=int(tokens),
             keep_ratio=None,
             r=None,
             llm_positions=llm_positions,
@@ -205,7 +219,7 @@ def configure(
         return processor
     llm_layers = model.config.get_text_config().num_hidden_layers
     config = method_config(
-        method, int(budget), guidance, llm_layers, llm_positions, options, llm_proportional
+        method, int(tokens), guidance, llm_layers, llm_positions, options, llm_proportional, ratio
     )
     _, processor = crossget.apply(model, config, processor)
     return processor
@@ -476,6 +490,16 @@ def main(argv: list[str] | None = None) -> int:
         named_models.resolve(args.model)
     except named_models.UnknownModelError as error:
         raise SystemExit(f"crossget eval: {error}") from None
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    for budget in budgets:  # a malformed budget stops here, before any model work
+        try:
+            if budget != "full":
+                int(split_two_stage(budget)[0])
+        except ValueError as error:
+            raise SystemExit(
+                f"error: --budgets {budget!r}: want full, K (tokens) or K@R (e.g. 128@0.5) "
+                f"({error})"
+            ) from None
     options = parse_crossget_options(args.crossget_option)
     try:  # a bad option value fails now, with the config's own message
         crossget.CrossGETConfig(visual_tokens=1, guidance=args.guidance, **options)
@@ -493,7 +517,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter is not None:
         model = merge_adapter(model, args.adapter, args.crossget_state)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     runs = [("full", "full")] if "full" in budgets else []
     runs += [(m, b) for m in methods for b in budgets if b != "full"]
     rows = []

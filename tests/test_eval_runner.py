@@ -185,6 +185,26 @@ def test_fastv_layer_is_lowered_only_for_shallow_llms() -> None:
     assert run.method_config("crossget", 32, "query", llm_layers=2).guidance == "query"
 
 
+def test_a_k_at_r_budget_adds_the_in_llm_stage_to_any_encoder_side_method() -> None:
+    """``128@0.5``: 128 tokens from the encoder, half of them kept from LLM layer 2 on (lowered
+    for shallow LLMs, as FastV's layer is); FastV itself and a second setting are refused."""
+    for method in ("crossget", "tome", "divprune", "visionzip"):
+        config = run.method_config(method, 128, "cross", llm_layers=32, llm_keep_ratio=0.5)
+        assert (config.method, config.visual_tokens) == (method, 128)
+        assert (config.llm_keep_ratio, config.fastv_layer) == (0.5, 2)
+    shallow = run.method_config("tome", 128, "cross", llm_layers=2, llm_keep_ratio=0.25)
+    assert shallow.fastv_layer == 1 and shallow.llm_keep_ratio == 0.25
+    assert run.method_config("tome", 128, "cross", llm_layers=2).llm_keep_ratio is None
+    with pytest.raises(ValueError, match="not fastv"):
+        run.method_config("fastv", 128, "cross", llm_keep_ratio=0.5)
+    with pytest.raises(ValueError, match="set twice"):
+        run.method_config(
+            "crossget", 128, "cross", None, "original", {"llm_keep_ratio": 0.5}, llm_keep_ratio=0.5
+        )
+    with pytest.raises(SystemExit, match="K@R"):
+        run.main(["--model", "reference", "--data", ".", "--budgets", "full,128@half"])
+
+
 def test_two_processes_split_the_work_and_score_once(
     model_dir: Path, testbed: Path, tmp_path: Path
 ) -> None:
