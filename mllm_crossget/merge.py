@@ -580,12 +580,13 @@ def bipartite_matching(
     # symmetry is needed; a quarter of the complete graph's similarities).
     unit = _unit(metric)
     sim = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # [B, |A|, |B|]
-    _check_finite(sim.amax(dim=-1))  # a NaN row of B is a NaN column: every row's max
-    if protected is not None:
+    best_sim = sim.amax(dim=-1)
+    _check_finite(best_sim)  # a NaN row of B is a NaN column: every row's max
+    if protected is not None:  # the maxima again, once protected pairs are blocked
         neg_inf = torch.tensor(-torch.inf, dtype=sim.dtype, device=device)
         sim = sim.masked_fill(protected[:, a_idx][:, :, None], neg_inf)
         sim = sim.masked_fill(protected[:, b_idx][:, None, :], neg_inf)
-    best_sim = sim.amax(dim=-1)
+        best_sim = sim.amax(dim=-1)
     best_b = sim.argmax(dim=-1)  # first maximum: lower index wins ties
     a_order = torch.sort(-best_sim, dim=1, stable=True).indices[:, :r]
     src_idx = a_idx[a_order]
