@@ -378,6 +378,25 @@ def test_overwrite_then_resume_takes_only_the_runs_own_checkpoints(
     assert code == 2 and "checkpoint-300" in err and f"belongs to its run {run_id}" in err
 
 
+def test_resume_of_a_finished_run_trains_no_further_step(
+    model_dir: Path, testbed: Path, tmp_path: Path
+) -> None:
+    """A run killed after its last checkpoint (while writing the final adapter) resumes from
+    a checkpoint at max_steps: it must load it and stop, not train a step more (transformers'
+    loop, resumed there, would)."""
+    argv = _argv(model_dir, testbed, tmp_path, "--max-steps", "2", "--save-steps", "1")
+    first = _train(argv)
+    adapter = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    history = (tmp_path / "loss.json").read_text()
+    shutil.rmtree(tmp_path / "adapter")  # "killed" before the final adapter was written
+    resumed = _train([*argv, "--resume"])
+    assert first.summary["steps"] == resumed.summary["steps"] == 2
+    assert resumed.summary["resumed_from"].endswith("checkpoint-2")
+    assert resumed.summary["train_loss"] == pytest.approx(first.summary["train_loss"])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (tmp_path / "loss.json").read_text() == history
+
+
 # --------------------------------------------------------------------------- query guidance
 
 

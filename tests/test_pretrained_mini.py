@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -266,10 +267,24 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     shards = sorted((out / "features").rglob("*.pt"))
     assert shards
     before = [p.stat().st_mtime_ns for p in shards]
+    finished_adapter = (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
+    finished_history = (out / "stage2" / "loss.json").read_text()
     assert recipe.main([*argv, "--resume"]) == 0
     assert [p.stat().st_mtime_ns for p in shards] == before  # features not recomputed
+    # a finished stage trains no further step: same history, same weights
+    assert json.loads((out / "stage2" / "stage_summary.json").read_text())["steps"] == 2
+    assert (out / "stage2" / "loss.json").read_text() == finished_history
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        finished_adapter
+    )
+    # an interrupted stage 2 (last checkpoint 1 of 2) resumes there and stops at step 2
+    shutil.rmtree(out / "stage2" / "checkpoint-2")
+    (out / "stage2" / "stage_summary.json").unlink()
+    assert recipe.main([*argv, "--resume"]) == 0
     stage2 = json.loads((out / "stage2" / "stage_summary.json").read_text())
-    assert stage2["resumed_from"].endswith("checkpoint-2")
+    assert stage2["resumed_from"].endswith("checkpoint-1") and stage2["steps"] == 2
+    resumed = json.loads((out / "stage2" / "loss.json").read_text())["history"]
+    assert [h["step"] for h in resumed if "loss" in h] == [1, 2]
     assert recipe.main([*argv, "--resume", "--stage2-steps", "3"]) == 2  # other settings
 
     # checkpoints of both stages and the final folder evaluate (stage 1: full model)
@@ -358,6 +373,35 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
         torch.testing.assert_close(tensor, trained.state_dict()[name], rtol=2e-3, atol=1e-4)
     assert recipe.main(["--ship", "--output-dir", str(tmp_path), "--ship-to", str(shipped)]) == 2
     assert (shipped / "README.md").read_text() == card  # a refused ship leaves the old folder
+    first_lineage = json.loads((shipped / recipe.LINEAGE_FILE).read_text())["segments"]
+    assert [(s["stage"], s["steps"], s["history"]) for s in first_lineage] == [
+        ("stage1", 2, "loss_stage1.json"),
+        ("stage2", 2, "loss_stage2.json"),
+    ]
+    assert first_lineage[-1]["validation"]["n"] == 7 and "validation" not in first_lineage[0]
+
+    # a run continued from the shipped weights, shipped in place: the lineage grows by one
+    # segment and every earlier loss history is kept (training goes on across sessions)
+    onward = [*continued[: continued.index("--output-dir")], "--output-dir", str(tmp_path / "on")]
+    onward += continued[continued.index("--output-dir") + 2 : continued.index("--init-from")]
+    onward += ["--init-from", str(shipped), "--seed", "2", "--eval-split", ""]
+    assert recipe.main(onward) == 0
+    ship_onward = ["--ship", "--output-dir", str(tmp_path / "on"), "--ship-to", str(shipped)]
+    assert recipe.main(ship_onward) == 0
+    grown = json.loads((shipped / recipe.LINEAGE_FILE).read_text())["segments"]
+    assert grown[:2] == first_lineage
+    assert (grown[2]["stage"], grown[2]["history"], grown[2]["seed"]) == (
+        "stage2",
+        "loss_stage2_2.json",
+        2,
+    )
+    assert json.loads((shipped / "loss_stage2_2.json").read_text()) == json.loads(
+        (tmp_path / "on" / "stage2" / "loss.json").read_text()
+    )
+    for stage in recipe.STAGES:  # the first run's curves are still there
+        shipped_history = json.loads((shipped / f"loss_{stage}.json").read_text())
+        assert shipped_history == json.loads((out / stage / "loss.json").read_text())
+    assert "segment 3 (run `on`), stage2" in (shipped / "README.md").read_text()
 
 
 def recipe_families() -> tuple[str, ...]:

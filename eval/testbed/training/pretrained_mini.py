@@ -67,6 +67,7 @@ STAGES: tuple[str, ...] = ("stage1", "stage2")
 FINAL_DIR = "final"
 FEATURES_DIR = "features"
 RUN_CONFIG = "run_config.json"
+LINEAGE_FILE = "lineage.json"  # every training segment behind shipped weights, oldest first
 SHARD = 128  # images per cached-feature shard
 
 
@@ -712,6 +713,11 @@ def _run_stage(
         data_collator=collator,
         callbacks=[_loss_logger(folder / "loss.json", folder / "loss.png", resume_step)],
     )
+    record = folder / "stage_summary.json"
+    finished = resume_from is not None and resume_step >= training_args.max_steps
+    if finished and record.is_file():  # the Trainer loads the checkpoint and trains nothing
+        trainer.train(resume_from_checkpoint=resume_from)
+        return json.loads(record.read_text(encoding="utf-8"))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     summary = {
@@ -719,8 +725,9 @@ def _run_stage(
         "steps": trainer.state.global_step,
         "resumed_from": resume_from,
         "wall_time_s": time.time() - started,
-        "train_loss": result.training_loss,
+        "train_loss": None if finished else result.training_loss,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "seed": args.seed,
     }
     write_json_atomic(folder / "stage_summary.json", summary, indent=1)
     print(f"{stage}: {summary}")
@@ -898,6 +905,7 @@ def ship(run_dir: Path, dest: Path) -> Path:
             f"{run_dir} is not a finished run (missing {', '.join(missing)}); train it first, "
             "or pass --resume to finish it"
         )
+    earlier_dir, segments = lineage(run_dir)  # read before dest (maybe earlier_dir) is replaced
     staging = dest.with_name(f".{dest.name}.new")
     if staging.exists():
         import shutil
@@ -916,16 +924,109 @@ def ship(run_dir: Path, dest: Path) -> Path:
     (staging / ADAPTER_DIR / "adapter_config.json").write_bytes(
         (adapter / "adapter_config.json").read_bytes()
     )
-    for stage in STAGES:  # the learning curve travels with the weights
-        history = run_dir / stage / "loss.json"
-        if history.is_file():
-            (staging / f"loss_{stage}.json").write_bytes(history.read_bytes())
+    for segment in segments:  # the learning curve of every segment travels with the weights
+        source = (
+            run_dir / segment["stage"] / "loss.json"
+            if segment.get("new")
+            else (earlier_dir or run_dir) / segment["history"]
+        )
+        if source.is_file():
+            (staging / segment["history"]).write_bytes(source.read_bytes())
+    kept = [{k: v for k, v in s.items() if k != "new"} for s in segments]
+    write_json_atomic(staging / LINEAGE_FILE, {"segments": kept}, indent=1)
     (staging / "README.md").write_text(model_card(run_dir), encoding="utf-8")
     replace_folder(staging, dest)
     return dest
 
 
 CHANCE_MARGIN = 0.10  # within 10 points of chance, the card says the model is not usable yet
+
+
+def run_segments(run_dir: Path) -> list[dict[str, Any]]:
+    """The stages this run trained (a continued run: stage 2 only), as lineage segments:
+    stage, steps, LR, batch, what it trained on, wall time, mean loss, and the validation
+    score taken right after the run's last stage."""
+    config = _json_or_empty(run_dir / RUN_CONFIG)
+    summary = _json_or_empty(run_dir / "train_summary.json")
+    stage1_data, stage1_batch = _stage1_data(config)
+    segments: list[dict[str, Any]] = []
+    for stage in STAGES:
+        record = _json_or_empty(run_dir / stage / "stage_summary.json")
+        if not record.get("steps"):
+            continue
+        settings = list(config.get(stage) or [None] * 4)
+        segment: dict[str, Any] = {
+            "stage": stage,
+            "run": run_dir.name,
+            "steps": record["steps"],
+            "lr": settings[1],
+            "batch": stage1_batch if stage == "stage1" else (config.get("batch") or [None])[0],
+            "wall_time_s": round(float(record.get("wall_time_s", 0.0)), 1),
+            "train_loss": record.get("train_loss"),
+        }
+        if record.get("seed") is not None:
+            segment["seed"] = record["seed"]
+        if stage == "stage1":
+            segment["data"] = stage1_data
+        else:
+            segment["lora"] = settings[2:4]
+            segment["data"] = (
+                "questions + captions" if config.get("stage2_captions") else ("questions")
+            )
+        segments.append(segment)
+    evaluation = summary.get("eval")
+    if segments and evaluation:
+        rows = evaluation["families"].values()
+        chance = sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
+        segments[-1]["validation"] = {
+            "accuracy": evaluation["accuracy"],
+            "n": evaluation["n"],
+            "chance": round(chance, 4),
+        }
+    return segments
+
+
+def lineage(run_dir: Path) -> tuple[Path | None, list[dict[str, Any]]]:
+    """(the weights a continued run started from, every segment behind this run's weights):
+    the earlier weights' own lineage (when they were shipped with one) followed by this run's
+    segments, each naming the loss history file it ships as (``loss_stage2_2.json`` for the
+    second stage-2 segment). Shipping a continued run so keeps the whole learning curve, and
+    training can go on across sessions from the shipped weights."""
+    config = _json_or_empty(run_dir / RUN_CONFIG)
+    earlier_dir = Path(config["init_from"]) if config.get("init_from") else None
+    earlier: list[dict[str, Any]] = []
+    if earlier_dir is not None:
+        earlier = list(_json_or_empty(earlier_dir / LINEAGE_FILE).get("segments", []))
+    names = {s.get("history") for s in earlier}
+    segments = list(earlier)
+    for segment in run_segments(run_dir):
+        name, count = f"loss_{segment['stage']}.json", 1
+        while name in names:
+            count += 1
+            name = f"loss_{segment['stage']}_{count}.json"
+        names.add(name)
+        segments.append({**segment, "history": name, "new": True})
+    return earlier_dir, segments
+
+
+def _segment_line(segment: dict[str, Any], index: int) -> str:
+    what = {
+        "stage1": "projector only",
+        "stage2": "projector + LoRA (r {}, alpha {})".format(*(segment.get("lora") or ["?", "?"])),
+    }[segment["stage"]]
+    line = (
+        f"- segment {index} (run `{segment.get('run')}`), {segment['stage']}: {what}, "
+        f"{segment['steps']} steps, LR {segment['lr']}, batch {segment.get('batch')}, on "
+        f"{segment.get('data')}; wall time {segment.get('wall_time_s', 0) / 60:.0f} min, "
+        f"mean loss {segment.get('train_loss') or float('nan'):.3f}"
+    )
+    validation = segment.get("validation")
+    if validation:
+        line += (
+            f"; validation {100 * validation['accuracy']:.1f} % on {validation['n']} "
+            f"questions (chance {100 * validation['chance']:.1f} %)"
+        )
+    return line + ";"
 
 
 def _stage1_data(config: dict[str, Any]) -> tuple[str, int | None]:
@@ -961,6 +1062,20 @@ def _continued_from(config: dict[str, Any]) -> list[str]:
         start = "/".join(Path(config["init_from"]).parts[-2:])
         lines.append(f"- stage 1 skipped: both stages continued from `{start}`;")
     return lines
+
+
+def _earlier_segments(run_dir: Path) -> list[str]:
+    """Card lines for the training behind the weights this run continued (their lineage)."""
+    _, segments = lineage(run_dir)
+    earlier = [s for s in segments if not s.get("new")]
+    if not earlier:
+        return []
+    total = sum(int(s["steps"]) for s in segments)
+    return [
+        f"- the whole lineage ({len(segments)} segments, {total} steps; the loss history of "
+        f"each ships as its `history` file in `{LINEAGE_FILE}`):",
+        *("  " + _segment_line(s, i) for i, s in enumerate(segments, 1)),
+    ]
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
@@ -1006,6 +1121,7 @@ def model_card(run_dir: Path) -> str:
         f"wall time {stages['stage2'].get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {stages['stage2'].get('train_loss', float('nan')):.3f};",
         *_continued_from(config),
+        *_earlier_segments(run_dir),
         "- next-token loss on target tokens only (the caption in stage 1, the answers in "
         "stage 2); no attention supervision, no auxiliary loss; "
         "tower frozen (features cached), fp32 on 2 CPU cores.",

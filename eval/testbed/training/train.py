@@ -761,6 +761,32 @@ class ShuffledLengthBatches(torch.utils.data.Sampler[int]):
             yield from batches[-1]
 
 
+def finished_checkpoint_output(trainer: Any, checkpoint: str | None) -> Any:
+    """Load a checkpoint that is already at the run's ``max_steps`` and return the Trainer's
+    ``TrainOutput`` for zero new steps; None for any other checkpoint (train as usual).
+
+    A finished run killed while writing its final weights is resumed from such a checkpoint.
+    transformers' loop, resumed there, trains one step more than ``max_steps`` (it checks the
+    step count only after a step), so `--resume` would change a finished run."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is None or trainer.args.max_steps <= 0:
+        return None
+    state_file = Path(checkpoint) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    if state.global_step < trainer.args.max_steps:
+        return None
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = state
+    print(
+        f"{Path(checkpoint).name} is at max_steps ({trainer.args.max_steps}): loaded, not trained"
+    )
+    return TrainOutput(state.global_step, 0.0, {"train_runtime": 0.0})
+
+
 def _trainer_class() -> type:
     from transformers import Trainer
 
@@ -782,6 +808,13 @@ def _trainer_class() -> type:
             # Training-time teacher forcing (e.g. OptionHeadForcing): `prepare(inputs)` before
             # a training forward, `release()` after it; evaluation forwards run unforced.
             self.forcings = list(forcings)
+
+        def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+            if isinstance(resume_from_checkpoint, str):
+                finished = finished_checkpoint_output(self, resume_from_checkpoint)
+                if finished is not None:
+                    return finished
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -184,6 +184,8 @@ def run_vision_pretrain(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
+    from eval.testbed.training.train import finished_checkpoint_output
+
     output_dir = Path(output_dir)
     done = output_dir / VISION_WEIGHTS
     tower = model.model.vision_tower
@@ -222,7 +224,9 @@ def run_vision_pretrain(
         float(image_processor.rescale_factor),
     )
     trainer = Trainer(model=wrapper, args=args, train_dataset=dataset, data_collator=collator)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(output_dir)))
+    checkpoint = get_last_checkpoint(str(output_dir))
+    if finished_checkpoint_output(trainer, checkpoint) is None:
+        trainer.train(resume_from_checkpoint=checkpoint)
     wrapper.eval()
     sample = collator([dataset[i] for i in range(min(len(dataset), 64))])
     accuracy = wrapper.accuracy(sample)
