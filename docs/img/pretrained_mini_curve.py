@@ -1,7 +1,7 @@
 """Redraws docs/img/pretrained_mini_curve.png, the learning curve of the shipped
-`pretrained-mini` weights, from the loss histories shipped beside them
-(eval/testbed/pretrained_mini_weights/loss_stage1.json and loss_stage2.json, written by the
-trainer's ``--ship``).
+`pretrained-mini` weights, from the loss histories shipped beside them: every segment listed
+in eval/testbed/pretrained_mini_weights/lineage.json (written by the trainer's ``--ship``; a
+run continued from the shipped weights adds a segment), one after the other.
 
     python docs/img/pretrained_mini_curve.py
 """
@@ -19,10 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mllm_crossget.named_models import PRETRAINED_MINI_WEIGHTS  # noqa: E402
 
 OUT = Path(__file__).with_name("pretrained_mini_curve.png")
+COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange"}
 
 
-def history(stage: str) -> list[tuple[int, float]]:
-    rows = json.loads((PRETRAINED_MINI_WEIGHTS / f"loss_{stage}.json").read_text())["history"]
+def segments() -> list[dict]:
+    return json.loads((PRETRAINED_MINI_WEIGHTS / "lineage.json").read_text())["segments"]
+
+
+def history(name: str) -> list[tuple[int, float]]:
+    rows = json.loads((PRETRAINED_MINI_WEIGHTS / name).read_text())["history"]
     return [(int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
 
 
@@ -36,23 +41,49 @@ def smoothed(values: list[float], window: int = 5) -> list[float]:
 
 
 def main() -> None:
-    stage1, stage2 = history("stage1"), history("stage2")
-    offset = stage1[-1][0]
-    figure, axis = plt.subplots(figsize=(7, 3.6))
-    for label, rows, shift, colour in (
-        ("stage 1: projector, caption tokens", stage1, 0, "tab:blue"),
-        ("stage 2: projector + LoRA, answer tokens", stage2, offset, "tab:orange"),
-    ):
-        steps = [step + shift for step, _ in rows]
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    offset, labelled = 0, set()
+    for segment in segments():
+        rows = history(segment["history"])
+        stage = segment["stage"]
+        steps = [offset + step for step, _ in rows]
         losses = [loss for _, loss in rows]
+        colour = COLOURS[stage]
+        label = {
+            "stage1": "stage 1: projector, caption tokens",
+            "stage2": "stage 2: projector + LoRA, answer tokens",
+        }[stage]
         axis.plot(steps, losses, color=colour, alpha=0.3, linewidth=1)
-        axis.plot(steps, smoothed(losses), color=colour, linewidth=2, label=label)
-    axis.axvline(offset, color="grey", linestyle=":", linewidth=1)
-    axis.set_xlabel("optimizer step")
+        axis.plot(
+            steps,
+            smoothed(losses),
+            color=colour,
+            linewidth=2,
+            label=None if stage in labelled else label,
+        )
+        labelled.add(stage)
+        text = f"LR {segment['lr']:g}"
+        validation = segment.get("validation")
+        if validation:
+            text += f"\nval {100 * validation['accuracy']:.1f} %"
+            text += f" (chance {100 * validation['chance']:.1f})"
+        axis.text(
+            offset + 5,
+            0.98,
+            text,
+            transform=axis.get_xaxis_transform(),
+            va="top",
+            fontsize=7,
+            color="dimgrey",
+        )
+        if offset:
+            axis.axvline(offset, color="grey", linestyle=":", linewidth=1)
+        offset += int(segment["steps"])
+    axis.set_xlabel("optimizer step (all segments of the shipped weights, in order)")
     axis.set_ylabel("loss per target token")
     axis.set_title("pretrained-mini: LLaVA-1.5 recipe, 224 px, 2 CPU cores")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="lower left")
     figure.tight_layout()
     figure.savefig(OUT, dpi=110)
     print(f"wrote {OUT}")
