@@ -43,7 +43,7 @@ def smoothed(values: list[float], window: int = 5) -> list[float]:
 def main() -> None:
     figure, axis = plt.subplots(figsize=(8, 3.8))
     offset, labelled = 0, set()
-    for segment in segments():
+    for index, segment in enumerate(segments()):
         rows = history(segment["history"])
         stage = segment["stage"]
         steps = [offset + step for step, _ in rows]
@@ -64,12 +64,12 @@ def main() -> None:
         labelled.add(stage)
         text = f"LR {segment['lr']:g}"
         validation = segment.get("validation")
-        if validation:
+        if validation:  # chance (about 23 %) is in the title
             text += f"\nval {100 * validation['accuracy']:.1f} %"
-            text += f" (chance {100 * validation['chance']:.1f})"
+        height = 0.98 if index % 2 == 0 else 0.84  # neighbours of short segments do not overlap
         axis.text(
             offset + 5,
-            0.98,
+            height,
             text,
             transform=axis.get_xaxis_transform(),
             va="top",
@@ -81,7 +81,9 @@ def main() -> None:
         offset += int(segment["steps"])
     axis.set_xlabel("optimizer step (all segments of the shipped weights, in order)")
     axis.set_ylabel("loss per target token")
-    axis.set_title("pretrained-mini: LLaVA-1.5 recipe, 224 px, 2 CPU cores")
+    axis.set_title(
+        "pretrained-mini: LLaVA-1.5 recipe, 224 px, 2 CPU cores (validation chance about 23 %)"
+    )
     axis.grid(alpha=0.3)
     axis.legend(loc="lower left")
     figure.tight_layout()
