@@ -200,9 +200,10 @@ def test_trainer_modules_import_one_way() -> None:
             and (node.module or "").startswith("eval.testbed.training.")
         }
 
-    assert siblings("train") == {"grounding", "pixels", "vision_pretrain"}
-    assert siblings("vision_pretrain") == {"pixels"}
+    assert siblings("train") == {"grounding", "pixels", "resume", "vision_pretrain"}
+    assert siblings("vision_pretrain") == {"pixels", "resume"}
     assert siblings("grounding") == set() and siblings("pixels") == set()
+    assert siblings("resume") == set()
     assert not (ROOT / "recipes" / "train.py").exists()
 
 

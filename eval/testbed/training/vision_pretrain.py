@@ -184,7 +184,7 @@ def run_vision_pretrain(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from eval.testbed.training.train import finished_checkpoint_output
+    from eval.testbed.training.resume import finished_checkpoint_output
 
     output_dir = Path(output_dir)
     done = output_dir / VISION_WEIGHTS
