@@ -19,7 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mllm_crossget.named_models import PRETRAINED_MINI_WEIGHTS  # noqa: E402
 
 OUT = Path(__file__).with_name("pretrained_mini_curve.png")
-COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange"}
+STYLE = {  # stage -> (colour, legend label)
+    "stage1": ("tab:blue", "stage 1: projector, caption tokens"),
+    "stage2": ("tab:orange", "stage 2: projector + LoRA, answer tokens"),
+}
 
 
 def segments() -> list[dict]:
@@ -48,11 +51,7 @@ def main() -> None:
         stage = segment["stage"]
         steps = [offset + step for step, _ in rows]
         losses = [loss for _, loss in rows]
-        colour = COLOURS[stage]
-        label = {
-            "stage1": "stage 1: projector, caption tokens",
-            "stage2": "stage 2: projector + LoRA, answer tokens",
-        }[stage]
+        colour, label = STYLE[stage]
         axis.plot(steps, losses, color=colour, alpha=0.3, linewidth=1)
         axis.plot(
             steps,

@@ -713,13 +713,14 @@ def _run_stage(
         data_collator=collator,
         callbacks=[_loss_logger(folder / "loss.json", folder / "loss.png", resume_step)],
     )
+    started = time.time()
+    # A finished stage (its last checkpoint at max_steps) is loaded and not trained: its own
+    # summary, written when it trained, stays the record.
+    result = trainer.train(resume_from_checkpoint=resume_from)
     record = folder / "stage_summary.json"
     finished = resume_from is not None and resume_step >= training_args.max_steps
-    if finished and record.is_file():  # the Trainer loads the checkpoint and trains nothing
-        trainer.train(resume_from_checkpoint=resume_from)
+    if finished and record.is_file():
         return json.loads(record.read_text(encoding="utf-8"))
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
     summary = {
         "stage": stage,
         "steps": trainer.state.global_step,
@@ -729,7 +730,7 @@ def _run_stage(
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "seed": args.seed,
     }
-    write_json_atomic(folder / "stage_summary.json", summary, indent=1)
+    write_json_atomic(record, summary, indent=1)
     print(f"{stage}: {summary}")
     return summary
 
@@ -942,6 +943,12 @@ def ship(run_dir: Path, dest: Path) -> Path:
 CHANCE_MARGIN = 0.10  # within 10 points of chance, the card says the model is not usable yet
 
 
+def overall_chance(evaluation: dict[str, Any]) -> float:
+    """The chance level of an evaluation's questions: each family's, weighted by its count."""
+    rows = evaluation["families"].values()
+    return sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
+
+
 def run_segments(run_dir: Path) -> list[dict[str, Any]]:
     """The stages this run trained (a continued run: stage 2 only), as lineage segments:
     stage, steps, LR, batch, what it trained on, wall time, mean loss, and the validation
@@ -971,17 +978,15 @@ def run_segments(run_dir: Path) -> list[dict[str, Any]]:
         else:
             segment["lora"] = settings[2:4]
             segment["data"] = (
-                "questions + captions" if config.get("stage2_captions") else ("questions")
+                "questions + captions" if config.get("stage2_captions") else "questions"
             )
         segments.append(segment)
     evaluation = summary.get("eval")
     if segments and evaluation:
-        rows = evaluation["families"].values()
-        chance = sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
         segments[-1]["validation"] = {
             "accuracy": evaluation["accuracy"],
             "n": evaluation["n"],
-            "chance": round(chance, 4),
+            "chance": round(overall_chance(evaluation), 4),
         }
     return segments
 
@@ -1130,7 +1135,7 @@ def model_card(run_dir: Path) -> str:
     evaluation = summary.get("eval")
     if evaluation:
         rows = evaluation["families"].values()
-        chance = sum(r["n"] * r["chance"] for r in rows) / max(1, sum(r["n"] for r in rows))
+        chance = overall_chance(evaluation)
         lines += [
             f"Right after training, on {evaluation['n']} validation questions (the first "
             f"{evaluation['n'] // max(1, len(rows))} of each family): "
