@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,32 @@ def limited(model_dir: Path) -> Iterator[str]:
         url,
         _,
     ):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 64-layer LLM: about 10 ms a token on one core here. The 1-layer
+    model writes 1,000 tokens in under half a second on a fast core, which let requests finish
+    before a test could leave them or stop the server under them."""
+    from transformers import LlavaForConditionalGeneration
+
+    from eval.testbed.model import build_reference
+
+    tiny, processor = build_reference(size="cpu-tiny", image_size=112, seed=0)
+    config = tiny.config
+    config.text_config.num_hidden_layers = 64
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("slow-model")
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slow(slow_model_dir: Path) -> Iterator[str]:
+    """A server on the slow model."""
+    with _serve(slow_model_dir, "--max-tokens-limit", "2000") as (url, _):
         yield url
 
 
@@ -150,17 +177,18 @@ def test_visual_tokens_count_toward_the_prompt(limited: str) -> None:
 
 
 # ----------------------------------------------------------------------------- client gone
-def test_requests_whose_clients_left_are_cancelled(limited: str) -> None:
+def test_requests_whose_clients_left_are_cancelled(slow: str) -> None:
     """A streamed request is cancelled when its client closes the stream; a non-streamed one
     whose client gave up while it waited is cancelled before it starts.
 
-    Nothing here races the model's speed: the streamed answer (1,000 tokens) is still being
-    written when its stream is closed, since the test has read only its first piece, and the
-    worker is busy with it for as long as the non-streamed client waits.
+    The streamed answer (1,000 tokens of a 64-layer LLM, about 10 s here) is still being
+    written when its stream is closed half a second after its first token, so the worker is
+    busy with it for as long as the non-streamed client waits: a margin of 20x on this
+    machine's speed.
     """
-    before = _health(limited)
+    before = _health(slow)
     body = _text(5, max_tokens=1000, stream=True)
-    with httpx.stream("POST", limited + "/v1/chat/completions", json=body, timeout=60) as streamed:
+    with httpx.stream("POST", slow + "/v1/chat/completions", json=body, timeout=60) as streamed:
         assert streamed.status_code == 200
         for line in streamed.iter_lines():
             if line.startswith("data: {"):
@@ -169,17 +197,17 @@ def test_requests_whose_clients_left_are_cancelled(limited: str) -> None:
                     break  # the first answer token: the worker is generating this request
         # The worker is busy: this one waits in the queue, and its client leaves first.
         with pytest.raises(httpx.ReadTimeout):
-            _chat(limited, _text(5, max_tokens=1000), timeout=0.5)
+            _chat(slow, _text(5, max_tokens=1000), timeout=0.5)
     deadline = time.monotonic() + 60
     while True:
-        health = _health(limited)
+        health = _health(slow)
         if health["queued"] == 0 and health["cancelled"] >= before["cancelled"] + 2:
             break
         assert time.monotonic() < deadline, health
         time.sleep(0.2)
     assert health["cancelled"] == before["cancelled"] + 2
     assert health["served"] == before["served"]  # stopped, not answered to nobody
-    assert _chat(limited, _text(5)).status_code == 200  # and the worker is free again
+    assert _chat(slow, _text(5)).status_code == 200  # and the worker is free again
 
 
 # ----------------------------------------------------------------------------- media types
@@ -204,10 +232,11 @@ def test_only_json_bodies_and_image_data_urls(limited: str) -> None:
 
 
 # ----------------------------------------------------------------------------- shutdown
-def test_default_limit_then_sigterm_with_a_request_in_flight(model_dir: Path) -> None:
+def test_default_limit_then_sigterm_with_a_request_in_flight(slow_model_dir: Path) -> None:
     """One server with the default limits: the model's positions bound the prompt and the
-    answer; then SIGTERM while a long answer runs ends the process within the grace."""
-    with _serve(model_dir, "--max-tokens-limit", "4000", "--shutdown-grace", "1") as (
+    answer; then SIGTERM while a long answer runs ends the process within the grace (on the
+    slow model, six 1,000-token answers take about a minute)."""
+    with _serve(slow_model_dir, "--max-tokens-limit", "4000", "--shutdown-grace", "1") as (
         url,
         process,
     ):
