@@ -403,6 +403,24 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
         assert shipped_history == json.loads((out / stage / "loss.json").read_text())
     assert "segment 3 (run `on`), stage2" in (shipped / "README.md").read_text()
 
+    # stage 1 started from the shipped projector (a fresh LoRA after it): the shipped lineage
+    # comes first, each of its segments marked as having passed on its projector only
+    anew = [*again, "--output-dir", str(tmp_path / "anew")]
+    assert recipe.main([*anew, "--init-projector", str(shipped / pm.PROJECTOR_FILE)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    ship_anew = ["--ship", "--output-dir", str(tmp_path / "anew"), "--ship-to", str(elsewhere)]
+    assert recipe.main(ship_anew) == 0
+    chain = json.loads((elsewhere / recipe.LINEAGE_FILE).read_text())["segments"]
+    assert [{k: v for k, v in s.items() if k != "carried_over"} for s in chain[:3]] == grown
+    assert [s.get("carried_over") for s in chain] == ["projector"] * 3 + [None, None]
+    assert [s["history"] for s in chain[3:]] == ["loss_stage1_2.json", "loss_stage2_3.json"]
+    for segment in chain:  # every curve travels: the earlier ones from the shipped folder
+        assert (elsewhere / segment["history"]).is_file()
+    assert json.loads((elsewhere / "loss_stage2_2.json").read_text()) == json.loads(
+        (shipped / "loss_stage2_2.json").read_text()
+    )
+    assert "(only the projector carried over)" in (elsewhere / "README.md").read_text()
+
 
 def recipe_families() -> tuple[str, ...]:
     from eval.testbed.data import FAMILIES

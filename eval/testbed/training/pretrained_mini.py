@@ -996,12 +996,23 @@ def lineage(run_dir: Path) -> tuple[Path | None, list[dict[str, Any]]]:
     the earlier weights' own lineage (when they were shipped with one) followed by this run's
     segments, each naming the loss history file it ships as (``loss_stage2_2.json`` for the
     second stage-2 segment). Shipping a continued run so keeps the whole learning curve, and
-    training can go on across sessions from the shipped weights."""
+    training can go on across sessions from the shipped weights. A run whose stage 1 started
+    from shipped weights' projector (``--init-projector``) continues their lineage too, each
+    earlier segment marked ``carried_over: projector`` (their LoRA starts afresh)."""
     config = _json_or_empty(run_dir / RUN_CONFIG)
     earlier_dir = Path(config["init_from"]) if config.get("init_from") else None
+    carried = None  # what of the earlier weights this run started from
+    if earlier_dir is None and config.get("init_projector"):
+        # A stage 1 that continued shipped weights' projector: their segments trained it
+        # (their LoRA does not carry over, and each of their segments says so).
+        earlier_dir, carried = Path(config["init_projector"]).parent, "projector"
     earlier: list[dict[str, Any]] = []
     if earlier_dir is not None:
         earlier = list(_json_or_empty(earlier_dir / LINEAGE_FILE).get("segments", []))
+        if carried is not None:
+            earlier = [{"carried_over": carried, **s} for s in earlier]
+    if not earlier and carried is not None:
+        earlier_dir = None  # an unshipped run's projector: no lineage to carry
     names = {s.get("history") for s in earlier}
     segments = list(earlier)
     for segment in run_segments(run_dir):
@@ -1025,6 +1036,8 @@ def _segment_line(segment: dict[str, Any], index: int) -> str:
         f"{segment.get('data')}; wall time {segment.get('wall_time_s', 0) / 60:.0f} min, "
         f"mean loss {segment.get('train_loss') or float('nan'):.3f}"
     )
+    if segment.get("carried_over"):
+        line += f" (only the {segment['carried_over']} carried over)"
     validation = segment.get("validation")
     if validation:
         line += (
