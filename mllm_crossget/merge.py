@@ -409,8 +409,10 @@ def complete_graph_matching(
     order = torch.sort(-best_sim, dim=1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=device).expand(batch, n))
-    visible = rank[:, None, :] > rank[:, :, None]
-    best_visible = torch.where(visible, sim, neg_inf).amax(dim=-1)
+    # Row i sees the tokens ranked after it. masked_fill with the complement is the same
+    # values as where(visible, sim, -inf) at half the cost on CPU (N x N, every layer).
+    hidden = rank[:, None, :] <= rank[:, :, None]
+    best_visible = sim.masked_fill(hidden, -torch.inf).amax(dim=-1)
 
     score = best_visible.mul_(-0.5)  # minus the best visible cosine similarity
     if importance is not None:
