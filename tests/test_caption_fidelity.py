@@ -97,6 +97,9 @@ def test_cli_scores_every_setting_against_full_and_other(
     full = result["settings"]["full"]
     assert full["kept"] == pytest.approx(1.0) and full["against_full"] is None
     assert result["settings"]["other"]["kept"] == pytest.approx(0.0)
+    effect = sum(r["loss"]["other"] - r["loss"]["full"] for r in rows) / len(rows)
+    assert result["image_effect"]["overall"] == pytest.approx(effect)
+    assert set(result["image_effect"]["by_family"]) == set(result["families"])
     with pytest.raises(SystemExit):
         fidelity.main([*argv[:-1], "--budgets", "a,b"])
     assert fidelity.main([*argv, "--per-family", "1"]) == 2  # one image a family: no partner
