@@ -34,7 +34,7 @@ from tqdm import tqdm
 import mllm_crossget as crossget
 from eval import metrics
 from eval.image_reliance import answer_loss, caption_items, load_reliance_model
-from eval.run import configure
+from eval.run import configure, parse_crossget_options
 from eval.tasks import Item, load_task
 from mllm_crossget.config import write_json_atomic
 
@@ -88,9 +88,12 @@ def measure(
     budgets: Sequence[int],
     shift: int,
     progress: bool = True,
+    guidance: str = "cross",
+    options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Per image: the caption loss in every setting (one setting at a time over all images,
-    so that each method is applied once)."""
+    so that each method is applied once). ``guidance`` and ``options`` (CrossGETConfig
+    fields) apply to method crossget only, as in ``crossget eval``."""
     partner = other_image_of(items, shift)
     images = [item.load_image().convert("RGB") for item in items]
     rows: list[dict[str, Any]] = [
@@ -102,7 +105,7 @@ def measure(
         other = images[partner[index]]
         rows[index]["loss"][OTHER] = answer_loss(model, processor, item, other)
     for method, budget in settings(methods, budgets):
-        reduced = configure(model, processor, method, str(budget), "cross", None)
+        reduced = configure(model, processor, method, str(budget), guidance, None, options=options)
         name = label(method, budget)
         for index, item in enumerate(tqdm(items, desc=name, disable=not progress)):
             rows[index]["loss"][name] = answer_loss(model, reduced, item, images[index])
@@ -235,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of encoder-side methods (crossget, tome, or a registered peer)",
     )
     parser.add_argument(
+        "--guidance", default="cross", help="CrossGET guidance: cross, query, text, none"
+    )
+    parser.add_argument(
+        "--crossget-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CrossGETConfig field for method crossget, repeatable, VALUE as JSON (a bare "
+        "word is a string): e.g. --crossget-option max_sources_per_destination=1",
+    )
+    parser.add_argument(
         "--shift",
         type=int,
         default=7,
@@ -267,10 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         items = load_task("testbed", args.data, args.split, per_group=args.per_family)
         items = caption_items(one_item_per_image(items))
+        options = parse_crossget_options(args.crossget_option)
         model, processor = load_reliance_model(args.model, args.weights)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             rows = measure(
-                model, processor, items, methods, args.budgets, args.shift, not args.no_progress
+                model,
+                processor,
+                items,
+                methods,
+                args.budgets,
+                args.shift,
+                not args.no_progress,
+                args.guidance,
+                options,
             )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

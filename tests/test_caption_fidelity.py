@@ -103,3 +103,23 @@ def test_cli_scores_every_setting_against_full_and_other(
     with pytest.raises(SystemExit):
         fidelity.main([*argv[:-1], "--budgets", "a,b"])
     assert fidelity.main([*argv, "--per-family", "1"]) == 2  # one image a family: no partner
+    with pytest.raises(SystemExit, match="not a CrossGETConfig field"):
+        fidelity.main([*argv, "--crossget-option", "hubs=1"])
+
+    # a CrossGET option reaches CrossGET only: the same full, other and ToMe losses
+    capped = tmp_path / "capped.json"
+    option = ["--crossget-option", "max_sources_per_destination=1"]
+    assert fidelity.main([*argv[:-3], "--out", str(capped), "--no-progress", *option]) == 0
+    capped_rows = json.loads(capped.read_text())["rows"]
+    for row, other_row in zip(rows, capped_rows, strict=True):
+        for name in ("full", "other", "tome/48", "tome/32"):
+            assert other_row["loss"][name] == row["loss"][name]
+    config = method_config(
+        "crossget", 32, "cross", model.config.text_config.num_hidden_layers,
+        options={"max_sources_per_destination": 1},
+    )  # fmt: skip
+    _, reduced = crossget.apply(model, config, processor)
+    assert capped_rows[0]["loss"]["crossget/32"] == pytest.approx(
+        answer_loss(model, reduced, first, image)
+    )
+    crossget.remove(model, processor)
