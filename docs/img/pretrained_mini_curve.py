@@ -21,7 +21,10 @@ from mllm_crossget.named_models import PRETRAINED_MINI_WEIGHTS  # noqa: E402
 OUT = Path(__file__).with_name("pretrained_mini_curve.png")
 STYLE = {  # stage -> (colour, legend label)
     "stage1": ("tab:blue", "stage 1: projector, caption tokens"),
-    "stage2": ("tab:orange", "stage 2: projector + LoRA, answer tokens"),
+    "stage2": (
+        "tab:orange",
+        "stage 2: projector + LoRA, answer tokens (+ caption tokens where mixed in)",
+    ),
 }
 
 

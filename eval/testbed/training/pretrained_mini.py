@@ -762,6 +762,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "stage2": [args.stage2_steps, args.stage2_lr, args.lora_r, args.lora_alpha],
         **({"stage2_captions": True} if args.stage2_captions else {}),
         "batch": [args.batch_size, args.grad_accum, args.max_turns],
+        "bf16": args.bf16,
     }
     if args.init_from is not None and args.init_projector is not None:
         raise PretrainedMiniTrainError(
@@ -1096,6 +1097,13 @@ def _earlier_segments(run_dir: Path) -> list[str]:
     ]
 
 
+def _precision(config: dict[str, Any]) -> str:
+    """How the run computed: runs from before the flag was recorded say so."""
+    if "bf16" not in config:
+        return "fp32 or bf16 autocast (not recorded)"
+    return "bf16 autocast" if config["bf16"] else "fp32"
+
+
 def _json_or_empty(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -1142,7 +1150,7 @@ def model_card(run_dir: Path) -> str:
         *_earlier_segments(run_dir),
         "- next-token loss on target tokens only (the caption in stage 1, the answers in "
         "stage 2); no attention supervision, no auxiliary loss; "
-        "tower frozen (features cached), fp32 on 2 CPU cores.",
+        f"tower frozen (features cached), {_precision(config)} on 2 CPU cores.",
         "",
     ]
     evaluation = summary.get("eval")
@@ -1161,8 +1169,9 @@ def model_card(run_dir: Path) -> str:
         if evaluation["accuracy"] < chance + CHANCE_MARGIN:
             lines += [
                 "**Status: it answers at about chance level.** The run was too short for the "
-                "model to learn to read the image; these weights are a starting point for a "
-                "longer run (`--init-from`), not a model to measure token reduction on.",
+                "model to learn to answer from the image; these weights are a starting point "
+                "for a longer run (`--init-from`), not a model to measure token reduction's "
+                "accuracy on.",
                 "",
             ]
     lines += [
