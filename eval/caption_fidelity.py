@@ -34,7 +34,7 @@ from tqdm import tqdm
 import mllm_crossget as crossget
 from eval import metrics
 from eval.image_reliance import answer_loss, caption_items, load_reliance_model
-from eval.run import configure, parse_crossget_options
+from eval.run import add_crossget_option_argument, configure, parse_crossget_options
 from eval.tasks import Item, load_task
 from mllm_crossget.config import write_json_atomic
 
@@ -240,14 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--guidance", default="cross", help="CrossGET guidance: cross, query, text, none"
     )
-    parser.add_argument(
-        "--crossget-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a CrossGETConfig field for method crossget, repeatable, VALUE as JSON (a bare "
-        "word is a string): e.g. --crossget-option max_sources_per_destination=1",
-    )
+    add_crossget_option_argument(parser)
     parser.add_argument(
         "--shift",
         type=int,

@@ -80,15 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_llm_positions_argument(parser)
     add_llm_proportional_argument(parser)
-    parser.add_argument(
-        "--crossget-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a CrossGETConfig field for method crossget, repeatable, VALUE as JSON (a bare "
-        "word is a string): e.g. --crossget-option max_sources_per_destination=1 "
-        "--crossget-option importance_norm=standard",
-    )
+    add_crossget_option_argument(parser)
     parser.add_argument(
         "--crossget-state",
         type=Path,
@@ -223,6 +215,20 @@ def configure(
     )
     _, processor = crossget.apply(model, config, processor)
     return processor
+
+
+def add_crossget_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--crossget-option KEY=VALUE`` (read by :func:`parse_crossget_options`) for every
+    harness that applies CrossGET with extra config fields."""
+    parser.add_argument(
+        "--crossget-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a CrossGETConfig field for method crossget, repeatable, VALUE as JSON (a bare "
+        "word is a string): e.g. --crossget-option max_sources_per_destination=1 "
+        "--crossget-option importance_norm=standard",
+    )
 
 
 def parse_crossget_options(pairs: Sequence[str]) -> dict[str, Any]:
