@@ -422,6 +422,20 @@ def test_two_step_training_run_resumes_and_loads(tmp_path: Path) -> None:
     assert "(only the projector carried over)" in (elsewhere / "README.md").read_text()
 
 
+def test_resume_compares_every_recorded_setting(tmp_path: Path) -> None:
+    """A flag recorded only when set (--stage2-captions) is missed when dropped on --resume;
+    a key recorded only since later (bf16) does not refuse a run from before it."""
+    from eval.testbed.training import pretrained_mini as recipe
+
+    (tmp_path / recipe.RUN_CONFIG).write_text(json.dumps({"stage2_captions": True, "seed": 1}))
+    with pytest.raises(recipe.PretrainedMiniTrainError, match="stage2_captions"):
+        recipe._check_run_config(tmp_path, {"seed": 1, "bf16": True}, resuming=True)
+    (tmp_path / recipe.RUN_CONFIG).write_text(json.dumps({"seed": 1}))
+    recipe._check_run_config(tmp_path, {"seed": 1, "bf16": True}, resuming=True)
+    with pytest.raises(recipe.PretrainedMiniTrainError, match="bf16"):
+        recipe._check_run_config(tmp_path, {"seed": 1, "bf16": False}, resuming=True)
+
+
 def recipe_families() -> tuple[str, ...]:
     from eval.testbed.data import FAMILIES
 

@@ -67,6 +67,7 @@ STAGES: tuple[str, ...] = ("stage1", "stage2")
 FINAL_DIR = "final"
 FEATURES_DIR = "features"
 RUN_CONFIG = "run_config.json"
+RECORDED_LATER = frozenset({"bf16"})  # run-config keys that runs from before lack
 LINEAGE_FILE = "lineage.json"  # every training segment behind shipped weights, oldest first
 SHARD = 128  # images per cached-feature shard
 
@@ -656,7 +657,14 @@ def _check_run_config(output_dir: Path, record: dict[str, Any], resuming: bool) 
     path = output_dir / RUN_CONFIG
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in record if saved.get(k) != record[k])
+        # Keys on either side count (a flag recorded only when set, as --stage2-captions,
+        # must not vanish unnoticed); a key recorded only since a later version cannot be
+        # compared with a run from before it.
+        changed = sorted(
+            k
+            for k in set(record) | set(saved)
+            if saved.get(k) != record.get(k) and not (k in RECORDED_LATER and k not in saved)
+        )
         if changed and resuming:
             raise PretrainedMiniTrainError(
                 f"--resume with other settings than {path}: {changed}; use the original flags"
