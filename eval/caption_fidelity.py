@@ -133,15 +133,16 @@ def summarise(
     rows: Sequence[dict[str, Any]], methods: Sequence[str], budgets: Sequence[int]
 ) -> dict[str, Any]:
     names = [FULL, OTHER, *(label(m, b) for m, b in settings(methods, budgets))]
-    families = list(dict.fromkeys(r["family"] for r in rows))
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_family.setdefault(row["family"], []).append(row)
+    families = list(by_family)
     table = {}
     for name in names:
         table[name] = {
             "loss": sum(r["loss"][name] for r in rows) / len(rows),
             "kept": kept_share(rows, name),
-            "kept_by_family": {
-                f: kept_share([r for r in rows if r["family"] == f], name) for f in families
-            },
+            "kept_by_family": {f: kept_share(part, name) for f, part in by_family.items()},
             "against_full": sign_test(rows, name, FULL) if name != FULL else None,
         }
     peers = [m for m in methods if m != "crossget"]
@@ -156,7 +157,7 @@ def summarise(
         "families": families,
         "image_effect": {
             "overall": image_effect(rows),
-            "by_family": {f: image_effect([r for r in rows if r["family"] == f]) for f in families},
+            "by_family": {f: image_effect(part) for f, part in by_family.items()},
         },
         "settings": table,
         "crossget_vs_peers": pairs,

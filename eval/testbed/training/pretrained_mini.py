@@ -1020,8 +1020,6 @@ def lineage(run_dir: Path) -> tuple[Path | None, list[dict[str, Any]]]:
         earlier = list(_json_or_empty(earlier_dir / LINEAGE_FILE).get("segments", []))
         if carried is not None:
             earlier = [{"carried_over": carried, **s} for s in earlier]
-    if not earlier and carried is not None:
-        earlier_dir = None  # an unshipped run's projector: no lineage to carry
     names = {s.get("history") for s in earlier}
     segments = list(earlier)
     for segment in run_segments(run_dir):
